@@ -1,0 +1,275 @@
+"""Wire protocol v1: the one place that knows how a sensor message looks on the wire.
+
+The normative description for third parties is docs/protocol.md; this module is its executable form.
+Both directions live here (``encode_*`` for publishers, ``decode`` for subscribers) so that a change
+to the format cannot update one side and forget the other.
+
+``decode`` is on the hot path of every subscriber (tens of thousands of messages per second on one
+core), so it validates with set comparisons and a handful of ``type`` checks instead of a schema
+library, and it never copies a payload: the returned array is a read-only view of the ZeroMQ frame.
+Every way a message can be wrong maps to exactly one reason from ``REJECT_REASONS``; the subscriber
+counts rejections by that reason, so the set is fixed (bounded Prometheus label values).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+KINDS = ("img", "rad", "hb")
+DATA_KINDS = ("img", "rad")
+IMG_DTYPES = ("uint8", "uint16", "float32")
+RAD_DTYPES = ("float32", "float64", "uint16", "uint32")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MAX_META_BYTES = 4096
+UINT64_MAX = 2**64 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Little-endian numpy dtypes, whatever the host's byte order.
+_NP_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in set(IMG_DTYPES) | set(RAD_DTYPES)}
+
+_COMMON = frozenset({"v", "kind", "group", "sensor", "session", "t_ns"})
+REQUIRED = {
+    "img": _COMMON | {"seq", "exp_ns", "shape", "dtype"},
+    "rad": _COMMON | {"seq", "dt_ns", "n", "dtype"},
+    "hb": _COMMON | {"last_seq"},
+}
+OPTIONAL = frozenset({"meta"})
+
+# Why a message was rejected. Fixed: these are Prometheus label values and dead-letter tags.
+REJECT_REASONS = (
+    "frame_count",  # not 3 frames for img/rad, not 2 for hb, or no topic at all
+    "topic",  # not UTF-8, not <kind>/<group>/<sensor>, unknown kind or bad name
+    "msgpack",  # header is not a msgpack map with string keys
+    "version",  # v != 1
+    "missing_field",
+    "unknown_field",
+    "field_type",  # wrong type or out of range (negative seq, shape rank, ...)
+    "topic_mismatch",  # kind/group/sensor in the header differ from the topic
+    "dtype",  # dtype not allowed for the kind
+    "too_large",  # declared payload larger than the configured maximum message size
+    "payload_size",  # payload length differs from what the header declares
+    "non_finite",  # NaN/Inf in a float payload while the policy is "reject"
+    "meta_too_large",
+    "unknown_group",  # group not configured (for this replica)
+    "unknown_sensor",  # sensor not configured in its group
+    "wrong_kind",  # a configured sensor sent a kind that its role does not take
+)
+
+
+class ProtocolError(ValueError):
+    """A message that breaks protocol v1. ``reason`` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Message:
+    """A validated message. ``data`` is a read-only view of the payload frame (None for heartbeats)."""
+
+    kind: str
+    group: str
+    sensor: str
+    session: int
+    t_ns: int
+    seq: int | None = None  # data messages
+    last_seq: int | None = None  # heartbeats
+    exp_ns: int = 0  # img
+    dt_ns: int = 0  # rad
+    data: np.ndarray | None = None  # img: shape (H, W[, C]); rad: shape (n,)
+    meta: dict | None = None
+    nbytes: int = 0  # total bytes on the wire, for accounting
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Validation policy that is configuration, not protocol."""
+
+    max_message_bytes: int = 64 * 2**20
+    reject_non_finite: bool = True
+    max_image_side: int = 16384
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # excludes bool, which is an int subclass
+
+
+def _buffer(frame: Any) -> memoryview | bytes:
+    """Bytes of a frame from ``recv_multipart(copy=False)`` (zmq.Frame) or ``copy=True`` (bytes)."""
+    return frame if isinstance(frame, bytes | bytearray | memoryview) else frame.buffer
+
+
+def parse_topic(raw: Any) -> tuple[str, str, str]:
+    try:
+        topic = bytes(_buffer(raw)).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("topic", "topic is not UTF-8") from exc
+    parts = topic.split("/")
+    if len(parts) != 3:
+        raise ProtocolError("topic", f"topic {topic[:80]!r} is not <kind>/<group>/<sensor>")
+    kind, group, sensor = parts
+    if kind not in KINDS:
+        raise ProtocolError("topic", f"unknown kind {kind[:16]!r} in topic")
+    if not NAME_RE.match(group) or not NAME_RE.match(sensor):
+        raise ProtocolError("topic", f"group/sensor in {topic[:140]!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return kind, group, sensor
+
+
+def _check_header(h: dict, kind: str, group: str, sensor: str, limits: Limits) -> None:
+    keys = h.keys()
+    required = REQUIRED[kind]
+    if keys != required:
+        missing = required - keys
+        if missing:
+            raise ProtocolError("missing_field", f"{kind} header lacks {sorted(missing)}")
+        unknown = keys - required - OPTIONAL
+        if unknown:
+            raise ProtocolError("unknown_field", f"{kind} header has unknown {sorted(map(str, unknown))[:8]}")
+    if h["v"] != VERSION or not _is_int(h["v"]):
+        raise ProtocolError("version", f"v={h['v']!r}, this subscriber speaks v{VERSION}")
+    if h["kind"] != kind or h["group"] != group or h["sensor"] != sensor:
+        raise ProtocolError("topic_mismatch", "kind/group/sensor in header differ from topic")
+    session, t_ns = h["session"], h["t_ns"]
+    if not _is_int(session) or not 0 <= session <= UINT64_MAX:
+        raise ProtocolError("field_type", "session must be an unsigned 64-bit integer")
+    if not _is_int(t_ns) or not INT64_MIN <= t_ns <= INT64_MAX:
+        raise ProtocolError("field_type", "t_ns must be an int64")
+    if kind == "hb":
+        last = h["last_seq"]
+        if last is not None and (not _is_int(last) or not 0 <= last <= UINT64_MAX):
+            raise ProtocolError("field_type", "last_seq must be an unsigned integer or nil")
+    else:
+        seq = h["seq"]
+        if not _is_int(seq) or not 0 <= seq <= UINT64_MAX:
+            raise ProtocolError("field_type", "seq must be an unsigned integer")
+    meta = h.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ProtocolError("field_type", "meta must be a map")
+
+
+def _image_layout(h: dict, limits: Limits) -> tuple[tuple[int, ...], np.dtype, int]:
+    exp_ns, shape, dtype = h["exp_ns"], h["shape"], h["dtype"]
+    if not _is_int(exp_ns) or not 0 <= exp_ns <= INT64_MAX:
+        raise ProtocolError("field_type", "exp_ns must be an integer >= 0")
+    if dtype not in IMG_DTYPES:
+        raise ProtocolError("dtype", f"img dtype {str(dtype)[:16]!r} not in {IMG_DTYPES}")
+    if not isinstance(shape, list | tuple) or len(shape) not in (2, 3) or not all(_is_int(s) and s >= 1 for s in shape):
+        raise ProtocolError("field_type", "shape must be [H, W] or [H, W, C] of positive integers")
+    if len(shape) == 3 and not 1 <= shape[2] <= 4:
+        raise ProtocolError("field_type", f"channel count {shape[2]} not in 1..4")
+    if shape[0] > limits.max_image_side or shape[1] > limits.max_image_side:
+        raise ProtocolError("too_large", f"image side {max(shape[:2])} > {limits.max_image_side}")
+    dt = _NP_DTYPES[dtype]
+    size = dt.itemsize
+    for s in shape:
+        size *= s
+    return tuple(shape), dt, size
+
+
+def _rad_layout(h: dict) -> tuple[tuple[int, ...], np.dtype, int]:
+    dt_ns, n, dtype = h["dt_ns"], h["n"], h["dtype"]
+    if not _is_int(dt_ns) or not 0 < dt_ns <= INT64_MAX:
+        raise ProtocolError("field_type", "dt_ns must be an integer > 0")
+    if not _is_int(n) or n < 1:
+        raise ProtocolError("field_type", "n must be an integer >= 1")
+    if dtype not in RAD_DTYPES:
+        raise ProtocolError("dtype", f"rad dtype {str(dtype)[:16]!r} not in {RAD_DTYPES}")
+    dt = _NP_DTYPES[dtype]
+    return (n,), dt, n * dt.itemsize
+
+
+def decode(frames: list[Any], limits: Limits = Limits()) -> Message:
+    """Validate one multipart message and return it, or raise ProtocolError with a fixed reason."""
+    if not frames or len(frames) > 3:
+        raise ProtocolError("frame_count", f"{len(frames)} frames")
+    kind, group, sensor = parse_topic(frames[0])
+    expected = 2 if kind == "hb" else 3
+    if len(frames) != expected:
+        raise ProtocolError("frame_count", f"{kind} needs {expected} frames, got {len(frames)}")
+    try:
+        h = msgpack.unpackb(_buffer(frames[1]), raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError("msgpack", f"header does not decode: {type(exc).__name__}") from exc
+    if type(h) is not dict:
+        raise ProtocolError("msgpack", "header is not a map")
+    _check_header(h, kind, group, sensor, limits)
+    meta = h.get("meta")
+    header_bytes = len(_buffer(frames[1]))
+    if meta is not None and header_bytes > MAX_META_BYTES and len(msgpack.packb(meta)) > MAX_META_BYTES:
+        raise ProtocolError("meta_too_large", f"meta exceeds {MAX_META_BYTES} bytes")
+    nbytes = len(_buffer(frames[0])) + header_bytes
+    if kind == "hb":
+        return Message(kind, group, sensor, h["session"], h["t_ns"], last_seq=h["last_seq"], meta=meta,
+                       nbytes=nbytes)  # fmt: skip
+    shape, dt, size = _image_layout(h, limits) if kind == "img" else _rad_layout(h)
+    if size > limits.max_message_bytes:
+        raise ProtocolError("too_large", f"declared payload {size} B > {limits.max_message_bytes} B")
+    buf = _buffer(frames[2])
+    if len(buf) != size:
+        raise ProtocolError("payload_size", f"payload is {len(buf)} B, header declares {size} B")
+    data = np.frombuffer(buf, dtype=dt).reshape(shape)
+    data.flags.writeable = False  # the buffer is the ZeroMQ frame, shared by every holder of this message
+    if limits.reject_non_finite and dt.kind == "f" and not np.isfinite(data).all():
+        raise ProtocolError("non_finite", "NaN or Inf in payload")
+    return Message(
+        kind, group, sensor, h["session"], h["t_ns"], seq=h["seq"], exp_ns=h.get("exp_ns", 0),
+        dt_ns=h.get("dt_ns", 0), data=data, meta=meta, nbytes=nbytes + size,
+    )  # fmt: skip
+
+
+# --- encoding (publishers) ---------------------------------------------------------------------------
+
+
+def topic(kind: str, group: str, sensor: str) -> bytes:
+    return f"{kind}/{group}/{sensor}".encode()
+
+
+def encode_image_header(
+    group: str, sensor: str, session: int, seq: int, t_ns: int, exp_ns: int, image: np.ndarray,
+    meta: dict | None = None,
+) -> bytes:  # fmt: skip
+    h = {"v": VERSION, "kind": "img", "group": group, "sensor": sensor, "session": session, "seq": seq,
+         "t_ns": t_ns, "exp_ns": exp_ns, "shape": list(image.shape), "dtype": image.dtype.name}  # fmt: skip
+    if meta:
+        h["meta"] = meta
+    return msgpack.packb(h)
+
+
+def encode_rad_header(
+    group: str, sensor: str, session: int, seq: int, t_ns: int, dt_ns: int, values: np.ndarray,
+    meta: dict | None = None,
+) -> bytes:  # fmt: skip
+    h = {"v": VERSION, "kind": "rad", "group": group, "sensor": sensor, "session": session, "seq": seq,
+         "t_ns": t_ns, "dt_ns": dt_ns, "n": int(values.shape[0]), "dtype": values.dtype.name}  # fmt: skip
+    if meta:
+        h["meta"] = meta
+    return msgpack.packb(h)
+
+
+def encode_heartbeat(group: str, sensor: str, session: int, t_ns: int, last_seq: int | None) -> bytes:
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "kind": "hb",
+            "group": group,
+            "sensor": sensor,
+            "session": session,
+            "t_ns": t_ns,
+            "last_seq": last_seq,
+        }  # fmt: skip
+    )
+
+
+def payload(array: np.ndarray) -> np.ndarray:
+    """The array as protocol payload: little-endian and C-contiguous (a no-op for the usual case)."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)

@@ -1,0 +1,161 @@
+"""Publisher library for sensor hosts: speaks protocol v1 correctly so that sensor code need not.
+
+What it takes care of: a random 64-bit session drawn at start (so the daemon can tell a restart from
+a gap), per-sensor sequence numbers starting at 0, the exact header layout, little-endian C-order
+payloads, zero-copy sends of large frames, and a heartbeat per sensor at least every second from a
+background thread (so that tail loss and silent sensors are visible even when no data flows).
+
+ZeroMQ sockets are not thread-safe; the heartbeat thread and the caller share the socket under a lock.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from ingest import protocol
+
+ZERO_COPY_BYTES = 65536  # pyzmq sends frames of at least this size without copying when copy=False
+
+
+class SensorPublisher:
+    """Publishes the sensors of one group on one socket.
+
+    ``socket_type`` is "pub" for live feeds (never blocks the sensor; a slow subscriber loses data,
+    which the daemon counts from the sequence numbers) or "push" for lossless replay (blocks when
+    the receiver is behind). Arrays handed to ``send_*`` must not be modified afterwards: large ones
+    are sent without a copy.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | list[str],
+        group: str,
+        sensors: dict[str, str],
+        *,
+        bind: bool = True,
+        socket_type: str = "pub",
+        context: zmq.Context | None = None,
+        heartbeat_interval: float = 0.5,
+        clock: Callable[[], int] = time.time_ns,
+        sndhwm: int = 1000,
+        session: int | None = None,
+    ) -> None:
+        if not protocol.NAME_RE.match(group):
+            raise ValueError(f"group name {group!r} must match [A-Za-z0-9_.-]{{1,64}}")
+        for name, kind in sensors.items():
+            if not protocol.NAME_RE.match(name):
+                raise ValueError(f"sensor name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
+            if kind not in protocol.DATA_KINDS:
+                raise ValueError(f"sensor {name!r}: kind must be 'img' or 'rad', not {kind!r}")
+        if not 0 < heartbeat_interval <= 1.0:
+            raise ValueError("heartbeat_interval must be in (0, 1] seconds (the protocol requires >= 1 Hz)")
+        self.group = group
+        self.kinds = dict(sensors)
+        self.session = secrets.randbits(64) if session is None else session
+        self._clock = clock
+        self._next_seq = {name: 0 for name in sensors}
+        self._topics = {(k, n): protocol.topic(k, group, n) for n, kind in sensors.items() for k in (kind, "hb")}
+        self._ctx = context or zmq.Context.instance()
+        kinds = {"pub": zmq.PUB, "push": zmq.PUSH}
+        if socket_type not in kinds:
+            raise ValueError(f"socket_type must be 'pub' or 'push', not {socket_type!r}")
+        self._sock = self._ctx.socket(kinds[socket_type])
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        for ep in [endpoint] if isinstance(endpoint, str) else endpoint:
+            (self._sock.bind if bind else self._sock.connect)(ep)
+        self.endpoints = [self._sock.getsockopt_string(zmq.LAST_ENDPOINT)] if bind else list(endpoint)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._hb_thread = threading.Thread(
+            target=self._heartbeat_loop, args=(heartbeat_interval,), name=f"hb-{group}", daemon=True
+        )
+        self._hb_thread.start()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def send_image(self, sensor: str, image: np.ndarray, t_ns: int, exp_ns: int = 0, meta: dict | None = None) -> int:
+        """Publish one frame; ``t_ns`` is the start of the exposure. Returns the seq used."""
+        self._expect(sensor, "img")
+        image = protocol.payload(image)
+        if image.dtype.name not in protocol.IMG_DTYPES or image.ndim not in (2, 3):
+            raise ValueError(f"image must be 2-D or 3-D {protocol.IMG_DTYPES}, got {image.dtype} {image.shape}")
+        with self._lock:
+            seq = self._next_seq[sensor]
+            header = protocol.encode_image_header(self.group, sensor, self.session, seq, t_ns, exp_ns, image, meta)
+            self._send(self._topics["img", sensor], header, image)
+            self._next_seq[sensor] = seq + 1
+        return seq
+
+    def send_samples(self, sensor: str, values: np.ndarray, t_ns: int, dt_ns: int, meta: dict | None = None) -> int:
+        """Publish a run of radiation samples; sample i is at ``t_ns + i*dt_ns``. Returns the seq used."""
+        self._expect(sensor, "rad")
+        values = protocol.payload(values)
+        if values.dtype.name not in protocol.RAD_DTYPES or values.ndim != 1 or values.size == 0:
+            raise ValueError(f"values must be a non-empty 1-D {protocol.RAD_DTYPES} array")
+        if dt_ns <= 0:
+            raise ValueError("dt_ns must be > 0")
+        with self._lock:
+            seq = self._next_seq[sensor]
+            header = protocol.encode_rad_header(self.group, sensor, self.session, seq, t_ns, dt_ns, values, meta)
+            self._send(self._topics["rad", sensor], header, values)
+            self._next_seq[sensor] = seq + 1
+        return seq
+
+    def heartbeat(self, wait_ms: int = 0) -> None:
+        """Send one heartbeat per sensor now (the background thread does this on its own).
+
+        Heartbeats never block for long: on a PUSH socket with no reachable peer they would, and a
+        heartbeat is worth less than not stalling the sensor. ``wait_ms`` bounds the wait.
+        """
+        with self._lock:
+            now = self._clock()
+            for sensor, nxt in self._next_seq.items():
+                if wait_ms and not self._sock.poll(wait_ms, zmq.POLLOUT):
+                    return
+                hb = protocol.encode_heartbeat(self.group, sensor, self.session, now, nxt - 1 if nxt else None)
+                try:
+                    self._sock.send_multipart([self._topics["hb", sensor], hb], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+
+    def close(self) -> None:
+        """Stop heartbeats, send a last one (it reveals any tail loss), and close the socket."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._hb_thread.join()
+        try:
+            self.heartbeat(wait_ms=1000)
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> SensorPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _expect(self, sensor: str, kind: str) -> None:
+        actual = self.kinds.get(sensor)
+        if actual != kind:
+            raise ValueError(f"sensor {sensor!r} is {'not configured' if actual is None else actual!r}, not {kind}")
+
+    def _send(self, topic: bytes, header: bytes, data: np.ndarray) -> None:
+        copy = data.nbytes < ZERO_COPY_BYTES
+        self._sock.send_multipart([topic, header, data if not copy else data.tobytes()], copy=copy)
+
+    def _heartbeat_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.heartbeat()
+            except zmq.ZMQError:
+                return  # socket closed under us during shutdown
