@@ -1,0 +1,589 @@
+"""Event-time windows per sensor group (daemon.md §1.4).
+
+Why this shape: the model needs every modality of a scene over the same time span, sensors arrive at
+different rates with network jitter, and replays must reproduce live results bit for bit. So windows are
+keyed by *corrected event time* (int ns, the caller has already applied the static clock offset), never
+by arrival order, and every decision that could depend on arrival timing is either made from event time
+alone (replay mode) or made explicit as a wall-clock budget (live mode).
+
+Semantics, normative for the daemon:
+
+* Windows are per group, half-open ``[start, start + size)``, aligned to the Unix epoch on the hop grid
+  (``start = floor(t / hop) * hop``, ``hop = size`` for tumbling windows). With sliding windows a sample
+  belongs to all ``size // hop`` windows that contain it. Window id = ``(group, start_ns)``.
+* Watermark = min over *active* inputs (sensors) of their max event time, minus ``allowed_lateness``.
+  An input never seen is inactive. An input is idle (inactive) when silent for ``idle_timeout``: live mode
+  measures silence in receive time (``recv_ns`` / ``now_ns``), replay mode in event time (the input's max
+  is more than ``idle_timeout`` behind the group max), so replay does not depend on arrival timing. If
+  every seen input is idle (live only) the group max stands in for the minimum. The watermark never moves
+  backwards (an input coming back from idleness cannot un-fire windows).
+* Windows fire once, oldest first, when the *closing frontier* reaches their end. The frontier is the
+  watermark, pushed further by live ``max_wait`` (``now - max_wait``), by replay overflow and by
+  ``flush()``. Because every firing takes the oldest open window, "already fired" is one number: a sample
+  is late iff its earliest window ends at or before the frontier. In live mode with ``max_wait`` this
+  includes data arriving after its window's wall-clock deadline, even if that window never opened.
+* Late data is never silently dropped: it is counted per sensor (``late_messages``, ``late_samples``; a
+  frame counts as one sample) and handed to ``on_late(group, sensor, item, reason)``. ``reason`` is
+  ``"closed"`` when the sample's window was opened and has already been emitted or dropped, ``"expired"``
+  when that window never existed but the frontier has passed its end. A radiation chunk straddling the
+  frontier is split by sample time; only the late prefix is reported (as a ``RadChunk`` view). With
+  sliding windows a late sample is still added to those of its windows that are still open.
+* Contents are sorted by event time with ties broken by ``(sensor, seq)``, so any arrival order that
+  stays within the lateness bound gives identical windows.
+* Each window lists frames per image role and samples per sequence role (keys for all roles; empty when
+  absent) and ``presence`` for every *configured* role (a sensor maps to it). Acceptability: at least
+  ``min_roles`` configured roles present and every ``required_roles`` present; unacceptable windows are
+  dropped (``dropped["incomplete"]``). Acceptable windows missing a configured role are emitted with
+  ``completeness="partial"`` under ``missing_policy="emit"`` and dropped (``"incomplete"``) under
+  ``"drop"``. Flushed windows get ``completeness="flushed"`` after the same checks.
+* Radiation values keep the chunk's dtype (numpy's promotion applies if chunks of one role disagree);
+  timestamps are int64 ns. Arrays are views of the caller's buffers, which must not be mutated afterwards.
+
+Bounded memory: per group at most ``max_open_windows`` open windows and ``max_buffered_bytes`` payload
+bytes (image ``nbytes`` plus radiation sample bytes, each counted once, against the newest window that
+holds it). When an arrival exceeds a cap the oldest open window goes first:
+
+* live mode: its data is dropped (``dropped["overflow"]``) - latency and memory win over completeness;
+* replay mode: lossless - the window is fired early with ``trigger="overflow"`` instead (counted in
+  ``triggers["overflow"]``). Data for it arriving afterwards is late (and reported), never discarded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+ROLES = ("image_a", "image_b", "seq_a", "seq_b")
+IMAGE_ROLES = ROLES[:2]
+SEQ_ROLES = ROLES[2:]
+MODES = ("live", "replay")
+MISSING_POLICIES = ("emit", "drop")
+COMPLETENESS = ("full", "partial", "flushed")
+TRIGGERS = ("watermark", "max_wait", "flush", "overflow")
+DROP_REASONS = ("incomplete", "overflow")
+LATE_REASONS = ("closed", "expired")
+
+OnLate = Callable[[str, str, object, str], None]
+
+# Below any int64 timestamp: nothing is late before the first firing.
+_NEVER = -(2**64)
+# How many closed window starts to remember for the "closed" vs "expired" late reason.
+_CLOSED_MEMORY = 4096
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"WindowSpec.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"WindowSpec.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """Window geometry, liveness and memory policy of one sensor group (see module docstring)."""
+
+    size_ns: int
+    hop_ns: int | None = None  # None -> tumbling
+    allowed_lateness_ns: int = 0
+    idle_timeout_ns: int = 2_000_000_000
+    max_wait_ns: int = 0  # live only; 0 disables the wall-clock deadline
+    mode: str = "live"
+    missing_policy: str = "emit"
+    min_roles: int = 1
+    required_roles: tuple[str, ...] = ()
+    max_open_windows: int = 64
+    max_buffered_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        _check_int("size_ns", self.size_ns, 1)
+        if self.hop_ns is not None:
+            _check_int("hop_ns", self.hop_ns, 1)
+            if self.size_ns % self.hop_ns:
+                raise ValueError(f"WindowSpec.size_ns ({self.size_ns}) must be a multiple of hop_ns ({self.hop_ns})")
+        _check_int("allowed_lateness_ns", self.allowed_lateness_ns, 0)
+        _check_int("idle_timeout_ns", self.idle_timeout_ns, 1)
+        _check_int("max_wait_ns", self.max_wait_ns, 0)
+        if self.mode not in MODES:
+            raise ValueError(f"WindowSpec.mode must be one of {MODES}, got {self.mode!r}")
+        if self.missing_policy not in MISSING_POLICIES:
+            raise ValueError(
+                f"WindowSpec.missing_policy must be one of {MISSING_POLICIES}, got {self.missing_policy!r}"
+            )
+        _check_int("min_roles", self.min_roles, 0)
+        if self.min_roles > len(ROLES):
+            raise ValueError(f"WindowSpec.min_roles must be <= {len(ROLES)}, got {self.min_roles}")
+        if not isinstance(self.required_roles, tuple):
+            raise ValueError(f"WindowSpec.required_roles must be a tuple, got {self.required_roles!r}")
+        unknown = [r for r in self.required_roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"WindowSpec.required_roles has unknown roles {unknown}; known: {ROLES}")
+        if len(set(self.required_roles)) != len(self.required_roles):
+            raise ValueError(f"WindowSpec.required_roles has duplicates: {self.required_roles}")
+        _check_int("max_open_windows", self.max_open_windows, 1)
+        if self.max_open_windows < self.windows_per_sample:
+            raise ValueError(
+                f"WindowSpec.max_open_windows ({self.max_open_windows}) must be >= size_ns // hop_ns "
+                f"({self.windows_per_sample}), or every sample would overflow"
+            )
+        _check_int("max_buffered_bytes", self.max_buffered_bytes, 1)
+
+    @property
+    def step_ns(self) -> int:
+        """Hop of the window grid (the size for tumbling windows)."""
+        return self.size_ns if self.hop_ns is None else self.hop_ns
+
+    @property
+    def windows_per_sample(self) -> int:
+        return self.size_ns // self.step_ns
+
+
+def window_starts(t_ns: int, size_ns: int, hop_ns: int | None = None) -> range:
+    """Starts of every window containing ``t_ns``, oldest first.
+
+    Floor division keeps negative times on the same epoch-aligned grid as positive ones.
+    """
+    hop = size_ns if hop_ns is None else hop_ns
+    cell = t_ns - t_ns % hop
+    return range(cell - size_ns + hop, cell + hop, hop)
+
+
+@dataclass(slots=True)
+class Frame:
+    """One image; ``t_ns`` (corrected event time) decides its window, ``exp_ns`` is carried along."""
+
+    sensor: str
+    seq: int
+    t_ns: int
+    exp_ns: int
+    image: np.ndarray
+    meta: dict | None = None
+
+
+@dataclass(slots=True)
+class RadChunk:
+    """A batch of radiation samples on a regular grid: sample ``i`` is at ``t_ns + i * dt_ns``.
+
+    ``values`` has the samples along axis 0 (1-D for scalar detectors).
+    """
+
+    sensor: str
+    seq: int
+    t_ns: int
+    dt_ns: int
+    values: np.ndarray
+    meta: dict | None = None
+
+
+@dataclass(slots=True)
+class Samples:
+    """Samples of one sequence role inside a window, sorted by time.
+
+    ``dt_ns`` is the common chunk period when every contributing chunk had the same one (a hint for
+    resampling), else None.
+    """
+
+    t_ns: np.ndarray  # int64[k]
+    values: np.ndarray  # [k, ...], chunk dtype
+    dt_ns: int | None = None
+
+    @classmethod
+    def empty(cls) -> Samples:
+        return cls(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64), None)
+
+    def __len__(self) -> int:
+        return int(self.t_ns.shape[0])
+
+
+@dataclass(slots=True)
+class Window:
+    """One fired window; ``presence`` covers exactly the configured roles."""
+
+    group: str
+    start_ns: int
+    end_ns: int
+    frames: dict[str, list[Frame]]  # every image role -> frames sorted by (t_ns, sensor, seq)
+    samples: dict[str, Samples]  # every sequence role -> samples in [start, end)
+    presence: dict[str, bool]
+    completeness: str
+    trigger: str
+    revision: int = 0
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.group, self.start_ns)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Items per configured role (frames or samples), the 'sample counts' beside the mask."""
+        return {r: len(self.frames[r]) if r in self.frames else len(self.samples[r]) for r in self.presence}
+
+
+class _Input:
+    __slots__ = ("role", "is_image", "max_t", "last_recv")
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.is_image = role in IMAGE_ROLES
+        self.max_t: int | None = None
+        self.last_recv: int | None = None
+
+
+class _Open:
+    __slots__ = ("start", "frames", "pieces", "own_bytes")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.frames: list[Frame] = []
+        # (t_first_ns, dt_ns, values_view, sensor, seq), each non-empty
+        self.pieces: list[tuple[int, int, np.ndarray, str, int]] = []
+        self.own_bytes = 0
+
+
+def _frame_key(f: Frame) -> tuple[int, str, int]:
+    return (f.t_ns, f.sensor, f.seq)
+
+
+class GroupWindower:
+    """Windows, watermark and late-data accounting for one sensor group.
+
+    ``roles`` maps sensor id -> role. ``add_*``/``advance``/``flush`` return the windows they fired, in
+    start order. Costs: O(1) amortised per frame (O(log open windows) when a window opens) and
+    O(windows spanned) per radiation chunk, with no per-sample Python work.
+    """
+
+    def __init__(
+        self,
+        group: str,
+        roles: dict[str, str],
+        spec: WindowSpec,
+        on_late: OnLate | None = None,
+    ) -> None:
+        if not roles:
+            raise ValueError(f"group {group!r}: roles must map at least one sensor to a role")
+        bad = {s: r for s, r in roles.items() if r not in ROLES}
+        if bad:
+            raise ValueError(f"group {group!r}: unknown roles {bad}; known: {ROLES}")
+        configured = tuple(r for r in ROLES if r in set(roles.values()))
+        missing_req = [r for r in spec.required_roles if r not in configured]
+        if missing_req:
+            raise ValueError(f"group {group!r}: required_roles {missing_req} have no sensor in roles")
+        if spec.min_roles > len(configured):
+            raise ValueError(f"group {group!r}: min_roles={spec.min_roles} but only {len(configured)} roles configured")
+        self.group = group
+        self.spec = spec
+        self.configured_roles = configured
+        self._on_late = on_late
+        self._roles = dict(roles)
+        self._rank = {s: i for i, s in enumerate(sorted(roles))}
+        self._inputs = {s: _Input(r) for s, r in roles.items()}
+        self._input_list = list(self._inputs.values())
+        self._size = spec.size_ns
+        self._hop = spec.step_ns
+        self._tumbling = spec.windows_per_sample == 1
+        self._lateness = spec.allowed_lateness_ns
+        self._idle = spec.idle_timeout_ns
+        self._replay = spec.mode == "replay"
+        self._max_wait = 0 if self._replay else spec.max_wait_ns
+        self._max_open = spec.max_open_windows
+        self._max_bytes = spec.max_buffered_bytes
+
+        self._open: dict[int, _Open] = {}
+        self._heap: list[int] = []  # starts of open windows
+        self._frontier: int | None = None  # windows with end <= frontier are closed
+        self._late_bound = _NEVER  # samples with t < late_bound are late
+        self._closed_set: set[int] = set()
+        self._closed_fifo: deque[int] = deque()
+        self._wm: int | None = None
+        self._group_max: int | None = None
+        self._now: int | None = None
+        self._buffered = 0
+
+        self.emitted: dict[str, int] = dict.fromkeys(COMPLETENESS, 0)
+        self.triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self.late_messages: dict[str, int] = dict.fromkeys(roles, 0)
+        self.late_samples: dict[str, int] = dict.fromkeys(roles, 0)
+
+    # ---------------------------------------------------------------- gauges
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    @property
+    def watermark_ns(self) -> int | None:
+        return self._wm
+
+    @property
+    def watermark_lag_ns(self) -> int | None:
+        """How far the watermark trails the newest event: the latency the lateness/idle policy costs."""
+        if self._wm is None or self._group_max is None:
+            return None
+        return self._group_max - self._wm
+
+    @property
+    def closed_until_ns(self) -> int | None:
+        """The closing frontier: windows ending at or before it have fired (or were dropped)."""
+        return self._frontier
+
+    # ---------------------------------------------------------------- ingest
+    def add_frame(self, frame: Frame, recv_ns: int) -> list[Window]:
+        inp = self._inputs.get(frame.sensor)
+        if inp is None or not inp.is_image:
+            raise ValueError(self._role_error(frame.sensor, "frame"))
+        t = frame.t_ns
+        hop = self._hop
+        cell = t - t % hop
+        if self._tumbling and t >= self._late_bound:  # the hot path
+            ow = self._open.get(cell)
+            if ow is None:
+                ow = self._new_window(cell)
+            ow.frames.append(frame)
+            nbytes = frame.image.nbytes
+            ow.own_bytes += nbytes
+            self._buffered += nbytes
+        else:
+            if t < self._late_bound:
+                self._report_late(frame.sensor, frame, 1, cell - self._size + hop)
+            frontier = self._frontier
+            size = self._size
+            for s in range(cell - size + hop, cell + hop, hop):
+                if frontier is not None and s + size <= frontier:
+                    continue
+                ow = self._open.get(s)
+                if ow is None:
+                    ow = self._new_window(s)
+                ow.frames.append(frame)
+            if frontier is None or cell + size > frontier:
+                nbytes = frame.image.nbytes
+                self._open[cell].own_bytes += nbytes
+                self._buffered += nbytes
+        return self._progress(inp, t, recv_ns)
+
+    def add_samples(self, chunk: RadChunk, recv_ns: int) -> list[Window]:
+        inp = self._inputs.get(chunk.sensor)
+        if inp is None or inp.is_image:
+            raise ValueError(self._role_error(chunk.sensor, "radiation chunk"))
+        values = chunk.values
+        n = values.shape[0]
+        t0 = chunk.t_ns
+        dt = chunk.dt_ns
+        if n == 0:
+            # No event time to learn from; it still proves the input is alive.
+            if not self._replay and inp.max_t is not None:
+                return self._progress(inp, inp.max_t, recv_ns)
+            return []
+        if n > 1 and dt <= 0:
+            raise ValueError(f"sensor {chunk.sensor!r}: dt_ns must be > 0 for {n} samples, got {dt}")
+        step = dt if dt > 0 else 1  # index arithmetic only; with one sample any step works
+        t_last = t0 + (n - 1) * dt
+        hop = self._hop
+        size = self._size
+        first_cell = t0 - t0 % hop
+        if self._tumbling and t0 >= self._late_bound and first_cell == t_last - t_last % hop:
+            ow = self._open.get(first_cell)  # the hot path: whole chunk in one open window
+            if ow is None:
+                ow = self._new_window(first_cell)
+            ow.pieces.append((t0, dt, values, chunk.sensor, chunk.seq))
+            nbytes = values.nbytes
+            ow.own_bytes += nbytes
+            self._buffered += nbytes
+            return self._progress(inp, t_last, recv_ns)
+
+        per_sample = values.nbytes // n
+        if t0 < self._late_bound:
+            k = min(n, -((t0 - self._late_bound) // step))  # samples with t < late_bound
+            item = chunk if k == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:k], chunk.meta)
+            t_k = t0 + (k - 1) * dt
+            self._report_late(chunk.sensor, item, k, t_k - t_k % hop - size + hop)
+        frontier = self._frontier
+        for s in range(first_cell - size + hop, t_last - t_last % hop + hop, hop):
+            if frontier is not None and s + size <= frontier:
+                continue
+            lo = max(0, -((t0 - s) // step))
+            hi = min(n, -((t0 - s - size) // step))
+            if lo >= hi:
+                continue
+            ow = self._open.get(s)
+            if ow is None:
+                ow = self._new_window(s)
+            ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
+            own = min(n, -((t0 - s - hop) // step)) - lo  # samples whose newest window is s
+            if own > 0:
+                ow.own_bytes += own * per_sample
+                self._buffered += own * per_sample
+        return self._progress(inp, t_last, recv_ns)
+
+    def advance(self, now_ns: int) -> list[Window]:
+        """Live: re-evaluate idleness and ``max_wait`` at wall-clock ``now_ns``. Replay: no-op."""
+        if self._replay:
+            return []
+        if self._now is None or now_ns > self._now:
+            self._now = now_ns
+        return self._fire_ready()
+
+    def flush(self) -> list[Window]:
+        """Fire every open window now (shutdown, end of replay); they come out as ``"flushed"``."""
+        out: list[Window] = []
+        if self._heap:
+            self._close_until(max(self._heap) + self._size, "flush", out)
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _role_error(self, sensor: str, what: str) -> str:
+        if sensor not in self._roles:
+            return f"group {self.group!r}: unknown sensor {sensor!r} for a {what}"
+        return f"group {self.group!r}: sensor {sensor!r} has role {self._roles[sensor]!r}, not valid for a {what}"
+
+    def _new_window(self, start: int) -> _Open:
+        ow = _Open(start)
+        self._open[start] = ow
+        heapq.heappush(self._heap, start)
+        return ow
+
+    def _report_late(self, sensor: str, item: object, n_samples: int, first_start: int) -> None:
+        self.late_messages[sensor] += 1
+        self.late_samples[sensor] += n_samples
+        if self._on_late is not None:
+            reason = "closed" if first_start in self._closed_set else "expired"
+            self._on_late(self.group, sensor, item, reason)
+
+    def _progress(self, inp: _Input, t_max: int, recv_ns: int) -> list[Window]:
+        if inp.max_t is None or t_max > inp.max_t:
+            inp.max_t = t_max
+        if self._group_max is None or t_max > self._group_max:
+            self._group_max = t_max
+        if not self._replay:
+            if self._now is None or recv_ns > self._now:
+                self._now = recv_ns
+            if inp.last_recv is None or recv_ns > inp.last_recv:
+                inp.last_recv = recv_ns
+        out = self._fire_ready()
+        if self._open and (len(self._open) > self._max_open or self._buffered > self._max_bytes):
+            self._overflow(out)
+        return out
+
+    def _compute_watermark(self) -> int | None:
+        gmax = self._group_max
+        if gmax is None:
+            return None
+        lo = None
+        if self._replay:
+            floor = gmax - self._idle
+            for inp in self._input_list:
+                m = inp.max_t
+                if m is not None and m >= floor and (lo is None or m < lo):
+                    lo = m
+        else:
+            cutoff = self._now - self._idle  # type: ignore[operator]  # set whenever gmax is
+            for inp in self._input_list:
+                m = inp.max_t
+                if m is not None and inp.last_recv > cutoff and (lo is None or m < lo):
+                    lo = m
+            if lo is None:
+                lo = gmax
+        return lo - self._lateness
+
+    def _fire_ready(self) -> list[Window]:
+        out: list[Window] = []
+        wm = self._compute_watermark()
+        if wm is not None:
+            if self._wm is None or wm > self._wm:
+                self._wm = wm
+            self._close_until(self._wm, "watermark", out)
+        if self._max_wait and self._now is not None:
+            self._close_until(self._now - self._max_wait, "max_wait", out)
+        return out
+
+    def _advance_frontier(self, limit: int) -> None:
+        if self._frontier is None or limit > self._frontier:
+            self._frontier = limit
+            self._late_bound = limit - limit % self._hop
+
+    def _pop_oldest(self) -> _Open:
+        start = heapq.heappop(self._heap)
+        ow = self._open.pop(start)
+        self._buffered -= ow.own_bytes
+        self._closed_set.add(start)
+        self._closed_fifo.append(start)
+        if len(self._closed_fifo) > _CLOSED_MEMORY:
+            self._closed_set.discard(self._closed_fifo.popleft())
+        return ow
+
+    def _close_until(self, limit: int, trigger: str, out: list[Window]) -> None:
+        self._advance_frontier(limit)
+        heap = self._heap
+        size = self._size
+        while heap and heap[0] + size <= limit:
+            w = self._finish(self._pop_oldest(), trigger)
+            if w is not None:
+                out.append(w)
+
+    def _overflow(self, out: list[Window]) -> None:
+        size = self._size
+        while self._open and (len(self._open) > self._max_open or self._buffered > self._max_bytes):
+            end = self._heap[0] + size
+            if self._replay:
+                self._close_until(end, "overflow", out)
+            else:
+                self._advance_frontier(end)
+                self._pop_oldest()
+                self.dropped["overflow"] += 1
+
+    def _finish(self, ow: _Open, trigger: str) -> Window | None:
+        roles = self._roles
+        frames: dict[str, list[Frame]] = {r: [] for r in IMAGE_ROLES}
+        for f in ow.frames:
+            frames[roles[f.sensor]].append(f)
+        by_role: dict[str, list[tuple[int, int, np.ndarray, str, int]]] = {}
+        for p in ow.pieces:
+            by_role.setdefault(roles[p[3]], []).append(p)
+        presence = {r: bool(frames[r]) if r in IMAGE_ROLES else r in by_role for r in self.configured_roles}
+        n_present = sum(presence.values())
+        spec = self.spec
+        acceptable = n_present >= spec.min_roles and all(presence[r] for r in spec.required_roles)
+        full = n_present == len(presence)
+        if not acceptable or (not full and spec.missing_policy == "drop"):
+            self.dropped["incomplete"] += 1
+            return None
+        for lst in frames.values():
+            if len(lst) > 1:
+                lst.sort(key=_frame_key)
+        samples = {r: self._merge(by_role[r]) if r in by_role else Samples.empty() for r in SEQ_ROLES}
+        completeness = "flushed" if trigger == "flush" else ("full" if full else "partial")
+        self.emitted[completeness] += 1
+        self.triggers[trigger] += 1
+        start = ow.start
+        return Window(self.group, start, start + self._size, frames, samples, presence, completeness, trigger)
+
+    def _merge(self, pieces: list[tuple[int, int, np.ndarray, str, int]]) -> Samples:
+        dts = {p[1] for p in pieces}
+        dt = next(iter(dts)) if len(dts) == 1 else None
+        if dt is not None and dt <= 0:
+            dt = None
+        if len(pieces) == 1:
+            t0, pdt, v, _, _ = pieces[0]
+            return Samples(t0 + pdt * np.arange(v.shape[0], dtype=np.int64), v, dt)
+        rank = self._rank
+        pieces.sort(key=lambda p: (p[0], rank[p[3]], p[4]))
+        lens = np.array([p[2].shape[0] for p in pieces], dtype=np.int64)
+        heads = np.cumsum(lens) - lens  # index of each piece's first sample in the concatenation
+        t_first = np.array([p[0] for p in pieces], dtype=np.int64)
+        dts = np.array([p[1] for p in pieces], dtype=np.int64)
+        offsets = np.arange(int(heads[-1] + lens[-1]), dtype=np.int64) - np.repeat(heads, lens)
+        t = np.repeat(t_first, lens) + np.repeat(dts, lens) * offsets
+        values = np.concatenate([p[2] for p in pieces])
+        if not bool(np.all(t[1:] > t[:-1])):
+            sensor_key = np.repeat(np.array([rank[p[3]] for p in pieces], dtype=np.int64), lens)
+            seq_key = np.repeat(np.array([p[4] for p in pieces], dtype=np.int64), lens)
+            order = np.lexsort((seq_key, sensor_key, t))  # stable: last key is primary
+            t = t[order]
+            values = values[order]
+        return Samples(t, values, dt)
