@@ -13,6 +13,7 @@ counts rejections by that reason, so the set is fixed (bounded Prometheus label 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Little-endian numpy dtypes, whatever the host's byte order.
 _NP_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in set(IMG_DTYPES) | set(RAD_DTYPES)}
 
+_unpackb = msgpack.unpackb
 _COMMON = frozenset({"v", "kind", "group", "sensor", "session", "t_ns"})
 REQUIRED = {
     "img": _COMMON | {"seq", "exp_ns", "shape", "dtype"},
@@ -107,9 +109,17 @@ def _buffer(frame: Any) -> memoryview | bytes:
     return frame if isinstance(frame, bytes | bytearray | memoryview) else frame.buffer
 
 
+_topic_cache: dict[bytes, tuple[str, str, str]] = {}
+_TOPIC_CACHE_MAX = 4096  # valid topics are few (bounded by config); the cache only skips re-parsing them
+
+
 def parse_topic(raw: Any) -> tuple[str, str, str]:
+    key = raw if type(raw) is bytes else bytes(_buffer(raw))
+    hit = _topic_cache.get(key)
+    if hit is not None:
+        return hit
     try:
-        topic = bytes(_buffer(raw)).decode("utf-8")
+        topic = key.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError("topic", "topic is not UTF-8") from exc
     parts = topic.split("/")
@@ -120,7 +130,18 @@ def parse_topic(raw: Any) -> tuple[str, str, str]:
         raise ProtocolError("topic", f"unknown kind {kind[:16]!r} in topic")
     if not NAME_RE.match(group) or not NAME_RE.match(sensor):
         raise ProtocolError("topic", f"group/sensor in {topic[:140]!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    if len(_topic_cache) < _TOPIC_CACHE_MAX:
+        _topic_cache[key] = (kind, group, sensor)
     return kind, group, sensor
+
+
+def all_finite(data: np.ndarray) -> bool:
+    """True if no NaN/Inf. One BLAS call (x·x is non-finite iff some x is, or it overflows) instead of
+    isfinite()+all(), which allocates; an overflow falls back to the exact test."""
+    flat = data.reshape(-1)
+    if math.isfinite(np.dot(flat, flat)):
+        return True
+    return bool(np.isfinite(flat).all())
 
 
 def _check_header(h: dict, kind: str, group: str, sensor: str, limits: Limits) -> None:
@@ -194,34 +215,37 @@ def decode(frames: list[Any], limits: Limits = Limits()) -> Message:
     expected = 2 if kind == "hb" else 3
     if len(frames) != expected:
         raise ProtocolError("frame_count", f"{kind} needs {expected} frames, got {len(frames)}")
+    header = frames[1] if type(frames[1]) is bytes else _buffer(frames[1])
     try:
-        h = msgpack.unpackb(_buffer(frames[1]), raw=False, strict_map_key=True, use_list=True)
+        h = _unpackb(header, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("msgpack", f"header does not decode: {type(exc).__name__}") from exc
     if type(h) is not dict:
         raise ProtocolError("msgpack", "header is not a map")
     _check_header(h, kind, group, sensor, limits)
     meta = h.get("meta")
-    header_bytes = len(_buffer(frames[1]))
+    header_bytes = len(header)
     if meta is not None and header_bytes > MAX_META_BYTES and len(msgpack.packb(meta)) > MAX_META_BYTES:
         raise ProtocolError("meta_too_large", f"meta exceeds {MAX_META_BYTES} bytes")
-    nbytes = len(_buffer(frames[0])) + header_bytes
+    nbytes = len(frames[0]) + header_bytes
     if kind == "hb":
-        return Message(kind, group, sensor, h["session"], h["t_ns"], last_seq=h["last_seq"], meta=meta,
-                       nbytes=nbytes)  # fmt: skip
+        return Message(kind, group, sensor, h["session"], h["t_ns"], None, h["last_seq"], 0, 0, None, meta, nbytes)
     shape, dt, size = _image_layout(h, limits) if kind == "img" else _rad_layout(h)
     if size > limits.max_message_bytes:
         raise ProtocolError("too_large", f"declared payload {size} B > {limits.max_message_bytes} B")
-    buf = _buffer(frames[2])
+    buf = frames[2] if type(frames[2]) is bytes else _buffer(frames[2])
     if len(buf) != size:
         raise ProtocolError("payload_size", f"payload is {len(buf)} B, header declares {size} B")
-    data = np.frombuffer(buf, dtype=dt).reshape(shape)
-    data.flags.writeable = False  # the buffer is the ZeroMQ frame, shared by every holder of this message
-    if limits.reject_non_finite and dt.kind == "f" and not np.isfinite(data).all():
+    data = np.frombuffer(buf, dtype=dt)
+    if kind == "img":
+        data = data.reshape(shape)
+    if type(buf) is not bytes:  # a ZeroMQ frame's buffer: shared by every holder of this message
+        data.flags.writeable = False
+    if limits.reject_non_finite and dt.kind == "f" and not all_finite(data):
         raise ProtocolError("non_finite", "NaN or Inf in payload")
     return Message(
-        kind, group, sensor, h["session"], h["t_ns"], seq=h["seq"], exp_ns=h.get("exp_ns", 0),
-        dt_ns=h.get("dt_ns", 0), data=data, meta=meta, nbytes=nbytes + size,
+        kind, group, sensor, h["session"], h["t_ns"], h["seq"], None, h.get("exp_ns", 0), h.get("dt_ns", 0), data, meta,
+        nbytes + size,
     )  # fmt: skip
 
 

@@ -24,7 +24,8 @@ def ctx():
 def endpoint(request, tmp_path: Path) -> str:
     """A fresh endpoint to bind: tcp loopback on an ephemeral port, or an ipc socket file."""
     if request.param == "tcp":
-        return "tcp://127.0.0.1:*"
+        yield "tcp://127.0.0.1:*"
+        return
     path = Path("/tmp") / f"sacmf-test-{os.getpid()}-{next(_counter)}.ipc"  # ipc paths must be short
     yield f"ipc://{path}"
     path.unlink(missing_ok=True)

@@ -1,0 +1,295 @@
+"""The ingest worker: socket -> validation -> loss accounting -> event-time windows.
+
+One worker owns one ZeroMQ socket (pyzmq sockets are not thread-safe) connected or bound to all
+configured endpoints, and the windowers of the groups it serves. It is single-threaded on purpose:
+the per-message path is a few microseconds of Python, and keeping all state in one thread means no
+locks on the hot path. Counters are plain integers that the Prometheus collector (ingest/metrics.py)
+reads at scrape time, instead of touching a locked Prometheus child per message.
+
+A bad message is rejected with a reason from protocol.REJECT_REASONS, counted, logged at a bounded
+rate and optionally written to a dead-letter file; it never raises out of the loop. Because ZeroMQ
+delivers multipart messages atomically and we read them one at a time, a bad message cannot corrupt
+or cost its neighbours.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import structlog
+import zmq
+
+from ingest import protocol
+from ingest.accounting import ClockSkewEstimator, SequenceTracker, Verdict
+from ingest.settings import ROLE_KIND, IngestSettings
+from ingest.windowing import Frame, GroupWindower, RadChunk, Window
+
+log = structlog.get_logger("sacmf.ingest")
+
+MAX_FRAMES_READ = 64  # frames beyond this are drained and dropped without being kept
+
+
+class RateLimitedLog:
+    """At most one log line per reason and interval; the count of suppressed lines rides along."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_ns = int(interval_s * 1e9)
+        self._last: dict[str, int] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def __call__(self, event: str, key: str, now_ns: int, **fields: object) -> None:
+        last = self._last.get(key)
+        if last is not None and now_ns - last < self.interval_ns:
+            self._suppressed[key] += 1
+            return
+        self._last[key] = now_ns
+        log.warning(event, suppressed=self._suppressed.pop(key, 0), **fields)
+
+
+class DeadLetterFile:
+    """Appends rejected messages, as msgpack records, up to a byte budget; then only counts."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "ab")  # noqa: SIM115 - lives as long as the worker
+        self.max_bytes = max_bytes
+        self.written = self._fh.tell()
+        self.skipped = 0
+
+    def write(self, recv_ns: int, reason: str, detail: str, frames: list) -> None:
+        record = msgpack.packb(
+            {
+                "recv_ns": recv_ns,
+                "reason": reason,
+                "detail": detail,
+                "frames": [bytes(protocol._buffer(f)) for f in frames],
+            }
+        )
+        if self.written + len(record) > self.max_bytes:
+            self.skipped += 1
+            return
+        self._fh.write(record)
+        self.written += len(record)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_dead_letters(path: Path) -> list[dict]:
+    """Reads a dead-letter file back (for operators and tests)."""
+    with open(path, "rb") as fh:
+        return list(msgpack.Unpacker(fh, raw=False))
+
+
+class IngestStats:
+    """Plain counters of one worker; read by the metrics collector at scrape time."""
+
+    def __init__(self) -> None:
+        self.rejected: Counter[str] = Counter()  # reason
+        self.late_callback_errors = 0
+        self.window_callback_errors = 0
+
+
+@dataclass(slots=True, eq=False)
+class Route:
+    """Everything the hot path needs about one configured sensor, found with one dict lookup."""
+
+    group: str
+    sensor: str
+    kind: str  # the data kind its role takes: img or rad
+    offset_ns: int  # static clock correction
+    key: str  # "group/sensor": the loss tracker's key
+    windower: GroupWindower
+    skew: ClockSkewEstimator
+    data_messages: int = 0
+    heartbeats: int = 0
+    bytes: int = 0
+
+
+class IngestWorker:
+    """Receives, validates, accounts and windows; hands closed windows to ``on_window``."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        on_window: Callable[[Window], None],
+        *,
+        on_late: Callable[[str, str, object, str], None] | None = None,
+        context: zmq.Context | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.settings = settings
+        self.on_window = on_window
+        self._user_on_late = on_late
+        self.clock = clock
+        self.stats = IngestStats()
+        self.tracker = SequenceTracker()
+        self.windowers: dict[str, GroupWindower] = {}
+        self.routes: dict[tuple[str, str], Route] = {}  # (group, sensor)
+        for g in settings.groups.values():
+            windower = GroupWindower(g.name, g.sensors, g.window, on_late=self._on_late)
+            self.windowers[g.name] = windower
+            for sensor, role in g.sensors.items():
+                skew = ClockSkewEstimator(int(settings.skew_window_s * 1e9))
+                offset = g.offsets_ns.get(sensor, 0)
+                self.routes[g.name, sensor] = Route(
+                    g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew
+                )
+        self.limits = settings.limits
+        self._reject_log = RateLimitedLog(settings.reject_log_interval_s)
+        self.dead_letter = (
+            DeadLetterFile(settings.dead_letter_path, settings.dead_letter_max_bytes)
+            if settings.dead_letter_path
+            else None
+        )
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._open_socket()
+        self._last_advance = 0
+        self.last_loop_ns = clock()  # liveness for /healthz
+
+    # -- socket ---------------------------------------------------------------------------------
+
+    def _open_socket(self) -> zmq.Socket:
+        s = self.settings
+        sock = self._ctx.socket(zmq.SUB if s.transport == "sub" else zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, s.rcvhwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops (and disconnects) peers sending a single frame larger than this: the header and
+        # the metadata cap are small, so the payload bound plus slack is the right limit.
+        sock.setsockopt(zmq.MAXMSGSIZE, s.limits.max_message_bytes + 65536)
+        if s.transport == "sub":
+            for group in s.groups:  # topic-prefix routing: a replica only receives its own groups
+                for kind in protocol.KINDS:
+                    sock.setsockopt(zmq.SUBSCRIBE, f"{kind}/{group}/".encode())
+        for ep in s.endpoints:
+            (sock.bind if s.bind else sock.connect)(ep)
+        return sock
+
+    @property
+    def bound_endpoints(self) -> list[str]:
+        return [self.sock.getsockopt_string(zmq.LAST_ENDPOINT)] if self.settings.bind else []
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, poll_ms: int = 50) -> None:
+        """Process messages until ``stop`` is set."""
+        while not stop.is_set():
+            self.poll(poll_ms)
+
+    def poll(self, timeout_ms: int = 50, max_messages: int = 4096) -> int:
+        """Wait up to ``timeout_ms`` for input, process what is queued (bounded), run the timers."""
+        n = 0
+        if self.sock.poll(timeout_ms, zmq.POLLIN):
+            sock = self.sock
+            recv = sock.recv
+            while n < max_messages:
+                try:
+                    first = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                frames = [first]
+                extra = 0
+                # Image payloads are received without a copy (the array is a view of the ZeroMQ frame);
+                # small radiation payloads are cheaper to copy than to wrap in a zmq.Frame.
+                zero_copy = first.startswith(b"img/")
+                while sock.rcvmore:
+                    part = recv(copy=not zero_copy or len(frames) < 2)
+                    if len(frames) < MAX_FRAMES_READ:
+                        frames.append(part)
+                    else:
+                        extra += 1
+                self.handle(frames, extra)
+                n += 1
+        now = self.clock()
+        self.last_loop_ns = now
+        if now - self._last_advance >= self.settings.advance_interval_s * 1e9:
+            self._last_advance = now
+            for windower in self.windowers.values():
+                self._emit(windower.advance(now))
+        return n
+
+    def handle(self, frames: list, extra_frames: int = 0, recv_ns: int | None = None) -> None:
+        """Validate one message and route it; never raises for bad input."""
+        recv_ns = self.clock() if recv_ns is None else recv_ns
+        try:
+            if extra_frames:
+                raise protocol.ProtocolError("frame_count", f"{len(frames) + extra_frames} frames")
+            msg = protocol.decode(frames, self.limits)
+            route = self.routes.get((msg.group, msg.sensor))
+            if route is None:
+                if msg.group not in self.windowers:
+                    raise protocol.ProtocolError("unknown_group", f"group {msg.group!r} is not configured here")
+                raise protocol.ProtocolError("unknown_sensor", f"sensor {msg.sensor!r} not in group {msg.group!r}")
+            if msg.kind != route.kind and msg.kind != "hb":
+                raise protocol.ProtocolError("wrong_kind", f"sensor {msg.sensor!r} takes {route.kind}, got {msg.kind}")
+        except protocol.ProtocolError as exc:
+            self._reject(exc, frames, recv_ns)
+            return
+        route.bytes += msg.nbytes
+        if msg.kind == "hb":
+            route.heartbeats += 1
+            self.tracker.on_heartbeat(route.key, msg.session, msg.last_seq, recv_ns)
+            return
+        route.data_messages += 1
+        if self.tracker.on_data(route.key, msg.session, msg.seq, recv_ns) >= Verdict.DUPLICATE:
+            return
+        t = msg.t_ns + route.offset_ns
+        route.skew.observe(t, recv_ns)
+        if msg.kind == "img":
+            fired = route.windower.add_frame(Frame(msg.sensor, msg.seq, t, msg.exp_ns, msg.data, msg.meta), recv_ns)
+        else:
+            fired = route.windower.add_samples(RadChunk(msg.sensor, msg.seq, t, msg.dt_ns, msg.data, msg.meta), recv_ns)
+        if fired:
+            self._emit(fired)
+
+    def messages(self) -> dict[tuple[str, str, str], int]:
+        """Valid messages received, by (group, sensor, kind)."""
+        out = {}
+        for r in list(self.routes.values()):
+            out[r.group, r.sensor, r.kind] = r.data_messages
+            out[r.group, r.sensor, "hb"] = r.heartbeats
+        return out
+
+    def flush(self) -> list[Window]:
+        """Force-fire every open window (shutdown, end of replay); also hands them to on_window."""
+        out: list[Window] = []
+        for windower in self.windowers.values():
+            windows = windower.flush()
+            self._emit(windows)
+            out.extend(windows)
+        return out
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.dead_letter:
+            self.dead_letter.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _emit(self, windows: list[Window]) -> None:
+        for w in windows:
+            try:
+                self.on_window(w)
+            except Exception:  # a consumer bug must not kill ingest; it is counted and logged
+                self.stats.window_callback_errors += 1
+                log.exception("window_callback_failed", group=w.group, start_ns=w.start_ns)
+
+    def _on_late(self, group: str, sensor: str, item: object, reason: str) -> None:
+        if self._user_on_late is not None:
+            try:
+                self._user_on_late(group, sensor, item, reason)
+            except Exception:
+                self.stats.late_callback_errors += 1
+                log.exception("late_callback_failed", group=group, sensor=sensor)
+
+    def _reject(self, exc: protocol.ProtocolError, frames: list, recv_ns: int) -> None:
+        self.stats.rejected[exc.reason] += 1
+        self._reject_log("message_rejected", exc.reason, recv_ns, reason=exc.reason, detail=exc.detail[:200])
+        if self.dead_letter is not None:
+            self.dead_letter.write(recv_ns, exc.reason, exc.detail, frames)

@@ -1,0 +1,112 @@
+"""config.toml validation: the shipped default loads; every kind of mistake names its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return tomllib.loads((ROOT / "config.toml").read_text())
+
+
+def test_default_config_loads():
+    cfg = config.load(ROOT / "config.toml")
+    g = cfg.ingest.groups["g1"]
+    assert set(g.sensors.values()) == {"image_a", "image_b", "seq_a", "seq_b"}
+    assert g.window.size_ns == 1_000_000_000 and g.window.hop_ns is None
+    assert cfg.ingest.transport == "sub" and cfg.ingest.limits.reject_non_finite
+
+
+def test_every_default_key_is_documented_in_config_toml():
+    """The default file must show every key with a comment, so the file is the documentation."""
+    text = (ROOT / "config.toml").read_text()
+    raw = base()
+    for section, schema in (("ingest", config.INGEST), ("window", config.WINDOW), ("logging", config.LOGGING)):
+        for key in schema:
+            assert key in raw[section], f"[{section}] {key} missing from config.toml"
+            line_no = next(i for i, line in enumerate(text.splitlines()) if line.startswith(f"{key} ="))
+            assert text.splitlines()[line_no - 1].startswith("#"), f"{key} has no comment above it"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["ingest"].update(endpoint=["x"]), "ingest.endpoint: unknown key"),
+        (lambda r: r.update(extra={}), "unknown section [extra]"),
+        (lambda r: r["ingest"].update(bind="yes"), "ingest.bind: expected bool"),
+        (lambda r: r["ingest"].update(rcvhwm=True), "ingest.rcvhwm: expected int"),
+        (lambda r: r["ingest"].update(mode="fast"), "ingest.mode: 'fast' is not one of"),
+        (lambda r: r["ingest"].update(max_message_bytes=0), "ingest.max_message_bytes: must be > 0"),
+        (lambda r: r["ingest"].update(endpoints=["localhost:5555"]), "ingest.endpoints"),
+        (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
+        (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),
+        (lambda r: r["window"].update(min_roles=7), "window.min_roles: must be in 1..4"),
+        (lambda r: r["window"].update(required_roles=["radar"]), "required_roles: 'radar' is not a role"),
+        (lambda r: r["groups"]["g1"]["sensors"].update(cam_vis="image_c"), "groups.g1.sensors.cam_vis: role"),
+        (lambda r: r["groups"]["g1"]["sensors"].update(cam_ir="image_a"), "assigned to more than one sensor"),
+        (lambda r: r["groups"]["g1"].update(clock_offset_ms={"nope": 1}), "clock_offset_ms.nope: not a sensor"),
+        (lambda r: r["groups"]["g1"].update(window={"size_ms": "1s"}), "groups.g1.window.size_ms: expected"),
+        (lambda r: r["groups"]["g1"].pop("sensors"), "groups.g1.sensors: required key is missing"),
+        (lambda r: r.pop("groups"), "at least one [groups.NAME] table"),
+        (lambda r: r["groups"].update({"bad name": r["groups"]["g1"]}), "groups.bad name: group name"),
+        (lambda r: r["logging"].update(level="loud"), "logging.level"),
+    ],
+)
+def test_errors_name_the_key(edit, message):
+    raw = base()
+    edit(raw)
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse(raw, "c.toml")
+    assert message in str(exc.value)
+
+
+def test_group_window_override_and_offsets():
+    raw = base()
+    raw["groups"]["g1"]["window"] = {"size_ms": 500, "hop_ms": 250}
+    raw["groups"]["g1"]["clock_offset_ms"] = {"cam_ir": -1.5}
+    raw["ingest"]["mode"] = "replay"
+    g = config.parse(raw).ingest.groups["g1"]
+    assert (g.window.size_ns, g.window.hop_ns, g.window.mode, g.window.max_wait_ns) == (
+        500_000_000,
+        250_000_000,
+        "replay",
+        0,
+    )
+    assert g.offsets_ns == {"cam_ir": -1_500_000}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+
+
+def test_check_config_cli(tmp_path: Path):
+    ok = run_cli("check-config", "config.toml")
+    assert ok.returncode == 0 and "OK" in ok.stdout and "group g1" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "config.toml").read_text().replace("size_ms = 1000", "size_ms = 0"))
+    out = run_cli("check-config", str(bad))
+    assert out.returncode == 2 and "window.size_ms: must be > 0" in out.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[ingest\n")
+    out = run_cli("check-config", str(broken))
+    assert out.returncode == 2 and "not valid TOML" in out.stderr
+    out = run_cli("check-config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "cannot read config" in out.stderr
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for cmd in ("check-config", "simulate", "demo", "bench-ingest"):
+        assert cmd in out.stdout

@@ -1,0 +1,181 @@
+"""The ingest path over real ZeroMQ sockets: PUB/SUB and PUSH/PULL, tcp loopback and ipc."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingest.metrics import IngestCollector
+from ingest.publisher import SensorPublisher
+from ingest.subscriber import IngestWorker, read_dead_letters
+from tests.ingest_helpers import KINDS, SEC, T0, WorkerThread, settings, signature, wait_for
+
+
+def publish_scene(pub: SensorPublisher, seconds: int, *, fps: int = 5, chunk: int = 50, dt_ns: int = 2_000_000,
+                  pace_s: float = 0.0) -> dict:  # fmt: skip
+    """Frames at ``fps`` on both cameras, radiation in chunks of ``chunk`` samples, all in event time."""
+    rng = np.random.default_rng(42)
+    sent = {"frames": 0, "samples": 0}
+    chunk_ns = chunk * dt_ns
+    t_frame, t_rad = T0, T0
+    end = T0 + seconds * SEC
+    while t_frame < end or t_rad < end:
+        if t_frame <= t_rad and t_frame < end:
+            for cam in ("cam_vis", "cam_ir"):
+                pub.send_image(cam, rng.integers(0, 4000, (16, 16), dtype=np.uint16), t_frame, 1_000_000)
+                sent["frames"] += 1
+            t_frame += SEC // fps
+        else:
+            for rad in ("rad_vis", "rad_ir"):
+                pub.send_samples(rad, rng.normal(size=chunk).astype(np.float32), t_rad, dt_ns)
+                sent["samples"] += chunk
+            t_rad += chunk_ns
+        if pace_s:
+            time.sleep(pace_s)
+    return sent
+
+
+def test_push_pull_replay_is_lossless_and_windows_are_complete(ctx, endpoint):
+    w = WorkerThread(settings(endpoint), ctx).start()
+    with SensorPublisher(w.endpoint, "g1", KINDS, bind=False, socket_type="push", context=ctx) as pub:
+        sent = publish_scene(pub, seconds=4)
+    wait_for(lambda: w.worker.tracker.stats("g1/rad_ir").delivered == 4 * SEC // (50 * 2_000_000), what="all data")
+    windows = w.finish()
+    assert [x.start_ns for x in windows] == [T0 + i * SEC for i in range(4)]
+    assert all(x.completeness in ("full", "flushed") for x in windows)
+    assert sum(len(fs) for x in windows for fs in x.frames.values()) == sent["frames"]
+    assert sum(len(s.t_ns) for x in windows for s in x.samples.values()) == sent["samples"]
+    for x in windows[:-1]:  # closed by the watermark, not by the final flush
+        assert x.completeness == "full" and all(x.presence.values())
+        assert len(x.frames["image_a"]) == 5 and len(x.samples["seq_b"].t_ns) == 500
+        assert np.all(np.diff(x.samples["seq_a"].t_ns) == 2_000_000)
+        assert x.samples["seq_a"].t_ns[0] == x.start_ns
+    assert sum(w.worker.stats.rejected.values()) == 0
+    for sensor in KINDS:
+        s = w.worker.tracker.stats(f"g1/{sensor}")
+        assert s.gaps == 0 and s.duplicates == 0 and s.restarts == 0
+
+
+def test_pub_sub_live_delivers_windows(ctx, endpoint):
+    pub = SensorPublisher(endpoint, "g1", KINDS, context=ctx)
+    windows = []
+    worker = IngestWorker(settings(pub.endpoints[0], mode="live", bind=False), windows.append, context=ctx)
+    # slow joiner: wait until the subscription has reached the publisher (heartbeats get through)
+    wait_for(lambda: (worker.poll(20), worker.messages()["g1", "rad_vis", "hb"] > 0)[1], what="subscription")
+    publish_scene(pub, seconds=3, pace_s=0.0005)
+    wait_for(lambda: (worker.poll(20), worker.tracker.stats("g1/rad_ir").delivered == 30)[1], what="data")
+    pub.close()
+    assert [x.start_ns for x in windows] == [T0, T0 + SEC]  # the third is still open: its end is not passed
+    worker.flush()
+    assert len(windows) == 3 and windows[-1].completeness == "flushed"
+    worker.close()
+
+
+def test_publisher_restart_is_not_a_gap(ctx, endpoint):
+    w = WorkerThread(settings(endpoint), ctx).start()
+    sessions = []
+    for _ in range(3):
+        with SensorPublisher(w.endpoint, "g1", {"rad_vis": "rad"}, bind=False, socket_type="push", context=ctx) as pub:
+            sessions.append(pub.session)
+            for i in range(10):
+                pub.send_samples("rad_vis", np.ones(4, np.float32), T0 + i * SEC // 10, 1000)
+    wait_for(lambda: w.worker.tracker.stats("g1/rad_vis").delivered == 30, what="30 messages")
+    w.finish()
+    s = w.worker.tracker.stats("g1/rad_vis")
+    assert len(set(sessions)) == 3
+    assert (s.delivered, s.restarts, s.gaps, s.duplicates) == (30, 2, 0, 0)
+
+
+def test_slow_consumer_losses_are_counted_exactly(ctx):
+    """PUB drops for a slow subscriber; the sequence numbers and the heartbeat reveal every lost message."""
+    pub = SensorPublisher("tcp://127.0.0.1:*", "g1", {"rad_vis": "rad"}, context=ctx, sndhwm=50)
+    worker = IngestWorker(settings(pub.endpoints[0], mode="live", bind=False, rcvhwm=50), lambda w: None, context=ctx)
+    wait_for(lambda: (worker.poll(20), worker.messages()["g1", "rad_vis", "hb"] > 0)[1], what="subscription")
+    n = 20000
+    for i in range(n):  # the worker does not read meanwhile: the queues overflow
+        pub.send_samples("rad_vis", np.ones(8, np.float32), T0 + i * 8000, 1000)
+
+    # keep reading until a heartbeat has told us the last seq (tail loss is only visible that way)
+    def accounted() -> int:
+        worker.poll(20)
+        s = worker.tracker.stats("g1/rad_vis")
+        return s.gaps + s.delivered
+
+    wait_for(lambda: accounted() == n, what="heartbeat revealing the tail")
+    s = worker.tracker.stats("g1/rad_vis")
+    pub.close()
+    worker.close()
+    assert s.gaps > 0, "the test did not overflow the queues"
+    assert s.delivered + s.gaps == n and s.duplicates == 0
+
+
+def test_replay_speed_does_not_change_windows(ctx, endpoint):
+    results = []
+    for pace in (0.0, 0.002):
+        w = WorkerThread(settings(endpoint, lateness_ns=300_000_000), ctx).start()
+        with SensorPublisher(w.endpoint, "g1", KINDS, bind=False, socket_type="push", context=ctx) as pub:
+            publish_scene(pub, seconds=2, fps=4, chunk=100, pace_s=pace)
+        wait_for(lambda w=w: w.worker.tracker.stats("g1/rad_ir").delivered == 10, what="all data")  # noqa: B023
+        results.append([signature(x) for x in w.finish()])
+    assert len(results[0]) == 2 and results[0] == results[1]
+
+
+def test_unconfigured_sensors_are_rejected_counted_and_dead_lettered(ctx, tmp_path):
+    dl = tmp_path / "dead" / "letters.msgpack"
+    w = WorkerThread(settings("tcp://127.0.0.1:*", dead_letter_path=dl), ctx).start()
+    with SensorPublisher(w.endpoint, "g1", {"rad_vis": "rad", "intruder": "rad", "cam_vis": "rad"}, bind=False,
+                         socket_type="push", context=ctx) as pub:  # fmt: skip
+        for i in range(5):
+            pub.send_samples("intruder", np.ones(3, np.float32), T0 + i, 1)
+            pub.send_samples("cam_vis", np.ones(3, np.float32), T0 + i, 1)  # a camera sending radiation
+            pub.send_samples("rad_vis", np.ones(3, np.float32), T0 + i, 1)
+    with SensorPublisher(w.endpoint, "g9", {"rad_vis": "rad"}, bind=False, socket_type="push", context=ctx) as other:
+        other.send_samples("rad_vis", np.ones(3, np.float32), T0, 1)
+    wait_for(lambda: w.worker.stats.rejected["unknown_group"] >= 2, what="rejections")
+    w.finish()
+    st = w.worker.stats
+    assert st.rejected["unknown_sensor"] >= 5 + 1  # data plus at least the final heartbeat
+    assert st.rejected["wrong_kind"] == 5
+    assert w.worker.tracker.stats("g1/rad_vis").delivered == 5
+    letters = read_dead_letters(dl)
+    assert {r["reason"] for r in letters} == {"unknown_sensor", "wrong_kind", "unknown_group"}
+    assert all(len(r["frames"]) in (2, 3) and r["frames"][0].startswith((b"rad/", b"hb/")) for r in letters)
+
+
+def test_metrics_exposition(ctx):
+    w = WorkerThread(settings("ipc:///tmp/sacmf-metrics-test.ipc"), ctx).start()
+    with SensorPublisher(w.endpoint, "g1", KINDS, bind=False, socket_type="push", context=ctx) as pub:
+        publish_scene(pub, seconds=2)
+        pub._sock.send_multipart([b"rad/g1/rad_vis", b"\xc1", b""])  # a message that is not msgpack
+    wait_for(lambda: w.worker.stats.rejected["msgpack"] == 1, what="rejection")
+    w.finish()
+    reg = CollectorRegistry()
+    reg.register(IngestCollector([w.worker]))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    val = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert val["sacmf_ingest_messages_total", (("group", "g1"), ("kind", "img"), ("sensor", "cam_vis"))] == 10
+    assert val["sacmf_ingest_rejected_messages_total", (("reason", "msgpack"),)] == 1
+    assert val["sacmf_windows_emitted_total", (("completeness", "full"), ("group", "g1"))] == 1
+    assert val["sacmf_windows_emitted_total", (("completeness", "flushed"), ("group", "g1"))] == 1
+    assert val["sacmf_ingest_gap_messages_total", (("group", "g1"), ("sensor", "rad_vis"))] == 0
+    assert ("sacmf_sensor_clock_offset_seconds", (("group", "g1"), ("sensor", "cam_ir"))) in val
+    assert families["sacmf_watermark_lag_seconds"].type == "gauge"
+    for f in families.values():
+        assert f.name.startswith("sacmf_") and f.documentation
+
+
+@pytest.mark.parametrize("nbytes", [10, 200])
+def test_oversized_frames_are_rejected_without_losing_neighbours(ctx, nbytes):
+    from ingest.protocol import Limits
+
+    w = WorkerThread(settings("tcp://127.0.0.1:*", limits=Limits(max_message_bytes=100)), ctx).start()
+    with SensorPublisher(w.endpoint, "g1", {"rad_vis": "rad"}, bind=False, socket_type="push", context=ctx) as pub:
+        pub.send_samples("rad_vis", np.ones(nbytes // 4, np.float32), T0, 1)
+        pub.send_samples("rad_vis", np.ones(2, np.float32), T0 + 100, 1)
+    wait_for(lambda: w.worker.tracker.stats("g1/rad_vis").delivered + w.worker.stats.rejected["too_large"] == 2)
+    w.finish()
+    assert w.worker.stats.rejected["too_large"] == (1 if nbytes > 100 else 0)
