@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
 import zmq
 
@@ -22,7 +23,9 @@ from ingest.windowing import Window, WindowSpec
 
 
 def describe(w: Window, n_resample: int = 64) -> str:
-    parts = [f"window {w.group}@{w.start_ns / 1e9:.3f}s  [{w.completeness}/{w.trigger}]"]
+    start = datetime.fromtimestamp(w.start_ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
+    span = (w.end_ns - w.start_ns) / 1e9
+    parts = [f"window {w.group} {start}Z +{span:g}s  [{w.completeness}, closed by {w.trigger}]"]
     for role, frames in w.frames.items():
         if frames:
             f = frames[-1]
