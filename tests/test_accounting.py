@@ -150,6 +150,23 @@ def test_old_session_stragglers_do_not_touch_the_new_session() -> None:
     assert tr.current_session(S) == C
 
 
+def test_sessions_are_ordered_by_first_arrival_not_by_publication() -> None:
+    # A published before B, but the slow joiner ate most of A and its delayed tail arrives after B's
+    # opening heartbeat: with random ids the tracker can only take A for a restart. C then retires B,
+    # the session that really came just before it, so B's stragglers are STALE.
+    tr = SequenceTracker()
+    tr.on_heartbeat(S, B, None, recv_ns=0)  # first contact
+    assert tr.on_data(S, A, 10, 1) is Verdict.RESTART  # 0..9 lost while we were listening
+    assert tr.on_data(S, B, 0, 2) is Verdict.NEW  # B is now the previous session
+    assert tr.on_data(S, C, 0, 3) is Verdict.RESTART
+    assert tr.on_data(S, B, 1, 4) is Verdict.STALE
+    tr.on_heartbeat(S, B, 5, recv_ns=5)  # ignored: B is retired
+    s = tr.stats(S)
+    assert (s.restarts, s.delivered, s.gaps, s.joined_late, s.stale, s.old_session) == (2, 3, 10, 0, 1, 2)
+    assert s.delivered + s.gaps + s.joined_late == 11 + 1 + 1  # A: 0..10, B: 0, C: 0
+    assert tr.current_session(S) == C
+
+
 def test_ring_overflow_is_stale_and_keeps_gap_counted() -> None:
     tr = SequenceTracker(ring=8)
     assert feed(tr, A, [0, 20]) == [Verdict.NEW, Verdict.GAP]
@@ -356,37 +373,62 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(params=stream_params)
 def test_generated_streams_match_generator_bookkeeping(params: dict) -> None:
-    # Ring wider than any displacement and sessions longer than the delay: nothing can be STALE, so
-    # every count follows from what the generator sent and the order in which things arrived.
+    # Ring wider than any displacement within a session and sessions longer than the delay: the only
+    # source of STALE is session retirement, which depends on the order in which session ids *first
+    # arrive*, not the order the generator published them in. That order can differ: when the slow
+    # joiner or drops leave only an old session's delayed tail, the next session's first item can
+    # overtake it, the tracker takes the old session for a restart, and the one after that retires the
+    # session that was really the previous one, whose stragglers are then STALE. So sessions are
+    # classified by arrival order (current, prev, retired) and every count follows from what the
+    # generator sent and the order in which things arrived.
     rng = random.Random(params.pop("seed"))
     d = params["max_delay"]
     stream = generate(rng, min_len=d + 1, max_len=60, **params)
     tr, _ = run_both(stream, ring=2 * d + 4)
     s = tr.stats(S)
 
-    data = [(sid, seq) for kind, sid, seq in stream.arrivals if kind == "d"]
-    arrived = set(data)
-    assert arrived <= stream.sent
-    assert not arrived & stream.dropped
-    sessions = list(dict.fromkeys(sid for _, sid, _ in stream.arrivals))
+    # Split arrivals into those handled against a live session (current or prev) and data messages of
+    # retired sessions (STALE; their heartbeats are ignored, so they reveal nothing).
+    order: list[int] = []  # session ids in order of first arrival; the last two are live
+    live: list[tuple[str, int, int | None]] = []
+    retired_data: list[tuple[int, int | None]] = []
+    old_session = 0
+    for kind, sid, seq in stream.arrivals:
+        if sid not in order:
+            order.append(sid)
+        elif kind == "d" and sid != order[-1]:
+            old_session += 1
+        if sid in order[:-2]:
+            if kind == "d":
+                retired_data.append((sid, seq))
+            continue
+        live.append((kind, sid, seq))
 
-    # Highest seq known per session and the join baseline, from the arrival list alone.
+    data = [(sid, seq) for kind, sid, seq in live if kind == "d"]
+    arrived = set(data)
+    all_data = arrived | set(retired_data)
+    assert all_data <= stream.sent
+    assert not all_data & stream.dropped
+
+    # Highest seq known per session and the join baseline, from the live arrivals alone.
     known: dict[int, int] = {}
-    for _, sid, seq in stream.arrivals:
+    for _, sid, seq in live:
         known[sid] = max(known.get(sid, -1), -1 if seq is None else seq)
     first_kind, first_sid, first_seq = stream.arrivals[0] if stream.arrivals else ("d", 0, 0)
     base0 = 0 if first_seq is None else first_seq + (first_kind == "h")
 
     assert s.delivered == len(arrived)
     assert s.duplicates == len(data) - len(arrived)
-    assert s.reordered == count_reordered(stream.arrivals)
-    assert s.restarts == max(len(sessions) - 1, 0)
-    assert s.stale == 0
+    assert s.reordered == count_reordered(live)
+    assert s.restarts == max(len(order) - 1, 0)
+    assert s.stale == len(retired_data)
+    assert s.old_session == old_session
     joined_late = {(first_sid, q) for q in range(base0)} - arrived if stream.arrivals else set()
     assert s.joined_late == len(joined_late)
     missing = {(sid, q) for sid, hi in known.items() for q in range(hi + 1)} - arrived - joined_late
     assert s.gaps == len(missing)
-    assert missing | joined_late <= stream.dropped  # every loss we report really happened
+    # Every loss we report really happened: dropped by the network, or by us as STALE.
+    assert missing | joined_late <= stream.dropped | set(retired_data)
     assert s.gaps_detected - s.gaps + base0 * bool(stream.arrivals) - s.joined_late == s.reordered
 
 
