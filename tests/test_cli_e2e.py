@@ -1,0 +1,89 @@
+"""The commands as a user runs them: `sacmf simulate` into a worker, `sacmf demo`, heartbeats."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ingest.publisher import SensorPublisher
+from ingest.subscriber import IngestWorker
+from tests.ingest_helpers import settings, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sacmf(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
+    ep = f"ipc:///tmp/sacmf-sim-{os.getpid()}.ipc"
+    windows = []
+    worker = IngestWorker(settings(ep, mode="live", bind=True, idle_ns=10**9), windows.append, context=ctx)
+    proc = sacmf("simulate", "--endpoint", ep, "--connect", "--frame-rate", "20", "--sample-rate", "500",
+                 "--chunk", "50", "--size", "32x48", "--duration", "3.5")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            worker.poll(50)
+        out, err = proc.communicate(timeout=10)
+        for _ in range(20):
+            worker.poll(20)
+    finally:
+        proc.kill()
+    worker.flush()
+    worker.close()
+    assert proc.returncode == 0, err
+    assert "sent:" in out
+    interior = windows[1:-1]  # the first and last windows are cut by the simulator's start and stop
+    assert len(interior) >= 2 and all(w.completeness == "full" for w in interior)
+    for w in interior:
+        assert len(w.frames["image_a"]) == 20 and w.frames["image_a"][0].image.shape == (32, 48)
+        assert len(w.samples["seq_a"].t_ns) == 500 and len(w.samples["seq_b"].t_ns) == 500
+    msgs = worker.messages()
+    assert msgs["g1", "cam_vis", "img"] == msgs["g1", "cam_ir", "img"] > 60
+    for sensor in ("cam_vis", "cam_ir", "rad_vis", "rad_ir"):
+        assert worker.tracker.stats(f"g1/{sensor}").gaps == 0
+        assert msgs["g1", sensor, "hb"] >= 3  # at least one heartbeat per second
+
+
+def test_demo_prints_windows_and_stops_on_ctrl_c():
+    proc = sacmf("demo", "--frame-rate", "5")
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if sum(x.startswith("window g1") for x in lines) >= 3:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, err
+    assert "image_a: 5 frames (128, 128)" in text and "seq_b:" in text
+    assert "demo:" in out and "0 rejected" in out
+
+
+def test_heartbeats_at_least_once_a_second_per_sensor(ctx):
+    sensors = {"cam_vis": "img", "rad_vis": "rad"}
+    pub = SensorPublisher("tcp://127.0.0.1:*", "g1", sensors, context=ctx)
+    worker = IngestWorker(settings(pub.endpoints[0], mode="live", bind=False), lambda w: None, context=ctx)
+    wait_for(lambda: (worker.poll(20), worker.messages()["g1", "rad_vis", "hb"] > 0)[1], what="subscription")
+    pub.send_samples("rad_vis", np.ones(3, np.float32), 0, 1)
+    start = {s: worker.messages()["g1", s, "hb"] for s in sensors}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.2:
+        worker.poll(20)
+    for s in sensors:
+        assert worker.messages()["g1", s, "hb"] - start[s] >= 2
+    assert worker.tracker.stats("g1/rad_vis").delivered == 1
+    pub.close()
+    worker.close()
