@@ -1,0 +1,189 @@
+"""Reader for the four-modality folder layout, so synthetic and user-supplied data load the same way.
+
+Layout (one directory per split)::
+
+    <root>/<split>/Image-A/<id>.png|.npy   visible frame, 2-D (16-bit PNG keeps the dynamic range)
+    <root>/<split>/Image-B/<id>.png|.npy   infrared frame, 2-D
+    <root>/<split>/Seq-A/<id>.npy|.txt     visible light curve, 1-D
+    <root>/<split>/Seq-B/<id>.npy|.txt     infrared light curve, 1-D
+    <root>/<split>/labels.jsonl            one JSON object per line: {"id": str, "class": int, ...}
+
+Files are aligned by identical id. Samples are returned *raw* (integer images as stored, float32
+sequences, no normalisation, no resizing): the model's preprocessing is one shared function applied
+later, so training, evaluation and the live daemon cannot drift apart. Optional label fields written by
+:func:`model.synth.write_dataset` (boxes, object classes, SNRs) are passed through when present.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from model.synth import LABELS_FILE, MODALITY_DIRS, NUM_CLASSES
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy")
+SEQ_EXTS = (".npy", ".txt")
+_EXTS = {"Image-A": IMAGE_EXTS, "Image-B": IMAGE_EXTS, "Seq-A": SEQ_EXTS, "Seq-B": SEQ_EXTS}
+
+
+class DatasetLayoutError(ValueError):
+    """The folder layout is incomplete or the modalities are not aligned by id."""
+
+
+def _index_modality(directory: Path, exts: Sequence[str]) -> dict[str, Path]:
+    if not directory.is_dir():
+        raise DatasetLayoutError(f"missing modality directory {directory}")
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in exts:
+            raise DatasetLayoutError(f"unexpected file {path} (allowed extensions: {', '.join(exts)})")
+        if path.stem in found:
+            raise DatasetLayoutError(
+                f"two files for id {path.stem!r} in {directory}: {found[path.stem].name}, {path.name}"
+            )
+        found[path.stem] = path
+    return found
+
+
+def _read_labels(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DatasetLayoutError(f"missing labels file {path}")
+    records = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetLayoutError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+            if not isinstance(rec, dict) or "id" not in rec or "class" not in rec:
+                raise DatasetLayoutError(f"{path}:{lineno}: each line needs 'id' and 'class'")
+            rec["id"] = str(rec["id"])
+            if rec["id"] in seen:
+                raise DatasetLayoutError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
+            if not isinstance(rec["class"], int) or not 0 <= rec["class"] < NUM_CLASSES:
+                raise DatasetLayoutError(f"{path}:{lineno}: class must be an int in [0, {NUM_CLASSES})")
+            seen.add(rec["id"])
+            records.append(rec)
+    return records
+
+
+def _load_image(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False)
+    else:
+        with Image.open(path) as img:
+            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "F"):
+                img = img.convert("L")  # colour files: luminance, like a monochrome sensor
+            arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DatasetLayoutError(f"{path}: expected a 2-D single-channel image, got shape {arr.shape}")
+    return arr
+
+
+def _load_seq(path: Path) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else np.loadtxt(path, ndmin=1)
+    if arr.ndim != 1:
+        raise DatasetLayoutError(f"{path}: expected a 1-D sequence, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+class FourModalityDataset(Dataset[dict[str, Any]]):
+    """Raw samples from ``root/split``; the layout is validated up front so errors surface at startup.
+
+    Each item is a dict::
+
+        id            str
+        image_a       np.ndarray [H, W], stored dtype (uint16 for the synthetic PNGs)
+        image_b       np.ndarray [H', W'], stored dtype
+        seq_a, seq_b  np.ndarray float32 [T], [T']
+        label         int, target class
+        boxes         np.ndarray float32 [N, 4] (x0, y0, x1, y1) in Image-A px; [0, 4] if not labelled
+        boxes_b       np.ndarray float32 [N, 4] in Image-B, NaN rows where absent
+        object_classes np.ndarray int64 [N]
+        snr_img, snr_seq  float (NaN if not labelled); low_snr bool
+    """
+
+    def __init__(self, root: Path | str, split: str = "train") -> None:
+        self.split_dir = Path(root) / split
+        if not self.split_dir.is_dir():
+            raise DatasetLayoutError(f"missing split directory {self.split_dir}")
+        self.records = _read_labels(self.split_dir / LABELS_FILE)
+        self.files = {m: _index_modality(self.split_dir / m, _EXTS[m]) for m in MODALITY_DIRS}
+        ids = {rec["id"] for rec in self.records}
+        problems = []
+        for modality, index in self.files.items():
+            missing = sorted(ids - index.keys())
+            orphans = sorted(index.keys() - ids)
+            if missing:
+                problems.append(f"{modality}: no file for {len(missing)} labelled id(s), e.g. {missing[:5]}")
+            if orphans:
+                problems.append(f"{modality}: {len(orphans)} file(s) without a label, e.g. {orphans[:5]}")
+        if problems:
+            raise DatasetLayoutError(f"misaligned layout in {self.split_dir}:\n  " + "\n  ".join(problems))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        sid = rec["id"]
+        boxes = _boxes(rec.get("boxes"))
+        boxes_b = _boxes(rec.get("boxes_b"))
+        classes = np.asarray(rec.get("object_classes", []), dtype=np.int64)
+        if boxes_b.shape[0] != boxes.shape[0] or classes.shape[0] != boxes.shape[0]:
+            raise DatasetLayoutError(f"{sid}: boxes, boxes_b and object_classes must have the same length")
+        return {
+            "id": sid,
+            "image_a": _load_image(self.files["Image-A"][sid]),
+            "image_b": _load_image(self.files["Image-B"][sid]),
+            "seq_a": _load_seq(self.files["Seq-A"][sid]),
+            "seq_b": _load_seq(self.files["Seq-B"][sid]),
+            "label": int(rec["class"]),
+            "boxes": boxes,
+            "boxes_b": boxes_b,
+            "object_classes": classes,
+            "snr_img": float(rec.get("snr_img", float("nan"))),
+            "snr_seq": float(rec.get("snr_seq", float("nan"))),
+            "low_snr": bool(rec.get("low_snr", False)),
+        }
+
+
+def _boxes(raw: list[list[float] | None] | None) -> np.ndarray:
+    if not raw:
+        return np.zeros((0, 4), dtype=np.float32)
+    return np.asarray([[np.nan] * 4 if b is None else b for b in raw], dtype=np.float32).reshape(-1, 4)
+
+
+def collate_raw(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack equal-shape raw arrays into tensors; per-object fields stay lists (their N varies).
+
+    Integer images become int32 [B, H, W] (lossless for uint16; torch has few uint16 ops), float images
+    float32; sequences float32 [B, T], labels int64 [B]. Raises if shapes differ: resizing belongs to the
+    shared preprocessing.
+    """
+    out: dict[str, Any] = {"id": [s["id"] for s in batch]}
+    for key in ("image_a", "image_b"):
+        stacked = np.stack([s[key] for s in batch])
+        dtype = np.int32 if np.issubdtype(stacked.dtype, np.integer) else np.float32
+        out[key] = torch.from_numpy(stacked.astype(dtype, copy=False))
+    for key in ("seq_a", "seq_b"):
+        out[key] = torch.from_numpy(np.stack([s[key] for s in batch]))
+    out["label"] = torch.tensor([s["label"] for s in batch], dtype=torch.int64)
+    for key in ("boxes", "boxes_b", "object_classes"):
+        out[key] = [torch.from_numpy(s[key]) for s in batch]
+    for key in ("snr_img", "snr_seq"):
+        out[key] = torch.tensor([s[key] for s in batch], dtype=torch.float32)
+    out["low_snr"] = torch.tensor([s["low_snr"] for s in batch], dtype=torch.bool)
+    return out
