@@ -138,7 +138,7 @@ def parse_topic(raw: Any) -> tuple[str, str, str]:
 def all_finite(data: np.ndarray) -> bool:
     """True if no NaN/Inf. One BLAS call (x·x is non-finite iff some x is, or it overflows) instead of
     isfinite()+all(), which allocates; an overflow falls back to the exact test."""
-    flat = data.reshape(-1)
+    flat = data if data.ndim == 1 else data.reshape(-1)
     if math.isfinite(np.dot(flat, flat)):
         return True
     return bool(np.isfinite(flat).all())
@@ -154,22 +154,22 @@ def _check_header(h: dict, kind: str, group: str, sensor: str, limits: Limits) -
         unknown = keys - required - OPTIONAL
         if unknown:
             raise ProtocolError("unknown_field", f"{kind} header has unknown {sorted(map(str, unknown))[:8]}")
-    if h["v"] != VERSION or not _is_int(h["v"]):
+    if h["v"] != VERSION or type(h["v"]) is not int:
         raise ProtocolError("version", f"v={h['v']!r}, this subscriber speaks v{VERSION}")
     if h["kind"] != kind or h["group"] != group or h["sensor"] != sensor:
         raise ProtocolError("topic_mismatch", "kind/group/sensor in header differ from topic")
     session, t_ns = h["session"], h["t_ns"]
-    if not _is_int(session) or not 0 <= session <= UINT64_MAX:
+    if type(session) is not int or not 0 <= session <= UINT64_MAX:
         raise ProtocolError("field_type", "session must be an unsigned 64-bit integer")
-    if not _is_int(t_ns) or not INT64_MIN <= t_ns <= INT64_MAX:
+    if type(t_ns) is not int or not INT64_MIN <= t_ns <= INT64_MAX:
         raise ProtocolError("field_type", "t_ns must be an int64")
     if kind == "hb":
         last = h["last_seq"]
-        if last is not None and (not _is_int(last) or not 0 <= last <= UINT64_MAX):
+        if last is not None and (type(last) is not int or not 0 <= last <= UINT64_MAX):
             raise ProtocolError("field_type", "last_seq must be an unsigned integer or nil")
     else:
         seq = h["seq"]
-        if not _is_int(seq) or not 0 <= seq <= UINT64_MAX:
+        if type(seq) is not int or not 0 <= seq <= UINT64_MAX:
             raise ProtocolError("field_type", "seq must be an unsigned integer")
     meta = h.get("meta")
     if meta is not None and not isinstance(meta, dict):
@@ -178,7 +178,7 @@ def _check_header(h: dict, kind: str, group: str, sensor: str, limits: Limits) -
 
 def _image_layout(h: dict, limits: Limits) -> tuple[tuple[int, ...], np.dtype, int]:
     exp_ns, shape, dtype = h["exp_ns"], h["shape"], h["dtype"]
-    if not _is_int(exp_ns) or not 0 <= exp_ns <= INT64_MAX:
+    if type(exp_ns) is not int or not 0 <= exp_ns <= INT64_MAX:
         raise ProtocolError("field_type", "exp_ns must be an integer >= 0")
     if dtype not in IMG_DTYPES:
         raise ProtocolError("dtype", f"img dtype {str(dtype)[:16]!r} not in {IMG_DTYPES}")
@@ -197,9 +197,9 @@ def _image_layout(h: dict, limits: Limits) -> tuple[tuple[int, ...], np.dtype, i
 
 def _rad_layout(h: dict) -> tuple[tuple[int, ...], np.dtype, int]:
     dt_ns, n, dtype = h["dt_ns"], h["n"], h["dtype"]
-    if not _is_int(dt_ns) or not 0 < dt_ns <= INT64_MAX:
+    if type(dt_ns) is not int or not 0 < dt_ns <= INT64_MAX:
         raise ProtocolError("field_type", "dt_ns must be an integer > 0")
-    if not _is_int(n) or n < 1:
+    if type(n) is not int or n < 1:
         raise ProtocolError("field_type", "n must be an integer >= 1")
     if dtype not in RAD_DTYPES:
         raise ProtocolError("dtype", f"rad dtype {str(dtype)[:16]!r} not in {RAD_DTYPES}")

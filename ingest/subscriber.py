@@ -32,6 +32,7 @@ from ingest.windowing import Frame, GroupWindower, RadChunk, Window
 
 log = structlog.get_logger("sacmf.ingest")
 
+RCVMORE = zmq.RCVMORE
 MAX_FRAMES_READ = 64  # frames beyond this are drained and dropped without being kept
 
 
@@ -188,6 +189,7 @@ class IngestWorker:
         if self.sock.poll(timeout_ms, zmq.POLLIN):
             sock = self.sock
             recv = sock.recv
+            more = sock.getsockopt  # not the sock.rcvmore property: that goes through a slow generic lookup
             while n < max_messages:
                 try:
                     first = recv(zmq.NOBLOCK)
@@ -198,7 +200,7 @@ class IngestWorker:
                 # Image payloads are received without a copy (the array is a view of the ZeroMQ frame);
                 # small radiation payloads are cheaper to copy than to wrap in a zmq.Frame.
                 zero_copy = first.startswith(b"img/")
-                while sock.rcvmore:
+                while more(RCVMORE):
                     part = recv(copy=not zero_copy or len(frames) < 2)
                     if len(frames) < MAX_FRAMES_READ:
                         frames.append(part)

@@ -178,24 +178,40 @@ class RadChunk:
     meta: dict | None = None
 
 
-@dataclass(slots=True)
 class Samples:
     """Samples of one sequence role inside a window, sorted by time.
 
     ``dt_ns`` is the common chunk period when every contributing chunk had the same one (a hint for
-    resampling), else None.
+    resampling), else None. Regularly sampled data (back-to-back chunks, the usual case) keeps its
+    timestamps as ``t0 + i * dt_ns`` and builds the int64 array only when ``t_ns`` is first read: it
+    saves 8 bytes per sample while the window waits in queues, and the work when no one reads them.
     """
 
-    t_ns: np.ndarray  # int64[k]
-    values: np.ndarray  # [k, ...], chunk dtype
-    dt_ns: int | None = None
+    __slots__ = ("_t", "_t0", "values", "dt_ns")
+
+    def __init__(self, t_ns: np.ndarray | None, values: np.ndarray, dt_ns: int | None = None, *, t0: int | None = None):
+        if t_ns is None and (t0 is None or dt_ns is None):
+            raise ValueError("Samples needs t_ns, or t0 with dt_ns")
+        self._t = t_ns  # int64[k], or None while implied by t0 and dt_ns
+        self._t0 = t0
+        self.values = values  # [k, ...], chunk dtype
+        self.dt_ns = dt_ns
+
+    @property
+    def t_ns(self) -> np.ndarray:
+        if self._t is None:
+            self._t = self._t0 + self.dt_ns * np.arange(self.values.shape[0], dtype=np.int64)
+        return self._t
 
     @classmethod
     def empty(cls) -> Samples:
         return cls(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64), None)
 
     def __len__(self) -> int:
-        return int(self.t_ns.shape[0])
+        return int(self.values.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Samples(n={len(self)}, dt_ns={self.dt_ns})"
 
 
 @dataclass(slots=True)
@@ -518,7 +534,9 @@ class GroupWindower:
         return ow
 
     def _close_until(self, limit: int, trigger: str, out: list[Window]) -> None:
-        self._advance_frontier(limit)
+        if self._frontier is None or limit > self._frontier:  # _advance_frontier, inlined: runs per message
+            self._frontier = limit
+            self._late_bound = limit - limit % self._hop
         heap = self._heap
         size = self._size
         while heap and heap[0] + size <= limit:
@@ -570,16 +588,19 @@ class GroupWindower:
             dt = None
         if len(pieces) == 1:
             t0, pdt, v, _, _ = pieces[0]
-            return Samples(t0 + pdt * np.arange(v.shape[0], dtype=np.int64), v, dt)
+            return Samples(None, v, pdt, t0=t0) if pdt > 0 else Samples(np.full(v.shape[0], t0, np.int64), v, dt)
         rank = self._rank
         pieces.sort(key=lambda p: (p[0], rank[p[3]], p[4]))
         lens = np.array([p[2].shape[0] for p in pieces], dtype=np.int64)
         heads = np.cumsum(lens) - lens  # index of each piece's first sample in the concatenation
         t_first = np.array([p[0] for p in pieces], dtype=np.int64)
+        values = np.concatenate([p[2] for p in pieces])
+        if dt is not None and bool(np.all(t_first[1:] == t_first[:-1] + lens[:-1] * dt)):
+            # the usual case: back-to-back chunks of one sensor; one arange instead of three repeats
+            return Samples(None, values, dt, t0=int(t_first[0]))
         dts = np.array([p[1] for p in pieces], dtype=np.int64)
         offsets = np.arange(int(heads[-1] + lens[-1]), dtype=np.int64) - np.repeat(heads, lens)
         t = np.repeat(t_first, lens) + np.repeat(dts, lens) * offsets
-        values = np.concatenate([p[2] for p in pieces])
         if not bool(np.all(t[1:] > t[:-1])):
             sensor_key = np.repeat(np.array([rank[p[3]] for p in pieces], dtype=np.int64), lens)
             seq_key = np.repeat(np.array([p[4] for p in pieces], dtype=np.int64), lens)
