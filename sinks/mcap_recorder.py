@@ -1,0 +1,359 @@
+"""Record raw input messages and results to MCAP, and read them back for replay (docs/results.md §5).
+
+Why MCAP (daemon.md §7): an append-only, chunked, indexed container that standard tools (the ``mcap``
+CLI, Foxglove) open, with per-message ``log_time``/``publish_time``/``sequence``, and that stays
+readable by a linear scan when the writer dies before writing its summary.
+
+Layout: one schemaless channel (schema id 0) per topic, ``message_encoding="msgpack"``; the channel
+metadata ``{"sacmf": "input" | "result" | "late"}`` says how to decode it.
+
+* Input messages (channel = the ZeroMQ topic, ``log_time`` = receive time, ``publish_time`` = the
+  header's ``t_ns``, ``sequence`` = ``seq mod 2**32``) are stored as one msgpack map
+  ``{"header": <header>, "payload": <bin>}``. The header frame is spliced in **verbatim** (it already
+  is one msgpack object), so a viewer sees it as a map while the reader recovers its exact bytes
+  from the value's byte range - nothing is re-encoded, so replayed frames are bit-identical even
+  for publishers whose msgpack encoder makes different (valid) choices than ours. A header frame
+  that is not exactly one decodable msgpack object is kept as ``"header_bin": <bin>``, frames after
+  the third as ``"extra": [<bin>...]``, and a topic that is not UTF-8 (or beyond ``max_channels``
+  distinct topics) goes to channel ``_other`` with ``"topic": <bin>``. So every message the daemon
+  received, valid or not, replays as it came.
+* Results (channel ``det/<group>``, ``log_time`` = when recorded, ``publish_time`` = window end,
+  ``sequence`` = per-channel count) and late records (``late/<group>``, ``log_time`` = receive
+  time, ``publish_time`` = event time) are ``msgpack(to_wire(record))``, the same bytes a ZeroMQ
+  subscriber gets.
+
+Crash safety: the writer buffers a chunk in memory; ``flush_interval_s`` bounds how much a crash can
+lose by closing the chunk at least that often (and ``fsync=True`` makes it durable on power loss).
+``read_recording`` scans linearly and stops at the first incomplete record, yielding everything
+before it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgpack
+import structlog
+from mcap.exceptions import McapError
+from mcap.records import Channel, Message
+from mcap.stream_reader import StreamReader
+from mcap.well_known import MessageEncoding
+from mcap.writer import CompressionType, Writer
+
+from sinks.record import SCHEMA_VERSION, LateRecord, ResultRecord, from_wire, to_wire
+
+log = structlog.get_logger("sacmf.sinks")
+
+RAW_LAYOUT_VERSION = 1
+OTHER_TOPIC = "_other"
+CONTENT_KEY = "sacmf"
+CONTENT_INPUT, CONTENT_RESULT, CONTENT_LATE = "input", "result", "late"
+COMPRESSIONS = {"zstd": CompressionType.ZSTD, "lz4": CompressionType.LZ4, "none": CompressionType.NONE}
+_U32 = 2**32
+_U64 = 2**64
+
+
+class RecordingTruncated(McapError):
+    """The recording ends inside a record (the writer stopped uncleanly); raised only when strict."""
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """One ZeroMQ multipart message exactly as received, for the recorder."""
+
+    frames: list[bytes]  # [topic, header, payload...]; any bytes-like (bytes, memoryview, zmq.Frame.buffer)
+    recv_ns: int  # wall clock at receipt, ns since the Unix epoch -> MCAP log_time
+    t_ns: int | None = None  # override of publish_time; default: the header's t_ns
+    seq: int | None = None  # override of sequence; default: the header's seq
+
+
+class Recorded(NamedTuple):
+    """One message read back: ``body`` is the frame list of an input, or the decoded record."""
+
+    topic: str  # the original topic (for ``_other`` channel messages: decoded with replacement)
+    log_time: int
+    publish_time: int
+    body: list[bytes] | ResultRecord | LateRecord
+
+
+# ---------------------------------------------------------------- raw message codec
+
+
+def _decoded_header(frame: bytes) -> tuple[bool, Any]:
+    """(is exactly one msgpack object readable by a default msgpack reader, that object)."""
+    if not frame:
+        return False, None
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame))
+    try:
+        unpacker.feed(frame)
+        obj = unpacker.unpack()
+    except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError):
+        return False, None
+    return unpacker.tell() == len(frame), obj
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack bin 8/16/32 prefix, so a large payload is copied once (into the record) and not twice."""
+    if n < 2**8:
+        return struct.pack(">BB", 0xC4, n)
+    if n < 2**16:
+        return struct.pack(">BH", 0xC5, n)
+    if n < 2**32:
+        return struct.pack(">BI", 0xC6, n)
+    raise ValueError(f"a frame of {n} bytes does not fit a msgpack bin")
+
+
+def encode_raw(frames: list[bytes], topic_channel: bool = True) -> tuple[str, bytes, Any]:
+    """(channel topic, MCAP message bytes, decoded header or None) for one multipart message."""
+    if not frames:
+        raise ValueError("a ZeroMQ message has at least one frame")
+    topic_b = bytes(frames[0])
+    try:
+        topic = topic_b.decode("utf-8") if topic_channel else None
+    except UnicodeDecodeError:
+        topic = None
+    packer = msgpack.Packer(use_bin_type=True)  # per call: a Packer is not thread-safe
+    parts: list[bytes] = []
+    n_keys = 0
+    if topic is None:
+        parts += [packer.pack("topic"), packer.pack(topic_b)]
+        n_keys += 1
+    header = None
+    if len(frames) >= 2:
+        hdr_b = bytes(frames[1])
+        ok, header = _decoded_header(hdr_b)
+        parts += [packer.pack("header"), hdr_b] if ok else [packer.pack("header_bin"), packer.pack(hdr_b)]
+        n_keys += 1
+        if not ok:
+            header = None
+    if len(frames) >= 3:
+        payload = memoryview(frames[2]).cast("B")
+        parts += [packer.pack("payload"), _bin_header(len(payload)), payload]
+        n_keys += 1
+    if len(frames) >= 4:
+        parts += [packer.pack("extra"), packer.pack_array_header(len(frames) - 3)]
+        parts += [packer.pack(bytes(f)) for f in frames[3:]]
+        n_keys += 1
+    data = b"".join([packer.pack_map_header(n_keys), *parts])
+    return (OTHER_TOPIC if topic is None else topic), data, header
+
+
+def decode_raw(channel_topic: str, data: bytes) -> list[bytes]:
+    """The original frames of an input message (inverse of ``encode_raw``, byte for byte)."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    spans: dict[str, tuple[int, int]] = {}
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        start = unpacker.tell()
+        unpacker.skip()
+        spans[key] = (start, unpacker.tell())
+
+    def value(key: str) -> Any:
+        a, b = spans[key]
+        return msgpack.unpackb(data[a:b], raw=False)
+
+    frames = [value("topic") if "topic" in spans else channel_topic.encode()]
+    if "header" in spans:
+        a, b = spans["header"]
+        frames.append(bytes(data[a:b]))
+    elif "header_bin" in spans:
+        frames.append(value("header_bin"))
+    if "payload" in spans:
+        frames.append(value("payload"))
+    if "extra" in spans:
+        frames.extend(value("extra"))
+    return frames
+
+
+def _u64_or(value: Any, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _U64:
+        return value
+    return default
+
+
+# ---------------------------------------------------------------- recorder
+
+
+class McapRecorder:
+    """A sink (``name``/``write``/``close``) recording RawMessage, ResultRecord and LateRecord items.
+
+    Thread-safe: the ingest path may record inputs while a supervisor worker records results.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        compression: str = "zstd",
+        chunk_size: int = 1024 * 1024,
+        flush_interval_s: float = 1.0,
+        fsync: bool = False,
+        max_channels: int = 1024,
+        name: str = "mcap",
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
+        if flush_interval_s < 0:
+            raise ValueError(f"flush_interval_s must be >= 0, got {flush_interval_s}")
+        self.name = name
+        self.path = Path(path)
+        self.flush_interval_s = flush_interval_s
+        self.fsync = fsync
+        self.max_channels = max_channels
+        self._lock = threading.Lock()
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - owned until close()
+        self._writer = Writer(self._fh, chunk_size=chunk_size, compression=COMPRESSIONS[compression])
+        self._writer.start(profile="", library="sacmf")
+        self._writer.add_metadata(
+            "sacmf", {"raw_layout": str(RAW_LAYOUT_VERSION), "result_schema": str(SCHEMA_VERSION)}
+        )
+        self._fh.flush()  # a valid (empty) MCAP from the start, even if we die before the first chunk
+        self._channels: dict[tuple[str, str], int] = {}  # (topic, content) -> channel id
+        self._det_seq: dict[str, int] = {}
+        self._last_flush = time.monotonic()
+        self._closed = False
+        self.messages = 0
+
+    def write(self, item: RawMessage | ResultRecord | LateRecord) -> None:
+        if isinstance(item, RawMessage):
+            self.record_input(item.frames, item.recv_ns, t_ns=item.t_ns, seq=item.seq)
+        elif isinstance(item, ResultRecord):
+            self.record_result(item)
+        elif isinstance(item, LateRecord):
+            self.record_late(item)
+        else:
+            raise TypeError(f"sink {self.name!r} cannot record {type(item).__name__}")
+
+    def record_input(
+        self, frames: list[bytes], recv_ns: int, *, t_ns: int | None = None, seq: int | None = None
+    ) -> None:
+        """Record one received multipart message; header t_ns/seq are used unless overridden."""
+        try:
+            name: str | None = bytes(frames[0]).decode("utf-8") if frames else None
+        except UnicodeDecodeError:
+            name = None
+        with self._lock:
+            own = (name, CONTENT_INPUT) in self._channels or len(self._channels) < self.max_channels
+            topic, data, header = encode_raw(frames, topic_channel=own)
+            hdr = header if isinstance(header, dict) else {}
+            publish = _u64_or(hdr.get("t_ns") if t_ns is None else t_ns, recv_ns)
+            sequence = _u64_or(hdr.get("seq") if seq is None else seq, 0) % _U32
+            self._add(topic, CONTENT_INPUT, recv_ns, publish, sequence, data)
+
+    def record_result(self, record: ResultRecord, log_time_ns: int | None = None) -> None:
+        data = msgpack.packb(to_wire(record), use_bin_type=True)
+        log_time = time.time_ns() if log_time_ns is None else log_time_ns
+        with self._lock:
+            topic = record.topic
+            sequence = self._det_seq.get(topic, 0)
+            self._det_seq[topic] = sequence + 1
+            publish = _u64_or(record.end_ns, log_time)
+            self._add(topic, CONTENT_RESULT, log_time, publish, sequence % _U32, data)
+
+    def record_late(self, record: LateRecord) -> None:
+        data = msgpack.packb(to_wire(record), use_bin_type=True)
+        with self._lock:
+            publish = _u64_or(record.t_ns, record.recv_ns)
+            seq = 0 if record.seq is None else record.seq % _U32
+            self._add(f"late/{record.group}", CONTENT_LATE, record.recv_ns, publish, seq, data)
+
+    def flush(self) -> None:
+        """Close the current chunk and push it to the OS (and to disk with ``fsync=True``)."""
+        with self._lock:
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Write the summary and index (the file then opens with the seeking reader) and close."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._writer.finish()
+                self._fh.flush()
+                if self.fsync:
+                    os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()
+
+    # ------------------------------------------------------------------ internals
+    def _add(self, topic: str, content: str, log_time: int, publish: int, sequence: int, data: bytes) -> None:
+        if self._closed:
+            raise RuntimeError(f"sink {self.name!r} is closed")
+        channel = self._channels.get((topic, content))
+        if channel is None:
+            channel = self._writer.register_channel(
+                topic=topic,
+                message_encoding=MessageEncoding.MessagePack,
+                schema_id=0,
+                metadata={CONTENT_KEY: content},
+            )
+            self._channels[(topic, content)] = channel
+        self._writer.add_message(
+            channel_id=channel, log_time=log_time, data=data, publish_time=publish, sequence=sequence
+        )
+        self.messages += 1
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._closed:
+            return
+        self._writer.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+        self._last_flush = time.monotonic()
+
+
+# ---------------------------------------------------------------- reader
+
+
+def read_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Recorded]:
+    """Every message in file (= recording) order, decoded; tolerant of an unfinished file.
+
+    A linear scan rather than the index: it works on files whose writer crashed (no summary), and
+    file order is arrival order, which is what a replayer re-publishes. At a truncated tail it stops
+    (``strict=True``: raises RecordingTruncated after yielding the readable prefix).
+    """
+    channels: dict[int, Channel] = {}
+    count = 0
+    with open(path, "rb") as fh:
+        records = StreamReader(fh, validate_crcs=True).records
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration:
+                return
+            except (McapError, struct.error, ValueError, EOFError) as exc:
+                if strict:
+                    raise RecordingTruncated(f"{path}: unreadable after {count} messages: {exc!r}") from exc
+                log.warning("recording_truncated", path=str(path), messages=count, error=repr(exc))
+                return
+            if isinstance(rec, Channel):
+                channels[rec.id] = rec
+            elif isinstance(rec, Message):
+                channel = channels.get(rec.channel_id)
+                if channel is None:
+                    raise McapError(f"{path}: message on unknown channel {rec.channel_id}")
+                count += 1
+                yield _decode_message(channel, rec)
+
+
+def _decode_message(channel: Channel, msg: Message) -> Recorded:
+    content = channel.metadata.get(CONTENT_KEY)
+    if content == CONTENT_INPUT:
+        frames = decode_raw(channel.topic, msg.data)
+        topic = channel.topic if channel.topic != OTHER_TOPIC else frames[0].decode("utf-8", "replace")
+        return Recorded(topic, msg.log_time, msg.publish_time, frames)
+    if content in (CONTENT_RESULT, CONTENT_LATE):
+        record = from_wire(msgpack.unpackb(msg.data, raw=False))
+        return Recorded(channel.topic, msg.log_time, msg.publish_time, record)
+    raise McapError(f"channel {channel.topic!r} is not a sacmf channel (metadata {channel.metadata})")

@@ -1,0 +1,242 @@
+"""Fan results out to every sink so that no sink can stall the pipeline or another sink.
+
+Why one bounded queue and one worker thread per sink: a sink can fail in three ways - raise (a bug, a
+bad record), fail with an OSError (disk full, a vanished mount), or hang (a peer that does not answer).
+Sharing a thread would let any of these hold up the others; sharing a queue would let a slow sink fill
+memory. So ``submit`` only appends to each sink's own deque under a short lock and returns: when a
+queue is full the *oldest* record for that sink is dropped and counted (freshness wins, daemon.md
+§2.4), and the caller never blocks.
+
+A failing write is retried with exponential backoff (``base_s * 2**k``, capped at ``cap_s``): the sink
+is not hammered while a disk is full, and it catches up by itself when the fault clears. A record that
+fails ``max_attempts`` times in a row is abandoned (``failed``) so that one poison record cannot wedge
+a sink forever; during an outage that also paces how fast the queue is consumed. Failures are logged
+with structlog at most once per ``log_interval_s`` per sink, with the count of suppressed lines, and a
+recovery is logged once.
+
+Each worker is the only thread that touches its sink after construction (pyzmq sockets are not
+thread-safe): it also closes the sink when ``close`` asks it to drain.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("sacmf.sinks")
+
+
+class Sink(Protocol):
+    name: str
+
+    def write(self, record: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff between attempts of one sink: base_s, 2*base_s, 4*base_s, ... at most cap_s."""
+
+    base_s: float = 0.05
+    cap_s: float = 5.0
+    max_attempts: int = 5  # per record; then the record is abandoned (counted in ``failed``)
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0 or self.cap_s < self.base_s:
+            raise ValueError(f"need 0 < base_s <= cap_s, got base_s={self.base_s}, cap_s={self.cap_s}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    def delay(self, consecutive_failures: int) -> float:
+        """Wait after the n-th consecutive failure (n >= 1) of a sink, across records."""
+        return min(self.cap_s, self.base_s * 2.0 ** min(consecutive_failures - 1, 62))
+
+
+class _Lane:
+    """One sink's queue, worker and counters."""
+
+    def __init__(self, sink: Sink, maxlen: int) -> None:
+        self.sink = sink
+        self.name: str = sink.name
+        self.queue: deque[Any] = deque()
+        self.maxlen = maxlen
+        self.cond = threading.Condition()
+        self.closing = False
+        self.deadline = float("inf")  # monotonic time after which a closing worker gives up
+        self.thread: threading.Thread | None = None
+        self.consecutive_failures = 0
+        self.done = threading.Event()
+
+
+class SinkSupervisor:
+    """Owns the sinks: ``submit(record)`` fans out without blocking, ``close(timeout)`` drains them.
+
+    Counters (plain dicts keyed by sink name, read at any time, e.g. by a Prometheus collector):
+    ``written``, ``errors`` (failed write attempts), ``dropped`` (oldest records dropped on a full
+    queue), ``failed`` (records abandoned after ``max_attempts``), ``abandoned`` (left in the queue
+    when ``close`` timed out).
+    """
+
+    def __init__(
+        self,
+        sinks: Iterable[Sink],
+        *,
+        queue_size: int = 1024,
+        retry: RetryPolicy | None = None,
+        log_interval_s: float = 10.0,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        lanes = [_Lane(s, queue_size) for s in sinks]
+        names = [lane.name for lane in lanes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sink names must be unique, got {names}")
+        self.retry = retry or RetryPolicy()
+        self.log_interval_s = log_interval_s
+        self._lanes = {lane.name: lane for lane in lanes}
+        self.written = dict.fromkeys(names, 0)
+        self.errors = dict.fromkeys(names, 0)
+        self.dropped = dict.fromkeys(names, 0)
+        self.failed = dict.fromkeys(names, 0)
+        self.abandoned = dict.fromkeys(names, 0)
+        self._last_log: dict[str, float] = {}
+        self._suppressed = dict.fromkeys(names, 0)
+        self._closed = False
+        for lane in lanes:
+            name = f"sink-{lane.name}"
+            lane.thread = threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
+            lane.thread.start()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._lanes)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: len(lane.queue) for name, lane in self._lanes.items()}
+
+    def submit(self, record: Any) -> None:
+        """Queue ``record`` for every sink; never blocks on a sink (drops that sink's oldest instead)."""
+        if self._closed:
+            raise RuntimeError("SinkSupervisor is closed")
+        for lane in self._lanes.values():
+            with lane.cond:
+                if len(lane.queue) >= lane.maxlen:
+                    lane.queue.popleft()
+                    self.dropped[lane.name] += 1
+                lane.queue.append(record)
+                lane.cond.notify()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Drain every queue, then close every sink, all within ``timeout`` seconds.
+
+        Returns True when every queued record was handled (written or counted as failed) and every
+        sink closed in time. Records still queued at the deadline are counted in ``abandoned``; a
+        worker stuck inside a hung sink is left behind (it is a daemon thread).
+        """
+        if self._closed:
+            return all(lane.done.is_set() for lane in self._lanes.values())
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        for lane in self._lanes.values():
+            with lane.cond:
+                lane.closing = True
+                lane.deadline = deadline
+                lane.cond.notify_all()
+        clean = True
+        for lane in self._lanes.values():
+            assert lane.thread is not None
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread.is_alive():  # stuck inside the sink: give up on what it still holds
+                with lane.cond:
+                    self.abandoned[lane.name] += len(lane.queue)
+                    lane.queue.clear()
+                clean = False
+            elif self.abandoned[lane.name]:
+                clean = False
+        return clean
+
+    # ------------------------------------------------------------------ worker
+    def _run(self, lane: _Lane) -> None:
+        try:
+            while True:
+                with lane.cond:
+                    while not lane.queue and not lane.closing:
+                        lane.cond.wait()
+                    if not lane.queue:
+                        break  # closing and drained
+                    if time.monotonic() >= lane.deadline:
+                        self.abandoned[lane.name] += len(lane.queue)
+                        lane.queue.clear()
+                        break
+                    record = lane.queue.popleft()
+                self._deliver(lane, record)
+        finally:
+            try:
+                lane.sink.close()
+            except Exception as exc:  # a sink's close must not kill the others' shutdown
+                log.warning("sink_close_failed", sink=lane.name, error=repr(exc))
+            lane.done.set()
+
+    def _deliver(self, lane: _Lane, record: Any) -> None:
+        attempts = 0
+        while True:
+            try:
+                lane.sink.write(record)
+            except Exception as exc:  # any failure of one sink stays inside its lane
+                attempts += 1
+                lane.consecutive_failures += 1
+                self.errors[lane.name] += 1
+                self._log_failure(lane, exc)
+                if attempts >= self.retry.max_attempts:
+                    self.failed[lane.name] += 1
+                    return
+                if not self._backoff(lane):
+                    self.failed[lane.name] += 1
+                    return
+                continue
+            self.written[lane.name] += 1
+            if lane.consecutive_failures:
+                log.info("sink_recovered", sink=lane.name, failures=lane.consecutive_failures)
+                lane.consecutive_failures = 0
+            return
+
+    def _backoff(self, lane: _Lane) -> bool:
+        """Sleep before the next attempt; False when close's deadline leaves no time for it."""
+        wait = self.retry.delay(lane.consecutive_failures)
+        with lane.cond:
+            if lane.closing:
+                wait = min(wait, lane.deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+            # submit() and close() notify this condition; a wake-up only ends the wait when close's
+            # deadline has passed, otherwise the rest of the delay is slept out.
+            end = time.monotonic() + wait
+            while (left := end - time.monotonic()) > 0:
+                lane.cond.wait(left)
+                if lane.closing and time.monotonic() >= lane.deadline:
+                    return False
+        return True
+
+    def _log_failure(self, lane: _Lane, exc: BaseException) -> None:
+        now = time.monotonic()
+        last = self._last_log.get(lane.name)
+        if last is not None and now - last < self.log_interval_s:
+            self._suppressed[lane.name] += 1
+            return
+        self._last_log[lane.name] = now
+        suppressed, self._suppressed[lane.name] = self._suppressed[lane.name], 0
+        log.warning(
+            "sink_write_failed",
+            sink=lane.name,
+            error=repr(exc)[:300],
+            consecutive_failures=lane.consecutive_failures,
+            retry_in_s=self.retry.delay(lane.consecutive_failures),
+            suppressed=suppressed,
+        )
