@@ -31,9 +31,9 @@ def rad_msg(values: np.ndarray, **over) -> list[bytes]:
     return [b"rad/g1/rad", msgpack.packb(h), values.tobytes()]
 
 
-def reason_of(frames, limits=Limits()) -> str:
+def reason_of(frames, limits: Limits | None = None) -> str:
     with pytest.raises(ProtocolError) as exc:
-        decode(frames, limits)
+        decode(frames, limits or Limits())
     assert exc.value.reason in protocol.REJECT_REASONS
     return exc.value.reason
 
@@ -148,8 +148,9 @@ def test_configured_size_limits():
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=8),
                      st.binary(max_size=8))  # fmt: skip
-_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
-                       max_leaves=10)  # fmt: skip
+_values = st.recursive(
+    _scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=10
+)
 _field_names = st.sampled_from(["v", "kind", "group", "sensor", "session", "seq", "t_ns", "exp_ns", "shape", "dtype",
                                 "dt_ns", "n", "last_seq", "meta", "x"])  # fmt: skip
 
