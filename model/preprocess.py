@@ -1,0 +1,351 @@
+"""The one input contract between raw sensor data and the SA-CMF model, shared by files and streams.
+
+Why a single function: the dataset reader, the training loop and the live daemon all hand a
+:class:`RawSample` to :func:`preprocess` and nothing else touches pixels or samples on the way in, so a
+model can never be trained on one enhancement and served with another. Every step is deterministic (no
+randomness, no dependence on other samples), which also makes it safe to cache.
+
+Images (per camera, each on its own):
+
+1. non-finite pixels are replaced by the sky level, so one dead pixel cannot poison the statistics;
+2. sky background and noise are estimated by a sigma-clipped median / MAD (:func:`sky_and_noise`) and the
+   frame is expressed in noise sigmas, ``(x - sky) / noise``: this removes bias, sky brightness and gain,
+   so frames from different cameras, exposures or ADC depths look alike and a pixel value reads as a
+   per-pixel SNR;
+3. the frame is resized (area averaging when shrinking, so faint point sources keep their flux;
+   bilinear when enlarging) with one scale for both axes, then padded bottom/right with the sky value 0
+   to the square model frame, so box coordinates only need multiplying by ``scale``;
+4. an asinh stretch, linear around the noise and logarithmic for bright sources, maps the huge dynamic
+   range of stars and streaks into about [-0.1, 1] without a per-frame percentile (which would let one
+   bright star change how every faint source looks).
+
+Sequences (per radiometer channel): non-finite samples become invalid; the series is binned or padded
+to the model length (binning averages valid samples only; a bin without one stays invalid; padding is
+always invalid: values are never invented); it is normalised by a robust z-score over valid samples and
+compressed with asinh so glints cannot saturate the network; invalid samples are exactly 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROLES: tuple[str, ...] = ("image_a", "image_b", "seq_a", "seq_b")
+IMAGE_ROLES: tuple[str, ...] = ("image_a", "image_b")
+SEQ_ROLES: tuple[str, ...] = ("seq_a", "seq_b")
+MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this is its standard deviation
+_Pair = tuple[np.ndarray, np.ndarray]
+_TPair = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessConfig:
+    """Knobs of the input contract; the model's frame size and sequence length must match its config."""
+
+    frame_size: int = 64  # square model frame, px
+    seq_len: int = 256  # model sequence length, samples
+    clip_sigma: float = 3.0  # sigma clipping of the sky estimate
+    clip_iters: int = 5
+    stretch_knee: float = 3.0  # asinh is linear below ~knee noise sigmas
+    stretch_max: float = 1000.0  # this many noise sigmas map to 1.0; brighter pixels saturate there
+    stretch_min: float = -5.0  # deeper negative excursions (bad pixels) are clipped here, in sigmas
+    seq_fit: Literal["bin", "crop"] = "bin"  # longer sequences: average into bins, or keep the newest T
+    seq_clip: float = 50.0  # robust z-scores beyond this are clipped before the asinh compression
+    seq_scale_floor: float = 1e-3  # MAD floor relative to |median|, for flat noise-free series
+
+    def __post_init__(self) -> None:
+        if self.frame_size < 8:
+            raise ValueError(f"frame_size must be >= 8, got {self.frame_size}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.stretch_knee <= 0 or self.stretch_max <= self.stretch_knee:
+            raise ValueError("need 0 < stretch_knee < stretch_max")
+        if self.seq_fit not in ("bin", "crop"):
+            raise ValueError(f"seq_fit must be 'bin' or 'crop', got {self.seq_fit!r}")
+
+
+@dataclass(slots=True)
+class RawSample:
+    """One window or one file set, as raw as it arrives; ``None`` marks an absent input.
+
+    ``seq_*_valid`` come from the ingest resampler (None = every sample valid). ``presence`` is derived
+    from None-ness when not given; an input given as present must have data, while data for an input
+    marked absent is ignored. ``label``/``boxes``/``box_classes`` are optional training targets, boxes in
+    Image-A pixels (x0, y0, x1, y1); NaN rows (object not in the frame) are dropped by :func:`preprocess`.
+    """
+
+    image_a: np.ndarray | None = None  # [H, W] uint8 / uint16 / float
+    image_b: np.ndarray | None = None  # [H', W']
+    seq_a: np.ndarray | None = None  # [T_a] float
+    seq_b: np.ndarray | None = None  # [T_b] float
+    seq_a_valid: np.ndarray | None = None  # [T_a] bool
+    seq_b_valid: np.ndarray | None = None  # [T_b] bool
+    presence: dict[str, bool] | None = None
+    label: int | None = None
+    boxes: np.ndarray | None = None  # [N, 4] float, Image-A px
+    box_classes: np.ndarray | None = None  # [N] int
+    meta: dict[str, Any] = field(default_factory=dict)  # for the caller (ids, timestamps); not preprocessed
+
+    def __post_init__(self) -> None:
+        given = {role: getattr(self, role) is not None for role in ROLES}
+        if self.presence is None:
+            self.presence = given
+        else:
+            unknown = set(self.presence) - set(ROLES)
+            if unknown:
+                raise ValueError(f"unknown presence roles {sorted(unknown)}; roles are {ROLES}")
+            presence = {role: bool(self.presence.get(role, given[role])) for role in ROLES}
+            missing = [r for r in ROLES if presence[r] and not given[r]]
+            if missing:
+                raise ValueError(f"presence marks {missing} present but no data was given")
+            self.presence = presence
+        for role in IMAGE_ROLES:
+            img = getattr(self, role)
+            if img is not None and np.ndim(img) != 2:
+                raise ValueError(f"{role} must be a 2-D single-channel array, got shape {np.shape(img)}")
+        for role in SEQ_ROLES:
+            seq = getattr(self, role)
+            valid = getattr(self, f"{role}_valid")
+            if seq is not None and np.ndim(seq) != 1:
+                raise ValueError(f"{role} must be 1-D, got shape {np.shape(seq)}")
+            if valid is not None and (seq is None or np.shape(valid) != np.shape(seq)):
+                raise ValueError(f"{role}_valid must have the shape of {role}")
+        if (self.boxes is None) != (self.box_classes is None):
+            raise ValueError("boxes and box_classes must be given together")
+        if self.boxes is not None:
+            n = np.shape(self.boxes)[0] if np.ndim(self.boxes) == 2 else -1
+            if np.ndim(self.boxes) != 2 or np.shape(self.boxes)[1] != 4 or np.shape(self.box_classes) != (n,):
+                raise ValueError("boxes must be [N, 4] and box_classes [N]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------
+
+
+def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> tuple[float, float]:
+    """Sky level and per-pixel noise from a sigma-clipped median and MAD.
+
+    Stars, streaks and hot pixels occupy a small fraction of a deep-space frame, so clipping them away
+    leaves the sky; the median/MAD pair tolerates whatever clipping misses. Frames are small (64-128 px),
+    so one global level is used: a mesh would have too few pixels per cell to be reliable.
+    """
+    data = img[np.isfinite(img)].ravel()
+    if data.size == 0:
+        return 0.0, 1.0
+    keep = data
+    sky, noise = float(np.median(data)), 0.0
+    for _ in range(iters):
+        sky = float(np.median(keep))
+        noise = MAD_TO_SIGMA * float(np.median(np.abs(keep - sky)))
+        if noise <= 0:
+            break
+        new = data[np.abs(data - sky) <= clip_sigma * noise]
+        if new.size == keep.size or new.size < 8:
+            break
+        keep = new
+    if noise <= 0:
+        # quantised or constant sky (e.g. a uint8 frame with most pixels equal): fall back to the std
+        # of the unclipped data, then to one unit, so the frame still scales sanely
+        std = float(np.std(data))
+        noise = std if std > 0 else 1.0
+    return sky, noise
+
+
+def _resize(img: Tensor, scale: float) -> Tensor:
+    """[H, W] -> [round(H*s), round(W*s)]; area averaging when shrinking keeps point-source flux."""
+    h, w = img.shape
+    out_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if out_hw == (h, w):
+        return img
+    x = img[None, None]
+    if scale < 1.0:
+        x = F.interpolate(x, size=out_hw, mode="area")
+    else:
+        x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
+    return x[0, 0]
+
+
+def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[Tensor, float]:
+    """Raw 2-D frame -> ([1, S, S] float32 stretched frame, scale model-px per raw-px)."""
+    x = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(x)
+    sky, noise = sky_and_noise(x, cfg.clip_sigma, cfg.clip_iters)
+    x = np.where(finite, (x - sky) / noise, 0.0)  # noise sigmas above the sky
+    h, w = x.shape
+    scale = cfg.frame_size / max(h, w)
+    t = _resize(torch.from_numpy(x), scale)  # float64 keeps the resize exact enough to be reproducible
+    out = torch.zeros(cfg.frame_size, cfg.frame_size, dtype=torch.float64)
+    out[: t.shape[0], : t.shape[1]] = t[: cfg.frame_size, : cfg.frame_size]
+    out = out.clamp(cfg.stretch_min, cfg.stretch_max)
+    out = torch.asinh(out / cfg.stretch_knee) / np.arcsinh(cfg.stretch_max / cfg.stretch_knee)
+    return out.to(torch.float32).unsqueeze(0), float(scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequences
+# ----------------------------------------------------------------------------------------------------
+
+
+def fit_length(values: np.ndarray, valid: np.ndarray, n: int, mode: str = "bin") -> _Pair:
+    """Bring a series to ``n`` samples without inventing data: ([n] float64, [n] bool).
+
+    Longer series: "bin" averages the valid samples falling in each of n equal index bins (sample i goes
+    to bin floor(i*n/T), the ingest resampler's rule), so the whole window span is kept; "crop" keeps the
+    newest n samples at their native rate. Shorter series are padded at the end with invalid zeros.
+    """
+    t = values.shape[0]
+    if t == n:
+        return np.where(valid, values, 0.0), valid.copy()
+    if t < n:
+        out = np.zeros(n)
+        ok = np.zeros(n, dtype=bool)
+        out[:t] = np.where(valid, values, 0.0)
+        ok[:t] = valid
+        return out, ok
+    if mode == "crop":
+        return np.where(valid[-n:], values[-n:], 0.0), valid[-n:].copy()
+    bins = (np.arange(t, dtype=np.int64) * n) // t
+    sums = np.bincount(bins, weights=np.where(valid, values, 0.0), minlength=n)
+    counts = np.bincount(bins, weights=valid.astype(np.float64), minlength=n)
+    ok = counts > 0
+    return np.where(ok, sums / np.maximum(counts, 1.0), 0.0), ok
+
+
+def robust_normalise(values: np.ndarray, valid: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Robust z-score over valid samples, then asinh; invalid samples are exactly 0.
+
+    Median and MAD ignore glints and eclipses when setting the scale, so a light curve's shape, not its
+    absolute level (which depends on range, aperture and units), is what the model sees. The MAD has a
+    floor relative to the level so a noise-free flat series does not blow up. asinh keeps sign and
+    order while compressing a 100-sigma glint to about 5, which keeps activations bounded.
+    """
+    out = np.zeros_like(values, dtype=np.float64)
+    if not valid.any():
+        return out
+    v = values[valid]
+    med = float(np.median(v))
+    scale = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
+    scale = max(scale, cfg.seq_scale_floor * abs(med), 1e-12)
+    z = np.clip((values - med) / scale, -cfg.seq_clip, cfg.seq_clip)
+    out[valid] = np.arcsinh(z[valid])
+    return out
+
+
+def preprocess_sequence(seq: np.ndarray, valid: np.ndarray | None, cfg: PreprocessConfig) -> _TPair:
+    """Raw 1-D series and optional mask -> ([T] float32 normalised, [T] bool validity)."""
+    x = np.asarray(seq, dtype=np.float64)
+    ok = np.isfinite(x) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(x)
+    x, ok = fit_length(np.where(ok, x, 0.0), ok, cfg.seq_len, cfg.seq_fit)
+    x = robust_normalise(x, ok, cfg)
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The contract
+# ----------------------------------------------------------------------------------------------------
+
+
+def preprocess(raw: RawSample, cfg: PreprocessConfig) -> dict[str, Tensor]:
+    """RawSample -> model inputs (and targets when given). Deterministic, sample-local.
+
+    Keys: ``image_a``/``image_b`` [1, S, S] float32; ``seq_a``/``seq_b`` [T] float32 and
+    ``seq_a_valid``/``seq_b_valid`` [T] bool; ``presence`` [4] bool in :data:`ROLES` order (a series
+    with no valid sample counts as absent: it carries nothing); ``scale_a``/``scale_b`` [] float32
+    model px per raw px (1 when absent); ``label`` [] int64 (-1 unknown); ``boxes`` [N, 4] float32 in
+    model-frame px, ``box_classes`` [N] int64, ``boxes_known`` [] bool (False: no box labels at all,
+    as opposed to a labelled empty frame). Absent inputs are zeros with presence False.
+    """
+    assert raw.presence is not None  # set by RawSample.__post_init__
+    s, t = cfg.frame_size, cfg.seq_len
+    out: dict[str, Tensor] = {}
+    presence = dict(raw.presence)
+    for role, key in (("image_a", "scale_a"), ("image_b", "scale_b")):
+        img = getattr(raw, role)
+        if presence[role] and img is not None:
+            out[role], scale = preprocess_image(img, cfg)
+        else:
+            out[role], scale = torch.zeros(1, s, s), 1.0
+        out[key] = torch.tensor(scale, dtype=torch.float32)
+    for role in SEQ_ROLES:
+        seq = getattr(raw, role)
+        if presence[role] and seq is not None:
+            out[role], out[f"{role}_valid"] = preprocess_sequence(seq, getattr(raw, f"{role}_valid"), cfg)
+            presence[role] = bool(out[f"{role}_valid"].any())
+        else:
+            out[role], out[f"{role}_valid"] = torch.zeros(t), torch.zeros(t, dtype=torch.bool)
+    out["presence"] = torch.tensor([presence[r] for r in ROLES], dtype=torch.bool)
+    out["label"] = torch.tensor(-1 if raw.label is None else int(raw.label), dtype=torch.int64)
+    out["boxes_known"] = torch.tensor(raw.boxes is not None)
+    if raw.boxes is not None and raw.box_classes is not None:
+        boxes = np.asarray(raw.boxes, dtype=np.float64).reshape(-1, 4)
+        classes = np.asarray(raw.box_classes, dtype=np.int64).reshape(-1)
+        keep = np.isfinite(boxes).all(1)
+        out["boxes"] = torch.from_numpy((boxes[keep] * float(out["scale_a"])).astype(np.float32))
+        out["box_classes"] = torch.from_numpy(classes[keep])
+    else:
+        out["boxes"] = torch.zeros(0, 4)
+        out["box_classes"] = torch.zeros(0, dtype=torch.int64)
+    return out
+
+
+def collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack preprocessed samples; boxes are padded to the batch maximum with ``box_valid`` [B, N_max]."""
+    if not samples:
+        raise ValueError("cannot collate an empty list")
+    batch: dict[str, Tensor] = {}
+    for key in samples[0]:
+        if key in ("boxes", "box_classes"):
+            continue
+        batch[key] = torch.stack([sample[key] for sample in samples])
+    n_max = max(sample["boxes"].shape[0] for sample in samples)
+    b = len(samples)
+    boxes = torch.zeros(b, n_max, 4)
+    classes = torch.zeros(b, n_max, dtype=torch.int64)
+    valid = torch.zeros(b, n_max, dtype=torch.bool)
+    for i, sample in enumerate(samples):
+        n = sample["boxes"].shape[0]
+        boxes[i, :n] = sample["boxes"]
+        classes[i, :n] = sample["box_classes"]
+        valid[i, :n] = True
+    batch["boxes"], batch["box_classes"], batch["box_valid"] = boxes, classes, valid
+    return batch
+
+
+def raw_from_scene(scene: Any) -> RawSample:
+    """Adapter for :class:`model.synth.Scene` (duck-typed so this module stays import-light)."""
+    return RawSample(
+        image_a=scene.image_a,
+        image_b=scene.image_b,
+        seq_a=scene.seq_a,
+        seq_b=scene.seq_b,
+        label=int(scene.target_class),
+        boxes=scene.boxes,
+        box_classes=scene.object_classes,
+    )
+
+
+def raw_from_dataset_item(item: dict[str, Any]) -> RawSample:
+    """Adapter for one item of :class:`model.dataset.FourModalityDataset`.
+
+    An unlabelled layout (no boxes in labels.jsonl) yields ``boxes=None`` so the detection loss skips it
+    instead of learning "empty sky".
+    """
+    boxes = item.get("boxes")
+    classes = item.get("object_classes")
+    labelled = boxes is not None and classes is not None and np.shape(boxes)[0] > 0
+    return RawSample(
+        image_a=item.get("image_a"),
+        image_b=item.get("image_b"),
+        seq_a=item.get("seq_a"),
+        seq_b=item.get("seq_b"),
+        label=item.get("label"),
+        boxes=boxes if labelled else None,
+        box_classes=classes if labelled else None,
+        meta={"id": item["id"]} if "id" in item else {},
+    )
