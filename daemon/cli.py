@@ -78,6 +78,19 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(_sim_settings(args), stop, args.duration)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from daemon import service
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # [logging] applies unless the command line chose explicitly
+    logs.configure(args.log_level or cfg.log_level, args.log_format or cfg.log_format)
+    return service.serve(cfg)
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from daemon import bench_ingest
 
@@ -86,8 +99,8 @@ def _bench_ingest(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sacmf", description="Streaming SA-CMF recognition of deep-space targets.")
-    p.add_argument("--log-level", default="info", choices=list(logs.LEVELS))
-    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    p.add_argument("--log-level", default=None, choices=list(logs.LEVELS), help="default: info ([logging] for serve)")
+    p.add_argument("--log-format", default=None, choices=["auto", "json", "console"], help="default: auto")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("check-config", help="validate a config file and summarise it")
@@ -114,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(d)
     d.set_defaults(func=_demo)
 
+    v = sub.add_parser("serve", help="run the daemon: ingest -> windows -> SA-CMF -> sinks, admin HTTP")
+    v.add_argument("config", nargs="?", default="config.toml", help="config file (default: config.toml)")
+    v.set_defaults(func=_serve)
+
     b = sub.add_parser("bench-ingest", help="benchmark socket -> closed window against bare pyzmq")
     b.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
     b.add_argument("--repeats", type=int, default=3, help="runs per scenario (the median is reported)")
@@ -124,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level or "info", args.log_format or "auto")
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

@@ -8,10 +8,11 @@ below is the single list of keys; config.toml at the repository root documents e
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.admin import parse_listen
 from ingest.protocol import NAME_RE, Limits
 from ingest.settings import GroupSettings, IngestSettings
 from ingest.windowing import ROLES, WindowSpec
@@ -73,7 +74,127 @@ LOGGING = {
     "level": Key(str, "info", allowed=("debug", "info", "warning", "error")),
     "format": Key(str, "auto", allowed=("auto", "json", "console")),
 }
-TOP = {"ingest": INGEST, "window": WINDOW, "groups": None, "logging": LOGGING}
+
+
+def _endpoint_or_empty(v: str) -> str | None:
+    return None if v == "" or "://" in v else 'must be a ZeroMQ endpoint like tcp://host:port, or "" for none'
+
+
+def _device(v: str) -> str | None:
+    return None if v == "cpu" or v == "cuda" or v.startswith("cuda:") else 'must be "cpu", "cuda" or "cuda:N"'
+
+
+def _buckets(v: list) -> str | None:
+    if not v:
+        return "needs at least one bucket edge"
+    if any(isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in v):
+        return "must be a list of positive numbers of seconds"
+    return None
+
+
+def _listen(v: str) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+MODEL = {
+    "checkpoint": Key(str, "model/weights/default.pt", lambda v: None if v else "must not be empty"),
+    "device": Key(str, "cpu", _device),
+    "torch_threads": Key(int, 0, _non_negative),
+    "det_threshold": Key(NUM, 0.3, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+    "det_max_detections": Key(int, 50, _positive),
+    "resample": Key(str, "mean", allowed=("mean", "linear")),
+}
+INFERENCE = {
+    "max_batch_size": Key(int, 8, _positive),
+    "max_delay_ms": Key(NUM, 50, _non_negative),
+    "queue_size": Key(int, 64, _positive),
+    "policy": Key(str, "auto", allowed=("auto", "drop_oldest", "block")),
+    "latency_buckets_s": Key(list, [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0], _buckets),
+}
+SINKS = {
+    "zmq_endpoint": Key(str, "tcp://127.0.0.1:5556", _endpoint_or_empty),
+    "zmq_bind": Key(bool, True),
+    "zmq_sndhwm": Key(int, 1000, _positive),
+    "jsonl_path": Key(str, ""),
+    "jsonl_max_bytes": Key(int, 64 * 2**20, _positive),
+    "jsonl_backups": Key(int, 5, _non_negative),
+    "fsync": Key(str, "rotate", allowed=("always", "rotate", "never")),
+    "late_path": Key(str, ""),
+    "mcap_path": Key(str, ""),
+    "queue_size": Key(int, 1024, _positive),
+}
+ADMIN = {
+    "listen": Key(str, "127.0.0.1:9102", _listen),
+    "token": Key(str, ""),
+    "health_max_age_s": Key(NUM, 10.0, _positive),
+}
+SHUTDOWN = {
+    "timeout_s": Key(NUM, 30.0, _positive),
+}
+TOP = {
+    "ingest": INGEST,
+    "window": WINDOW,
+    "groups": None,
+    "logging": LOGGING,
+    "model": MODEL,
+    "inference": INFERENCE,
+    "sinks": SINKS,
+    "admin": ADMIN,
+    "shutdown": SHUTDOWN,
+}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """[model]: which checkpoint is served and how it runs."""
+
+    checkpoint: Path = Path("model/weights/default.pt")  # relative paths: against the working directory
+    device: str = "cpu"
+    torch_threads: int = 0  # 0: automatic (cores - 1, at least 1)
+    det_threshold: float = 0.3
+    det_max_detections: int = 50
+    resample: str = "mean"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """[inference]: micro-batching and the bounded queue in front of the model."""
+
+    max_batch_size: int = 8
+    max_delay_s: float = 0.05
+    queue_size: int = 64
+    policy: str = "drop_oldest"  # resolved: "auto" follows the ingest mode (live -> drop_oldest)
+    latency_buckets_s: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """[sinks]: where results and late records go; None disables an output."""
+
+    zmq_endpoint: str | None = "tcp://127.0.0.1:5556"
+    zmq_bind: bool = True
+    zmq_sndhwm: int = 1000
+    jsonl_path: Path | None = None
+    jsonl_max_bytes: int = 64 * 2**20
+    jsonl_backups: int = 5
+    fsync: str = "rotate"
+    late_path: Path | None = None
+    mcap_path: Path | None = None
+    queue_size: int = 1024
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """[admin]: the HTTP endpoint for metrics, health, readiness and reload."""
+
+    host: str = "127.0.0.1"
+    port: int = 9102
+    token: str = ""
+    health_max_age_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +203,11 @@ class Config:
     log_level: str
     log_format: str
     source: str
+    model: ModelSettings = field(default_factory=ModelSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    sinks: SinkSettings = field(default_factory=SinkSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    shutdown_timeout_s: float = 30.0
 
 
 def _section(raw: Any, schema: dict[str, Key], where: str) -> dict[str, Any]:
@@ -201,7 +327,67 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         skew_window_s=float(ing["skew_window_s"]),
     )
     logging = _section(raw.get("logging", {}), LOGGING, "logging")
-    return Config(settings, logging["level"], logging["format"], source)
+    return Config(
+        settings,
+        logging["level"],
+        logging["format"],
+        source,
+        model=_model(_section(raw.get("model", {}), MODEL, "model")),
+        inference=_inference(_section(raw.get("inference", {}), INFERENCE, "inference"), mode),
+        sinks=_sinks(_section(raw.get("sinks", {}), SINKS, "sinks")),
+        admin=_admin(_section(raw.get("admin", {}), ADMIN, "admin")),
+        shutdown_timeout_s=float(_section(raw.get("shutdown", {}), SHUTDOWN, "shutdown")["timeout_s"]),
+    )
+
+
+def _path_or_none(v: str) -> Path | None:
+    return Path(v) if v else None
+
+
+def _model(m: dict[str, Any]) -> ModelSettings:
+    return ModelSettings(
+        checkpoint=Path(m["checkpoint"]),
+        device=m["device"],
+        torch_threads=m["torch_threads"],
+        det_threshold=float(m["det_threshold"]),
+        det_max_detections=m["det_max_detections"],
+        resample=m["resample"],
+    )
+
+
+def _inference(i: dict[str, Any], mode: str) -> InferenceSettings:
+    if i["queue_size"] < i["max_batch_size"]:
+        raise ConfigError(f"inference.queue_size: must be >= max_batch_size ({i['max_batch_size']})")
+    policy = i["policy"]
+    if policy == "auto":  # live sheds load (freshness wins); replay must be lossless
+        policy = "drop_oldest" if mode == "live" else "block"
+    return InferenceSettings(
+        max_batch_size=i["max_batch_size"],
+        max_delay_s=i["max_delay_ms"] / 1000.0,
+        queue_size=i["queue_size"],
+        policy=policy,
+        latency_buckets_s=tuple(sorted(float(b) for b in i["latency_buckets_s"])),
+    )
+
+
+def _sinks(s: dict[str, Any]) -> SinkSettings:
+    return SinkSettings(
+        zmq_endpoint=s["zmq_endpoint"] or None,
+        zmq_bind=s["zmq_bind"],
+        zmq_sndhwm=s["zmq_sndhwm"],
+        jsonl_path=_path_or_none(s["jsonl_path"]),
+        jsonl_max_bytes=s["jsonl_max_bytes"],
+        jsonl_backups=s["jsonl_backups"],
+        fsync=s["fsync"],
+        late_path=_path_or_none(s["late_path"]),
+        mcap_path=_path_or_none(s["mcap_path"]),
+        queue_size=s["queue_size"],
+    )
+
+
+def _admin(a: dict[str, Any]) -> AdminSettings:
+    host, port = parse_listen(a["listen"])
+    return AdminSettings(host=host, port=port, token=a["token"], health_max_age_s=float(a["health_max_age_s"]))
 
 
 def load(path: str | Path) -> Config:

@@ -37,10 +37,61 @@ def test_every_default_key_is_documented_in_config_toml():
             assert text.splitlines()[line_no - 1].startswith("#"), f"{key} has no comment above it"
 
 
+def test_serve_sections_are_documented_key_by_key():
+    """Same rule for the daemon's sections, matched within each [section] (some key names repeat)."""
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    raw = base()
+    schemas = {"model": config.MODEL, "inference": config.INFERENCE, "sinks": config.SINKS, "admin": config.ADMIN}
+    schemas["shutdown"] = config.SHUTDOWN
+    section = None
+    seen: set[tuple[str, str]] = set()
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section in schemas and " = " in line and not line.startswith("#"):
+            key = line.split(" = ", 1)[0]
+            assert key in schemas[section], f"[{section}] {key} is not a known key"
+            assert lines[i - 1].startswith("#"), f"[{section}] {key} has no comment above it"
+            seen.add((section, key))
+    for section, schema in schemas.items():
+        for key in schema:
+            assert (section, key) in seen and key in raw[section], f"[{section}] {key} missing from config.toml"
+
+
+def test_serve_settings_are_parsed_and_resolved():
+    raw = base()
+    cfg = config.parse(raw)
+    assert cfg.model.checkpoint == Path("model/weights/default.pt") and cfg.model.device == "cpu"
+    assert cfg.inference.policy == "drop_oldest" and cfg.inference.max_delay_s == 0.05  # auto + live
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9102) and cfg.shutdown_timeout_s == 30.0
+    assert cfg.sinks.jsonl_path is None and cfg.sinks.zmq_endpoint == "tcp://127.0.0.1:5556"
+    raw["ingest"]["mode"] = "replay"
+    raw["sinks"].update(zmq_endpoint="", jsonl_path="out/r.jsonl")
+    raw["inference"]["latency_buckets_s"] = [1, 0.25]
+    cfg = config.parse(raw)
+    assert cfg.inference.policy == "block"  # auto + replay: lossless
+    assert cfg.sinks.zmq_endpoint is None and cfg.sinks.jsonl_path == Path("out/r.jsonl")
+    assert cfg.inference.latency_buckets_s == (0.25, 1.0)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda r: r["ingest"].update(endpoint=["x"]), "ingest.endpoint: unknown key"),
+        (lambda r: r["model"].update(device="tpu"), "model.device: must be"),
+        (lambda r: r["model"].update(det_threshold=1.5), "model.det_threshold: must be in [0, 1]"),
+        (lambda r: r["model"].update(torch_threads=-1), "model.torch_threads: must be >= 0"),
+        (lambda r: r["model"].update(checkpoint=""), "model.checkpoint: must not be empty"),
+        (lambda r: r["inference"].update(max_batch_size=0), "inference.max_batch_size: must be > 0"),
+        (lambda r: r["inference"].update(queue_size=2), "inference.queue_size: must be >= max_batch_size"),
+        (lambda r: r["inference"].update(policy="lifo"), "inference.policy: 'lifo' is not one of"),
+        (lambda r: r["inference"].update(latency_buckets_s=[]), "inference.latency_buckets_s: needs"),
+        (lambda r: r["inference"].update(latency_buckets_s=[0.5, -1]), "inference.latency_buckets_s: must be"),
+        (lambda r: r["sinks"].update(zmq_endpoint="localhost:1"), "sinks.zmq_endpoint: must be a ZeroMQ"),
+        (lambda r: r["sinks"].update(fsync="sometimes"), "sinks.fsync"),
+        (lambda r: r["admin"].update(listen="9102"), "admin.listen: listen address"),
+        (lambda r: r["admin"].update(tokn="x"), "admin.tokn: unknown key"),
+        (lambda r: r["shutdown"].update(timeout_s=0), "shutdown.timeout_s: must be > 0"),
         (lambda r: r.update(extra={}), "unknown section [extra]"),
         (lambda r: r["ingest"].update(bind="yes"), "ingest.bind: expected bool"),
         (lambda r: r["ingest"].update(rcvhwm=True), "ingest.rcvhwm: expected int"),
@@ -108,5 +159,5 @@ def test_check_config_cli(tmp_path: Path):
 def test_help_lists_subcommands():
     out = run_cli("--help")
     assert out.returncode == 0
-    for cmd in ("check-config", "simulate", "demo", "bench-ingest"):
+    for cmd in ("check-config", "simulate", "demo", "bench-ingest", "serve"):
         assert cmd in out.stdout

@@ -1,0 +1,98 @@
+"""Ingest window -> model input: the one seam where ``ingest`` and ``model`` meet.
+
+Why here: ``ingest`` and ``model`` must not import each other (each is testable and reusable alone), so
+the daemon owns the translation. Training on recorded windows and serving live windows must call the
+same functions below (``window_to_raw`` then ``model.preprocess.preprocess`` + ``collate``, bundled in
+``windows_to_batch``); otherwise a model would be served inputs built differently from the ones it was
+trained on.
+
+Choices, and why:
+
+* **One frame per camera: the one whose exposure mid-point is nearest the window centre.** The model
+  takes one frame per camera, while the radiation sequences are resampled over the whole window; the
+  centre frame is the one that best represents the span those sequences cover. The latest frame would
+  bias the image towards the window's end (and after a flush that may be a frame from a much later
+  time than most samples). Each camera picks its own centre frame, which also keeps the A/B pair close
+  in time. Ties go to the earlier frame (the window's frame order is deterministic).
+* **Multi-channel frames are averaged to one channel**: SA-CMF's image branch is single-channel.
+* **Sequences** go through ``ingest.resample.resample`` over ``[start_ns, end_ns)`` to the model's
+  sequence length, with its validity mask (bins without a sample stay invalid: gaps look like "no
+  data", never like a flat signal). Multi-valued samples are averaged to one value per time.
+* **Presence** is the window's presence mask; a role not configured for the group is absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+from ingest.resample import resample
+from ingest.windowing import IMAGE_ROLES, SEQ_ROLES, Frame, Window
+from model.preprocess import PreprocessConfig, RawSample, collate, preprocess
+
+
+def pick_frame(frames: Sequence[Frame], start_ns: int, end_ns: int) -> Frame | None:
+    """The frame whose exposure mid-point is nearest the window centre (earliest on ties)."""
+    if not frames:
+        return None
+    centre2 = start_ns + end_ns  # compare doubled times: exact integers, no rounding
+    return min(frames, key=lambda f: abs(2 * f.t_ns + f.exp_ns - centre2))
+
+
+def _mono(image: np.ndarray) -> np.ndarray:
+    """[H, W] as is; [H, W, C] -> mean over C as float32 ([H, W, 1] is just squeezed)."""
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    return image.mean(axis=2, dtype=np.float32)
+
+
+def window_to_raw(
+    window: Window,
+    seq_len: int,
+    *,
+    method: str = "mean",
+    label: int | None = None,
+    boxes: np.ndarray | None = None,
+    box_classes: np.ndarray | None = None,
+) -> RawSample:
+    """The model's raw input for one window (optionally with training targets, boxes in Image-A px)."""
+    raw: dict[str, np.ndarray | None] = {}
+    presence: dict[str, bool] = {}
+    for role in IMAGE_ROLES:
+        frame = pick_frame(window.frames.get(role, ()), window.start_ns, window.end_ns)
+        present = bool(window.presence.get(role, False)) and frame is not None
+        raw[role] = _mono(frame.image) if present and frame is not None else None
+        presence[role] = present
+    for role in SEQ_ROLES:
+        present = bool(window.presence.get(role, False)) and role in window.samples
+        if present:
+            values, valid = resample(window.samples[role], window.start_ns, window.end_ns, seq_len, method=method)
+            if values.ndim > 1:  # [n, ...] -> [n]
+                values = values.reshape(seq_len, -1).mean(axis=1)
+            raw[role], raw[f"{role}_valid"] = values, valid
+        else:
+            raw[role], raw[f"{role}_valid"] = None, None
+        presence[role] = present
+    return RawSample(
+        **raw,
+        presence=presence,
+        label=label,
+        boxes=boxes,
+        box_classes=box_classes,
+        meta={"group": window.group, "start_ns": window.start_ns},
+    )
+
+
+def windows_to_batch(windows: Sequence[Window], cfg: PreprocessConfig, *, method: str = "mean") -> dict[str, Tensor]:
+    """Collated model batch for ``windows`` (in order): what ``SACMF.forward`` takes.
+
+    Keys as :func:`model.preprocess.collate`; ``scale_a`` [B] converts model-frame pixels back to
+    Image-A pixels (divide by it).
+    """
+    if not windows:
+        raise ValueError("windows_to_batch needs at least one window")
+    return collate([preprocess(window_to_raw(w, cfg.seq_len, method=method), cfg) for w in windows])

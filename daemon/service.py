@@ -1,0 +1,682 @@
+"""`sacmf serve`: the daemon's processes, threads and lifecycle (docs/operations.md explains the why).
+
+Layout, so that inference can never starve ingest:
+
+* **ingest process** (multiprocessing *spawn*; its ZeroMQ context is created after the start): the
+  IngestWorker receives, validates, accounts and windows; closed windows and late records go to the
+  main process over a private ZeroMQ PUSH -> PULL ``ipc`` pipe, pickled with protocol 5 and
+  out-of-band buffers, so frame arrays travel as their own ZeroMQ frames without extra copies. Every
+  ``STATS_INTERVAL_S`` it also sends a snapshot of its Prometheus collector. It holds its own GIL, so
+  a long forward pass or a burst of preprocessing in the main process cannot delay a ``recv`` (a
+  delayed ``recv`` on PUB/SUB means silent loss at the high-water mark). It never imports torch.
+* **main process** threads: the *receiver* (pipe -> scheduler queue, late records -> late sinks,
+  snapshots -> the metrics registry), the *inference* thread (scheduler batches -> model -> sinks),
+  the sink supervisors' workers, the admin HTTP server, and the main thread (signals, reloads,
+  lifecycle). PyTorch gets ``torch_threads`` intra-op threads (default cores - 1), leaving a core to
+  ingest.
+
+Lifecycle: load + warm model -> open sinks -> start ingest -> ready. SIGHUP reloads the checkpoint.
+SIGTERM/SIGINT: unready, the ingest process stops taking input, drains what libzmq already holds and
+flushes its open windows (marked flushed), the queue is drained losslessly through the model, sinks are
+closed; all within ``[shutdown] timeout_s``, then exit 0 (1 if the deadline passed). A second signal
+exits at once (status 130).
+
+This module is imported by the spawned ingest process, so it imports nothing heavy (torch, the model)
+at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon import logs
+from daemon.config import Config
+from daemon.scheduler import BatchQueue, QueueClosed
+from ingest.settings import IngestSettings
+from ingest.windowing import Window
+
+log = structlog.get_logger("sacmf.daemon")
+
+STATS_INTERVAL_S = 0.5  # ingest metrics in /metrics are at most this much older than the scrape
+INPUT_DRAIN_S = 0.5  # at shutdown, the ingest process processes what libzmq already holds for this long
+PIPE_HWM = 8  # windows in flight on the pipe: small, so a blocking queue pushes back promptly
+INGEST_START_TIMEOUT_S = 120.0
+
+# pipe message kinds: frame 0 of each multipart message
+WINDOW, LATE, STATS, READY, DONE, ERROR = b"W", b"L", b"S", b"R", b"D", b"E"
+
+
+# ---------------------------------------------------------------- pipe codec
+
+
+def encode_message(kind: bytes, obj: object) -> list[Any]:
+    """``[kind, pickle, *buffers]``: numpy arrays' memory goes out-of-band as separate frames."""
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [kind, body, *(b.raw() for b in buffers)]
+
+
+def decode_message(frames: list[Any]) -> tuple[bytes, object]:
+    """Inverse of ``encode_message``; arrays are views of the received frames (no copy)."""
+
+    def buf(f: Any) -> Any:
+        return f.buffer if isinstance(f, zmq.Frame) else f
+
+    kind = bytes(buf(frames[0]))
+    return kind, pickle.loads(buf(frames[1]), buffers=[buf(f) for f in frames[2:]])
+
+
+@dataclass
+class IngestSnapshot:
+    """What the ingest process reports about itself, periodically and once at the end."""
+
+    families: list  # prometheus Metric families from IngestCollector
+    last_loop_ns: int  # wall clock of the worker's last loop iteration (liveness)
+    windows_sent: int
+    late_sent: int
+    flushed: int = 0  # windows force-fired at shutdown (final snapshot only)
+
+
+# ---------------------------------------------------------------- the ingest process
+
+
+class _PipeSender:
+    """PUSH end of the pipe. Blocks while the main process is behind (lossless), but never forever:
+    if the parent process is gone it gives up and marks itself so the loop can exit."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, parent_pid: int, linger_ms: int) -> None:
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, PIPE_HWM)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.sock.connect(endpoint)
+        self.parent_pid = parent_pid
+        self.parent_gone = False
+
+    def send(self, kind: bytes, obj: object) -> None:
+        frames = encode_message(kind, obj)
+        while not self.parent_gone:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                self.sock.poll(100, zmq.POLLOUT)
+                if os.getppid() != self.parent_pid:
+                    self.parent_gone = True
+
+
+def ingest_process_main(
+    settings: IngestSettings,
+    pipe_endpoint: str,
+    stop: Any,  # multiprocessing Event
+    log_level: str,
+    log_format: str,
+    parent_pid: int,
+    linger_ms: int,
+) -> None:
+    """Entry point of the ingest process (spawned; everything it needs comes in as arguments)."""
+    # The process group gets the operator's Ctrl-C / systemd's SIGTERM too; only the parent decides
+    # when ingest stops, so that it can flush in order.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    logs.configure(log_level, log_format)
+    structlog.contextvars.bind_contextvars(process="ingest")
+    from ingest.metrics import IngestCollector
+    from ingest.subscriber import IngestWorker
+    from sinks.late import late_record
+
+    ctx = zmq.Context()  # created here, after the start: never inherit a context across processes
+    pipe = _PipeSender(ctx, pipe_endpoint, parent_pid, linger_ms)
+    counts = {"windows": 0, "late": 0}
+
+    def on_window(w: Window) -> None:
+        pipe.send(WINDOW, w)
+        counts["windows"] += 1
+
+    def on_late(group: str, sensor: str, item: object, reason: str) -> None:
+        pipe.send(LATE, late_record(group, sensor, item, reason, time.time_ns()))
+        counts["late"] += 1
+
+    try:
+        worker = IngestWorker(settings, on_window, on_late=on_late, context=ctx)
+    except Exception as exc:  # bad endpoint, address in use, ...: tell the parent, which exits
+        pipe.send(ERROR, f"{type(exc).__name__}: {exc}")
+        pipe.sock.close(linger=linger_ms)
+        ctx.term()
+        return
+    collector = IngestCollector([worker])
+
+    def snapshot(flushed: int = 0) -> IngestSnapshot:
+        families = list(collector.collect())
+        return IngestSnapshot(families, worker.last_loop_ns, counts["windows"], counts["late"], flushed)
+
+    pipe.send(READY, {"endpoints": worker.bound_endpoints or list(settings.endpoints), "pid": os.getpid()})
+    last_stats = 0.0
+    while not stop.is_set() and not pipe.parent_gone:
+        worker.poll(50)
+        now = time.monotonic()
+        if now - last_stats >= STATS_INTERVAL_S:
+            last_stats = now
+            pipe.send(STATS, snapshot())
+        if os.getppid() != parent_pid:
+            pipe.parent_gone = True
+    if pipe.parent_gone:
+        log.error("ingest_parent_gone")
+        worker.close()
+        ctx.destroy(linger=0)
+        return
+    # Stop taking input: process what libzmq already received (bounded), then force-fire open windows.
+    deadline = time.monotonic() + INPUT_DRAIN_S
+    while time.monotonic() < deadline and worker.poll(0) > 0:
+        pass
+    flushed = worker.flush()
+    worker.close()
+    pipe.send(DONE, snapshot(len(flushed)))
+    log.info("ingest_stopped", windows=counts["windows"], flushed=len(flushed), late=counts["late"])
+    pipe.sock.close(linger=linger_ms)
+    ctx.term()
+
+
+# ---------------------------------------------------------------- the main process
+
+
+class _SharedRecorder:
+    """The MCAP recorder seen from the late-record supervisor: same file, closed by the results one."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.name = "mcap_late"
+        self._recorder = recorder
+
+    def write(self, record: Any) -> None:
+        self._recorder.write(record)
+
+    def close(self) -> None:
+        pass  # the results supervisor owns the file
+
+
+@dataclass
+class _State:
+    ingest_up: threading.Event = field(default_factory=threading.Event)
+    ingest_error: str | None = None
+    ingest_done: threading.Event = field(default_factory=threading.Event)
+    snapshot: IngestSnapshot | None = None
+    snapshot_at: float | None = None  # monotonic
+    endpoints: list = field(default_factory=list)
+    ticks: dict = field(default_factory=dict)  # loop name -> monotonic time of its last iteration
+    sinks_open: bool = False
+    draining: bool = False
+    windows_received: int = 0
+    results_published: int = 0
+    failed_windows: int = 0
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Service:
+    """One daemon instance; ``run()`` blocks until shutdown and returns the exit status."""
+
+    def __init__(self, cfg: Config) -> None:
+        from daemon.inference import InferenceRunner  # torch: main process only
+        from daemon.metrics import DaemonMetrics
+
+        self.cfg = cfg
+        inf = cfg.inference
+        self.state = _State()
+        self.queue: BatchQueue[Window] = BatchQueue(inf.max_batch_size, inf.max_delay_s, inf.queue_size, inf.policy)
+        self.runner = InferenceRunner(
+            cfg.model.checkpoint,
+            device=cfg.model.device,
+            max_batch_size=inf.max_batch_size,
+            det_threshold=cfg.model.det_threshold,
+            det_max_detections=cfg.model.det_max_detections,
+            resample_method=cfg.model.resample,
+        )
+        self.metrics = DaemonMetrics(
+            latency_buckets_s=inf.latency_buckets_s, max_batch_size=inf.max_batch_size, build=_build_info()
+        )
+        self.metrics.register_state(self._state_for_metrics)
+        self.results = None
+        self.late = None
+        self.admin = None
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self._child_stop = None
+        self._child: Any = None
+        self._pipe_dir: str | None = None
+        self._ctx: zmq.Context | None = None
+        self._threads: list[threading.Thread] = []
+        self._zmq_sink: Any = None
+        self._drain_deadline = float("inf")  # monotonic
+        self._fail_log_at = 0.0
+
+    # ------------------------------------------------------------------ probes and admin
+    def _state_for_metrics(self) -> dict:
+        st = self.state
+        return {
+            "queue_depth": self.queue.depth,
+            "queue_dropped": self.queue.dropped,
+            "reloads": dict(self.runner.reloads),
+            "sinks": [s for s in (self.results, self.late) if s is not None],
+            "snapshot_age_s": None if st.snapshot_at is None else time.monotonic() - st.snapshot_at,
+        }
+
+    def health(self) -> tuple[bool, dict]:
+        """Liveness: every started loop ticked within health_max_age_s, and the ingest process lives."""
+        now = time.monotonic()
+        max_age = self.cfg.admin.health_max_age_s
+        st = self.state
+        ages = {name: round(now - t, 3) for name, t in dict(st.ticks).items()}
+        if st.draining:  # loops end on purpose while draining; the shutdown deadline bounds it
+            return True, {"loop_age_s": ages, "stale": [], "draining": True}
+        if self._child is not None and st.snapshot_at is not None:
+            ages["ingest"] = round(now - st.snapshot_at, 3)
+        # Waiting on a full lossless queue is backpressure, not a hang: the receiver and the ingest
+        # process may then be silent as long as the inference loop keeps ticking.
+        backpressure = self.queue.policy == "block" and self.queue.depth >= self.queue.capacity
+        exempt = {"receiver", "ingest"} if backpressure else set()
+        stale = [name for name, age in ages.items() if age > max_age and name not in exempt]
+        if self._child is not None and not self._child.is_alive():
+            stale.append("ingest_process")
+        return not stale, {"loop_age_s": ages, "stale": stale, "draining": st.draining}
+
+    def ready(self) -> tuple[bool, dict]:
+        st = self.state
+        detail = {
+            "model_warm": self.runner.warm,
+            "sinks_open": st.sinks_open,
+            "ingest_up": st.ingest_up.is_set() and st.ingest_error is None,
+            "draining": st.draining,
+        }
+        ok = detail["model_warm"] and detail["sinks_open"] and detail["ingest_up"] and not st.draining
+        if self.runner.warm:
+            detail["model_version"] = self.runner.model_version
+        return ok, detail
+
+    def reload(self) -> tuple[int, dict]:
+        """Reload the configured checkpoint (SIGHUP or POST /reload); the old model serves on failure."""
+        if self.state.draining:
+            return 503, {"result": "refused", "error": "draining"}
+        outcome = self.runner.reload()
+        if outcome.ok:
+            self.metrics.set_model(outcome.version, outcome.sha256)
+            return 200, {"result": "success", "version": outcome.version, "sha256": outcome.sha256}
+        return 422, {"result": "failure", "error": outcome.error[:1000], "version": outcome.version}
+
+    # ------------------------------------------------------------------ lifecycle
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: object) -> None:
+            if self.stop.is_set():  # second signal: leave now
+                if self._child is not None and self._child.is_alive():
+                    self._child.kill()
+                os.write(2, b'{"event": "shutdown_forced", "level": "error"}\n')
+                os._exit(130)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_requested.set())
+
+    def run(self) -> int:
+        import torch
+
+        from daemon.admin import AdminHandlers, AdminServer
+
+        self._install_signals()
+        threads = self.cfg.model.torch_threads or max(1, cpu_count() - 1)
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):  # settable once per process, before any parallel work
+            torch.set_num_interop_threads(1)
+        a = self.cfg.admin
+        try:
+            self.admin = AdminServer(
+                a.host,
+                a.port,
+                AdminHandlers(self.metrics.exposition, self.health, self.ready, self.reload),
+                token=a.token,
+            ).start()
+        except OSError as exc:
+            log.error("admin_listen_failed", listen=f"{a.host}:{a.port}", error=str(exc))
+            return 2
+        host, port = self.admin.address
+        log.info("admin_listening", url=f"http://{host}:{port}", host=host, port=port)
+        try:
+            return self._run_started(threads)
+        finally:
+            self.admin.stop()
+            if self._pipe_dir:
+                shutil.rmtree(self._pipe_dir, ignore_errors=True)
+
+    def _run_started(self, threads: int) -> int:
+        from daemon.inference import CheckpointError
+
+        # 1. model
+        try:
+            loaded = self.runner.load()
+        except CheckpointError as exc:
+            log.error("model_load_failed", error=str(exc))
+            return 2
+        self.metrics.set_model(loaded.version, loaded.sha256)
+        if self.stop.is_set():
+            return 0
+        # 2. sinks
+        try:
+            self._open_sinks()
+        except (OSError, zmq.ZMQError, ValueError) as exc:
+            log.error("sink_open_failed", error=str(exc))
+            self._close_sinks(5.0)
+            return 2
+        self.state.sinks_open = True
+        # 3. ingest
+        if not self._start_ingest() and not self.stop.is_set():
+            self._shutdown(time.monotonic() + self.cfg.shutdown_timeout_s)
+            return 2
+        # 4. ready (unless a signal arrived while starting: then straight to the drain)
+        if not self.stop.is_set():
+            self.metrics.ready.set(1)
+            log.info(
+                "ready",
+                model_version=loaded.version,
+                torch_threads=threads,
+                ingest=self.state.endpoints,
+                results=getattr(self._zmq_sink, "endpoint", None),
+                policy=self.queue.policy,
+            )
+        status = 0
+        while not self.stop.wait(0.2):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if self.state.ingest_done.is_set():
+                log.error("ingest_process_died", error=self.state.ingest_error)
+                status = 1
+                break
+            if not all(t.is_alive() for t in self._threads):
+                log.error("daemon_thread_died", threads=[t.name for t in self._threads if not t.is_alive()])
+                status = 1
+                break
+        log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout_s)
+        clean = self._shutdown(time.monotonic() + self.cfg.shutdown_timeout_s)
+        return status if clean else 1
+
+    def _open_sinks(self) -> None:
+        from sinks.jsonl import JsonlSink
+        from sinks.late import LateSink
+        from sinks.mcap_recorder import McapRecorder
+        from sinks.supervisor import SinkSupervisor
+        from sinks.zmq_pub import ZmqResultPublisher
+
+        s = self.cfg.sinks
+        results: list[Any] = []
+        late: list[Any] = []
+        self._zmq_sink = None
+        try:
+            if s.zmq_endpoint:
+                self._zmq_sink = ZmqResultPublisher(s.zmq_endpoint, bind=s.zmq_bind, sndhwm=s.zmq_sndhwm)
+                results.append(self._zmq_sink)
+            if s.jsonl_path:
+                results.append(
+                    JsonlSink(s.jsonl_path, max_bytes=s.jsonl_max_bytes, backups=s.jsonl_backups, fsync=s.fsync)
+                )
+            if s.mcap_path:
+                recorder = McapRecorder(s.mcap_path)
+                results.append(recorder)
+                late.append(_SharedRecorder(recorder))
+            if s.late_path:
+                late.append(LateSink(s.late_path, max_bytes=s.jsonl_max_bytes, backups=s.jsonl_backups, fsync=s.fsync))
+        except BaseException:
+            for sink in [*late, *results]:
+                sink.close()
+            raise
+        if not results:
+            log.warning("no_result_sinks", hint="set [sinks] zmq_endpoint, jsonl_path or mcap_path")
+        self.results = SinkSupervisor(results, queue_size=s.queue_size)
+        self.late = SinkSupervisor(late, queue_size=s.queue_size)
+
+    def _close_sinks(self, timeout: float) -> bool:
+        clean = True
+        deadline = time.monotonic() + timeout
+        for sup in (self.late, self.results):  # late first: it shares the MCAP file the results one closes
+            if sup is not None:
+                clean &= sup.close(max(0.0, deadline - time.monotonic()))
+        return clean
+
+    def _start_ingest(self) -> bool:
+        self._pipe_dir = tempfile.mkdtemp(prefix="sacmf-")  # mode 0700: only this user can reach the pipe
+        endpoint = f"ipc://{self._pipe_dir}/ingest.ipc"
+        self._ctx = zmq.Context()
+        pull = self._ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, PIPE_HWM)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(endpoint)
+        spawn = mp.get_context("spawn")
+        self._child_stop = spawn.Event()
+        linger_ms = int(self.cfg.shutdown_timeout_s * 1000)
+        self._child = spawn.Process(
+            target=ingest_process_main,
+            args=(
+                self.cfg.ingest,
+                endpoint,
+                self._child_stop,
+                self.cfg.log_level,
+                self.cfg.log_format,
+                os.getpid(),
+                linger_ms,
+            ),
+            name="sacmf-ingest",
+        )
+        self._child.start()
+        self._threads = [
+            threading.Thread(target=self._receiver_loop, args=(pull,), name="receiver", daemon=True),
+            threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        deadline = time.monotonic() + INGEST_START_TIMEOUT_S
+        while not self.state.ingest_up.wait(0.1):
+            if self.stop.is_set() or time.monotonic() > deadline or not self._child.is_alive():
+                break
+        if self.state.ingest_error or not self.state.ingest_up.is_set():
+            if not self.stop.is_set():
+                log.error("ingest_start_failed", error=self.state.ingest_error or "the ingest process did not start")
+            return False
+        return True
+
+    def _shutdown(self, deadline: float) -> bool:
+        """Unready -> stop input and flush (ingest) -> drain the queue through the model -> close sinks."""
+        st = self.state
+        self._drain_deadline = deadline
+        st.draining = True
+        self.metrics.ready.set(0)
+        self.queue.set_policy("block")  # from here on nothing that ingest produced may be dropped
+        if self._child_stop is not None:
+            self._child_stop.set()
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        for t in self._threads:
+            t.join(left())
+        threads_done = not any(t.is_alive() for t in self._threads)
+        sinks_clean = self._close_sinks(left())
+        child_ok = True
+        if self._child is not None:
+            self._child.join(left())
+            if self._child.is_alive():
+                self._child.kill()
+                self._child.join(5)
+                child_ok = False
+            elif self._child.exitcode != 0:
+                child_ok = False
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        clean = threads_done and sinks_clean and child_ok and time.monotonic() <= deadline
+        snap = st.snapshot
+        log.info(
+            "shutdown_complete",
+            clean=clean,
+            windows_emitted=snap.windows_sent if snap else 0,
+            windows_flushed=snap.flushed if snap else 0,
+            windows_received=st.windows_received,
+            windows_dropped=self.queue.dropped,
+            windows_failed=st.failed_windows,
+            results_published=st.results_published,
+            sinks_written=dict(self.results.written) if self.results else {},
+        )
+        return clean
+
+    # ------------------------------------------------------------------ loops
+    def _receiver_loop(self, pull: zmq.Socket) -> None:
+        st = self.state
+        try:
+            while True:
+                st.ticks["receiver"] = time.monotonic()
+                if pull.poll(200, zmq.POLLIN):
+                    kind, obj = decode_message(pull.recv_multipart(copy=False))
+                    if self._dispatch(kind, obj):
+                        break
+                elif not self._child.is_alive():
+                    if st.ingest_error is None:
+                        st.ingest_error = f"ingest process exited with status {self._child.exitcode}"
+                    break
+        except Exception:
+            log.exception("receiver_failed")
+        finally:
+            st.ingest_done.set()
+            st.ingest_up.set()  # wake a start-up waiter
+            pull.close(linger=0)
+            self.queue.close()
+
+    def _dispatch(self, kind: bytes, obj: Any) -> bool:
+        """Route one pipe message; True after the last one (DONE or ERROR)."""
+        st = self.state
+        if kind == WINDOW:
+            st.windows_received += 1
+            self.metrics.windows_received.inc()
+            timeout = None if not st.draining else max(0.0, self._drain_deadline - time.monotonic())
+            try:
+                if not self.queue.put(obj, timeout=timeout):
+                    log.error("window_lost_at_shutdown", group=obj.group, start_ns=obj.start_ns)
+            except QueueClosed:
+                log.error("window_lost_at_shutdown", group=obj.group, start_ns=obj.start_ns)
+        elif kind == LATE:
+            self.metrics.late_records.inc()
+            if self.late is not None:
+                self.late.submit(obj)
+        elif kind == STATS:
+            self._take_snapshot(obj)
+        elif kind == READY:
+            st.endpoints = obj["endpoints"]
+            st.ingest_up.set()
+        elif kind == DONE:
+            self._take_snapshot(obj)
+            return True
+        elif kind == ERROR:
+            st.ingest_error = str(obj)
+            return True
+        else:
+            log.error("pipe_unknown_message", kind=kind[:8].hex())
+        return False
+
+    def _take_snapshot(self, snap: IngestSnapshot) -> None:
+        self.state.snapshot = snap
+        self.state.snapshot_at = time.monotonic()
+        self.metrics.ingest.update(snap.families)
+
+    def _inference_loop(self) -> None:
+        st = self.state
+        try:
+            while True:
+                st.ticks["inference"] = time.monotonic()
+                batch = self.queue.next_batch(timeout=0.25)
+                if batch is None:
+                    break
+                if batch:
+                    self._infer(batch)
+        except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
+            log.exception("inference_loop_failed")
+
+    def _infer(self, batch: list) -> None:
+        windows = [q.item for q in batch]
+        started = time.monotonic()
+        waits = [started - q.enqueued_s for q in batch]
+        try:
+            records = list(self.runner.run(windows))
+        except Exception as exc:
+            records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
+        self.metrics.observe_batch(len(windows), time.monotonic() - started, waits)
+        for record in records:
+            if record is None:
+                continue
+            record.latency_s = (time.time_ns() - record.end_ns) / 1e9  # as it leaves for the sinks
+            self.results.submit(record)
+            self.state.results_published += 1
+            self.metrics.observe_published(record)
+
+    def _isolate(self, windows: list[Window], exc: Exception) -> list:
+        """A batch failed: retry each window alone so one bad window costs only itself."""
+        out = []
+        for w in windows:
+            try:
+                out.extend(self.runner.run([w]))
+            except Exception as one:
+                out.extend(self._failed(w, one))
+        return out
+
+    def _failed(self, window: Window, exc: Exception) -> list:
+        self.state.failed_windows += 1
+        self.metrics.requests.labels("failure").inc()
+        now = time.monotonic()
+        if now - self._fail_log_at >= 10.0:  # bounded: a broken model must not flood the log
+            self._fail_log_at = now
+            log.error(
+                "inference_failed",
+                group=window.group,
+                start_ns=window.start_ns,
+                error=repr(exc)[:300],
+                failed_total=self.state.failed_windows,
+            )
+        return []
+
+
+def _build_info() -> dict[str, str]:
+    import platform
+
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        own = version("sacmf")
+    except Exception:
+        own = "unknown"
+    return {"version": own, "python": platform.python_version(), "torch": torch.__version__}
+
+
+def serve(cfg: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit status."""
+    ckpt = cfg.model.checkpoint
+    if not ckpt.is_file():  # checked before torch is imported: a clear, fast failure
+        print(
+            f"error: no model checkpoint at {ckpt} ([model] checkpoint in {cfg.source}).\n"
+            "Train one and save it with daemon.inference.save_checkpoint (see docs/operations.md, "
+            '"Model checkpoints"), or point [model] checkpoint at an existing checkpoint file.',
+            file=sys.stderr,
+        )
+        return 2
+    structlog.contextvars.bind_contextvars(process="main")
+    return Service(cfg).run()

@@ -1,0 +1,623 @@
+"""The daemon core for real: adapter, inference runner and hot reload, pipe codec, admin HTTP, and
+`sacmf serve` as a subprocess fed by the simulator over ZeroMQ.
+
+Until a trained checkpoint exists, a tiny-backbone SA-CMF is built here, saved with
+``daemon.inference.save_checkpoint`` to a temp file and served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon import simulate
+from daemon.adapt import pick_frame, window_to_raw, windows_to_batch
+from daemon.admin import AdminHandlers, AdminServer, parse_listen
+from daemon.inference import CheckpointError, InferenceRunner, load_checkpoint, save_checkpoint
+from daemon.service import WINDOW, decode_message, encode_message
+from daemon.simulate import SimSettings
+from ingest.publisher import SensorPublisher
+from ingest.resample import resample
+from ingest.windowing import Frame, Samples, Window
+from model.sacmf import SACMFConfig, build_model
+from sinks.jsonl import read_jsonl
+from sinks.mcap_recorder import read_recording
+from sinks.record import ResultRecord, from_wire, to_wire
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEC = 1_000_000_000
+T0 = 1_800_000_000 * SEC
+TINY = SACMFConfig(
+    backbone="tiny",
+    d_model=16,
+    heads=2,
+    img_layers=1,
+    seq_layers=1,
+    frame_size=32,
+    token_grid=4,
+    seq_len=64,
+    patch_len=16,
+    det_channels=8,
+    dropout=0.0,
+)
+
+
+def tiny_checkpoint(path: Path, version: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    return save_checkpoint(build_model(TINY), path, version)
+
+
+def make_window(
+    start_ns: int = T0,
+    *,
+    roles: tuple[str, ...] = ("image_a", "image_b", "seq_a", "seq_b"),
+    shape: tuple[int, ...] = (48, 64),
+    completeness: str = "full",
+    seed: int = 0,
+) -> Window:
+    """A 1 s window: 5 frames per camera (a bright source on a noisy sky), 1 kHz radiation samples."""
+    rng = np.random.default_rng(seed)
+    frames: dict[str, list[Frame]] = {"image_a": [], "image_b": []}
+    for role in ("image_a", "image_b"):
+        if role in roles:
+            for k in range(5):
+                img = rng.normal(100, 5, shape)
+                img[10:13, 20:23] += 3000
+                frames[role].append(Frame(f"cam_{role}", k, start_ns + k * SEC // 5, 20_000_000, img.astype(np.uint16)))
+    samples = {}
+    for role in ("seq_a", "seq_b"):
+        if role in roles:
+            values = (1 + 0.1 * rng.standard_normal(1000)).astype(np.float32)
+            samples[role] = Samples(None, values, 1_000_000, t0=start_ns)
+        else:
+            samples[role] = Samples.empty()
+    presence = {r: r in roles for r in ("image_a", "image_b", "seq_a", "seq_b")}
+    return Window("g1", start_ns, start_ns + SEC, frames, samples, presence, completeness, "watermark")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    tiny_checkpoint(path, "tiny-v1")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Window -> model input
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_frame_nearest_the_window_centre_is_picked():
+    def frame(t_s: float, exp_s: float = 0.1, seq: int = 0) -> Frame:
+        return Frame("c", seq, T0 + int(t_s * SEC), int(exp_s * SEC), np.zeros((2, 2), np.uint16))
+
+    frames = [frame(0.1), frame(0.45), frame(0.8)]  # exposure mid-points 0.15, 0.5, 0.85 s
+    assert pick_frame(frames, T0, T0 + SEC) is frames[1]
+    # the exposure mid-point counts, not the start: a long exposure starting early can be the centre one
+    frames = [frame(0.3, exp_s=0.4, seq=1), frame(0.55, exp_s=0.0, seq=2)]  # mid-points 0.5 and 0.55
+    assert pick_frame(frames, T0, T0 + SEC).seq == 1
+    tie = [frame(0.4, 0.0, 1), frame(0.6, 0.0, 2)]  # equidistant: the earlier one
+    assert pick_frame(tie, T0, T0 + SEC).seq == 1
+    assert pick_frame([], T0, T0 + SEC) is None
+
+
+def test_window_to_raw_resamples_with_validity_masks_and_keeps_presence():
+    t = T0 + np.arange(0, SEC // 2, 1_000_000, dtype=np.int64)  # seq_a: samples only in the first half
+    values = np.arange(t.shape[0], dtype=np.float32)
+    rgb = np.stack([np.full((4, 6), v, np.uint8) for v in (10, 20, 60)], axis=2)
+    w = Window(
+        "g1",
+        T0,
+        T0 + SEC,
+        {"image_a": [Frame("cam", 0, T0 + SEC // 2, 0, rgb)], "image_b": []},
+        {"seq_a": Samples(t, values, 1_000_000), "seq_b": Samples.empty()},
+        {"image_a": True, "image_b": False, "seq_a": True},  # seq_b not configured for this group
+        "partial",
+        "watermark",
+    )
+    raw = window_to_raw(w, 64)
+    assert raw.presence == {"image_a": True, "image_b": False, "seq_a": True, "seq_b": False}
+    assert raw.image_a.shape == (4, 6) and np.allclose(raw.image_a, 30.0)  # channels averaged
+    assert raw.image_b is None and raw.seq_b is None
+    assert raw.seq_a_valid[:32].all() and not raw.seq_a_valid[32:].any()  # the gap is "no data", not zeros
+    # bin k covers [k/64 s, (k+1)/64 s): the mean of the sample indices falling in it, computed directly
+    bins = ((t - T0) * 64) // SEC
+    expected = np.array([values[bins == k].mean() for k in range(32)])
+    assert np.allclose(raw.seq_a[:32], expected)
+    ref_values, ref_valid = resample(w.samples["seq_a"], T0, T0 + SEC, 64)
+    assert np.array_equal(raw.seq_a, ref_values) and np.array_equal(raw.seq_a_valid, ref_valid)
+
+
+def test_windows_to_batch_fits_the_model_contract():
+    windows = [make_window(seed=1), make_window(T0 + SEC, roles=("seq_a",), seed=2)]
+    batch = windows_to_batch(windows, TINY.preprocess_config())
+    s, n = TINY.frame_size, TINY.seq_len
+    assert batch["image_a"].shape == (2, 1, s, s) and batch["seq_b"].shape == (2, n)
+    assert batch["presence"].tolist() == [[True] * 4, [False, False, True, False]]
+    assert float(batch["scale_a"][0]) == pytest.approx(s / 64)  # 48x64 frame -> longest side 64
+    with pytest.raises(ValueError):
+        windows_to_batch([], TINY.preprocess_config())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference runner and hot reload
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runner(checkpoint: Path, tmp_path: Path) -> InferenceRunner:
+    path = tmp_path / "served.pt"
+    shutil.copy(checkpoint, path)
+    r = InferenceRunner(path, max_batch_size=3, det_threshold=0.0, det_max_detections=3)
+    r.load()
+    return r
+
+
+def test_runner_turns_windows_into_schema_valid_records(runner: InferenceRunner):
+    windows = [
+        make_window(seed=1),
+        make_window(T0 + SEC, roles=("seq_a", "seq_b"), seed=2),
+        make_window(T0 + 2 * SEC, completeness="flushed", seed=3),
+    ]
+    records = runner.run(windows)
+    assert [r.start_ns for r in records] == [w.start_ns for w in windows]
+    for rec, w in zip(records, windows, strict=True):
+        assert from_wire(msgpack.unpackb(msgpack.packb(to_wire(rec)))) == rec
+        assert rec.class_names == list(TINY.class_names) and rec.model_version == "tiny-v1"
+        assert sum(rec.target_probs) == pytest.approx(1.0, abs=1e-6)
+        assert rec.presence == w.presence and rec.flushed == (w.completeness == "flushed")
+    full, no_image = records[0], records[1]
+    assert full.fusion.image + full.fusion.sequence == pytest.approx(1.0, abs=1e-6)
+    assert no_image.fusion.image == 0.0 and no_image.fusion.sequence == pytest.approx(1.0)
+    assert no_image.detections == [] and set(no_image.fusion.tokens) == {"sequence"}
+    assert full.fusion.tokens["image"].n == 2 * TINY.token_grid**2
+    assert len(full.detections) == 3  # threshold 0: the top 3 peaks
+    for det in full.detections:
+        x0, y0, x1, y1 = det.box
+        assert 0 <= x0 <= x1 <= 64 and 0 <= y0 <= y1 <= 48  # Image-A pixels of a 48x64 frame
+        assert sum(det.class_probs) == pytest.approx(1.0, abs=1e-6)
+    # eval mode: a window's result does not depend on its batch-mates
+    alone = runner.run([windows[2]])[0]
+    assert np.allclose(alone.target_probs, records[2].target_probs, atol=1e-5)
+
+
+def _tampered(src: Path, dst: Path, edit) -> Path:
+    ckpt = torch.load(src, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def _set_first(ckpt: dict, value) -> None:
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = value(ckpt["state_dict"][key])
+
+
+BAD_CHECKPOINTS = {
+    "garbage": (lambda src, dst: dst.write_bytes(b"not a checkpoint" * 10), "not a loadable checkpoint"),
+    "truncated": (lambda src, dst: dst.write_bytes(src.read_bytes()[:5000]), "not a loadable checkpoint"),
+    "missing key": (lambda src, dst: _tampered(src, dst, lambda c: c.pop("class_names")), "lacks ['class_names']"),
+    "wrong shape": (
+        lambda src, dst: _tampered(src, dst, lambda c: _set_first(c, lambda t: torch.zeros(*t.shape, 2))),
+        "shapes do not fit",
+    ),
+    "missing tensor": (
+        lambda src, dst: _tampered(src, dst, lambda c: c["state_dict"].pop("head.1.weight")),
+        "missing ['head.1.weight']",
+    ),
+    "nan weights": (
+        lambda src, dst: _tampered(src, dst, lambda c: _set_first(c, lambda t: torch.full_like(t, float("nan")))),
+        "non-finite",
+    ),
+    "unknown config": (
+        lambda src, dst: _tampered(src, dst, lambda c: c["config"].update(wings=2)),
+        "unknown key 'wings'",
+    ),
+    "not a file": (lambda src, dst: dst.unlink(), "cannot read checkpoint"),
+}
+
+
+def test_a_bad_checkpoint_is_refused_and_the_old_model_keeps_serving(runner: InferenceRunner, checkpoint: Path):
+    before = runner.run([make_window()])[0]
+    for i, (name, (write, message)) in enumerate(BAD_CHECKPOINTS.items(), start=1):
+        write(checkpoint, runner.checkpoint)
+        outcome = runner.reload()
+        assert not outcome.ok, name
+        assert message in outcome.error, (name, outcome.error)
+        assert runner.reloads == {"success": 0, "failure": i}
+        assert runner.model_version == "tiny-v1" and outcome.version == "tiny-v1"
+        again = runner.run([make_window()])[0]
+        assert again.target_probs == before.target_probs and again.model_version == "tiny-v1"
+    # a valid new checkpoint swaps; records name the new model
+    sha = tiny_checkpoint(runner.checkpoint, "tiny-v2", seed=7)
+    outcome = runner.reload()
+    assert outcome.ok and outcome.version == "tiny-v2" and outcome.sha256 == sha
+    assert runner.model_sha256 == hashlib.sha256(runner.checkpoint.read_bytes()).hexdigest()
+    after = runner.run([make_window()])[0]
+    assert after.model_version == "tiny-v2" and after.target_probs != before.target_probs
+    assert runner.reloads == {"success": 1, "failure": len(BAD_CHECKPOINTS)}
+
+
+def test_load_checkpoint_without_a_version_falls_back_to_the_sha256_prefix(checkpoint: Path, tmp_path: Path):
+    path = _tampered(checkpoint, tmp_path / "nov.pt", lambda c: c.update(version=""))
+    loaded = load_checkpoint(path)
+    assert loaded.version == f"sha256:{loaded.sha256[:12]}"
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(_tampered(checkpoint, tmp_path / "fmt.pt", lambda c: c.update(format="other/9")))
+
+
+def test_reload_swaps_only_between_batches(runner: InferenceRunner):
+    """While a batch holds the model (the runner's batch lock), a validated reload waits to swap."""
+    tiny_checkpoint(runner.checkpoint, "tiny-v3", seed=3)
+    done = threading.Event()
+    with runner._lock:  # a batch in flight
+        t = threading.Thread(target=lambda: (runner.reload(), done.set()))
+        t.start()
+        time.sleep(1.0)  # long enough to load and warm the tiny model
+        assert not done.is_set() and runner.model_version == "tiny-v1"
+    t.join(30)
+    assert done.is_set() and runner.model_version == "tiny-v3"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ingest -> main pipe
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_pipe_messages_carry_windows_with_out_of_band_frames(ctx, tmp_path: Path):
+    ep = f"ipc:///tmp/sacmf-pipe-{os.getpid()}.ipc"
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(ep)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(ep)
+    w = make_window(shape=(256, 256), seed=5)
+    push.send_multipart(encode_message(WINDOW, w), copy=False)
+    assert pull.poll(5000)
+    frames = pull.recv_multipart(copy=False)
+    kind, got = decode_message(frames)
+    push.close(0)
+    pull.close(0)
+    assert kind == WINDOW and isinstance(got, Window)
+    assert len(frames) > 2 + 10  # 10 images travel as their own frames, outside the pickle
+    assert len(frames[1].bytes) < 10_000  # the pickle itself holds no pixel data
+    a, b = w.frames["image_a"][2].image, got.frames["image_a"][2].image
+    assert np.array_equal(a, b) and not b.flags.owndata
+    assert any(np.shares_memory(b, np.frombuffer(f.buffer, np.uint8)) for f in frames[2:])  # a view, not a copy
+    assert np.array_equal(got.samples["seq_a"].t_ns, w.samples["seq_a"].t_ns)
+    assert (got.group, got.start_ns, got.presence, got.completeness) == (w.group, w.start_ns, w.presence, "full")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Admin HTTP
+# ----------------------------------------------------------------------------------------------------
+
+
+def http(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _admin(host: str, token: str = "") -> tuple[AdminServer, list]:
+    calls: list = []
+    handlers = AdminHandlers(
+        metrics=lambda accept: (b"# nothing\n", "text/plain"),
+        health=lambda: (True, {}),
+        ready=lambda: (False, {"draining": True}),
+        reload=lambda: (calls.append(1), (200, {"result": "success"}))[1],
+    )
+    return AdminServer(host, 0, handlers, token=token).start(), calls
+
+
+def test_admin_reload_needs_the_token_except_on_loopback_without_one():
+    server, calls = _admin("127.0.0.1")
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert server.loopback
+        assert http(f"{base}/reload", "POST")[0] == 200  # loopback, no token configured: like SIGHUP
+        assert http(f"{base}/reload")[0] == 405
+        assert http(f"{base}/nope")[0] == 404
+        assert http(f"{base}/healthz")[0] == 200
+        status, body = http(f"{base}/readyz")
+        assert status == 503 and json.loads(body) == {"status": "not_ready", "draining": True}
+    finally:
+        server.stop()
+    assert len(calls) == 1
+
+    server, calls = _admin("127.0.0.1", token="s3cret")
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert http(f"{base}/reload", "POST")[0] == 403
+        assert http(f"{base}/reload", "POST", {"Authorization": "Bearer wrong"})[0] == 403
+        assert http(f"{base}/reload", "POST", {"Authorization": "Basic s3cret"})[0] == 403
+        assert http(f"{base}/reload", "POST", {"Authorization": "Bearer s3cret"})[0] == 200
+    finally:
+        server.stop()
+    assert len(calls) == 1
+
+    server, calls = _admin("0.0.0.0")  # beyond loopback without a token: reload over HTTP is off
+    try:
+        assert not server.loopback
+        assert http(f"http://127.0.0.1:{server.address[1]}/reload", "POST")[0] == 403
+    finally:
+        server.stop()
+    assert calls == []
+
+
+def test_parse_listen():
+    assert parse_listen("127.0.0.1:9102") == ("127.0.0.1", 9102)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    for bad in ("9102", "host:", "host:x", "h:70000"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# `sacmf serve` end to end
+# ----------------------------------------------------------------------------------------------------
+
+
+def sacmf(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_serve_without_a_checkpoint_fails_fast_and_says_how_to_get_one(tmp_path: Path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        (ROOT / "config.toml").read_text().replace('"model/weights/default.pt"', f'"{tmp_path / "none.pt"}"')
+    )
+    proc = sacmf("serve", str(cfg))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert f"no model checkpoint at {tmp_path / 'none.pt'}" in err and "save_checkpoint" in err
+
+
+class Daemon:
+    """`sacmf serve` in a subprocess, the simulator feeding it, and a SUB collecting its results."""
+
+    def __init__(self, tmp: Path, checkpoint: Path) -> None:
+        self.tmp = tmp
+        self.checkpoint = tmp / "served.pt"
+        shutil.copy(checkpoint, self.checkpoint)
+        self.ctx = zmq.Context()
+        sensors = {"cam_vis": "img", "cam_ir": "img", "rad_vis": "rad", "rad_ir": "rad"}
+        self.pub = SensorPublisher("tcp://127.0.0.1:*", "g1", sensors, context=self.ctx)
+        self.sim_stop = threading.Event()
+        sim = SimSettings(frame_rate_hz=10, sample_rate_hz=500, chunk_samples=50, height=48, width=64)
+        self.sim = threading.Thread(target=simulate.run, args=(self.pub, sim, self.sim_stop), daemon=True)
+        self.results_ep = f"ipc:///tmp/sacmf-res-{os.getpid()}.ipc"
+        self.jsonl, self.late, self.mcap = tmp / "results.jsonl", tmp / "late.jsonl", tmp / "rec.mcap"
+        self.token = "s3cret"
+        config = f"""
+[ingest]
+endpoints = ["{self.pub.endpoints[0]}"]
+[window]
+size_ms = 500
+allowed_lateness_ms = 100
+[groups.g1]
+sensors = {{ cam_vis = "image_a", cam_ir = "image_b", rad_vis = "seq_a", rad_ir = "seq_b" }}
+[logging]
+format = "json"
+[model]
+checkpoint = "{self.checkpoint}"
+torch_threads = 1
+det_threshold = 0.0
+det_max_detections = 3
+[inference]
+max_batch_size = 4
+max_delay_ms = 20
+latency_buckets_s = [0.1, 0.25, 0.5, 1.0, 2.5]
+[sinks]
+zmq_endpoint = "{self.results_ep}"
+jsonl_path = "{self.jsonl}"
+late_path = "{self.late}"
+mcap_path = "{self.mcap}"
+[admin]
+listen = "127.0.0.1:0"
+token = "{self.token}"
+[shutdown]
+timeout_s = 30
+"""
+        self.config = tmp / "serve.toml"
+        self.config.write_text(config)
+        self.results: list[dict] = []
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"det/")
+        self.sub.connect(self.results_ep)  # before the daemon binds: ZeroMQ reconnects until it does
+        self.sub_stop = threading.Event()
+        self.sub_thread = threading.Thread(target=self._collect, daemon=True)
+        self.events: list[dict] = []
+        self.proc: subprocess.Popen | None = None
+
+    def _collect(self) -> None:
+        while not self.sub_stop.is_set():
+            if self.sub.poll(50):
+                topic, body = self.sub.recv_multipart()
+                assert topic == b"det/g1"
+                self.results.append(msgpack.unpackb(body))
+
+    def _read_logs(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                self.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                self.events.append({"event": "_text", "line": line})
+
+    def event(self, name: str, timeout: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events if e.get("event") == name]
+            if found:
+                return found[0]
+            assert self.proc is not None
+            if self.proc.poll() is not None and not found:
+                time.sleep(0.2)
+                found = [e for e in self.events if e.get("event") == name]
+                if found:
+                    return found[0]
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {name!r}: {self.events[-5:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {name!r} log event within {timeout} s; last: {self.events[-5:]}")
+
+    def start(self) -> Daemon:
+        self.sub_thread.start()
+        self.proc = sacmf("serve", str(self.config))
+        threading.Thread(target=self._read_logs, daemon=True).start()
+        self.sim.start()
+        self.admin = f"http://127.0.0.1:{self.event('admin_listening')['port']}"
+        self.event("ready")
+        return self
+
+    def wait_results(self, pred, n: int = 1, timeout: float = 60.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        start = len(self.results)
+        while time.monotonic() < deadline:
+            got = [r for r in self.results[start:] if pred(r)]
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {n} matching results within {timeout} s")
+
+    def metrics(self) -> dict[str, dict]:
+        status, text = http(f"{self.admin}/metrics")
+        assert status == 200
+        out: dict[str, dict] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.sim_stop.set()
+        self.sim.join(10)
+        self.sub_stop.set()
+        self.sub_thread.join(5)
+        self.sub.close(0)
+        self.pub.close()
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, checkpoint: Path):
+    d = Daemon(tmp_path_factory.mktemp("serve"), checkpoint)
+    try:
+        yield d.start()
+    finally:
+        d.close()
+
+
+def test_serve_publishes_schema_valid_results(daemon: Daemon):
+    got = daemon.wait_results(lambda r: True, n=3)
+    for wire in got:
+        rec = from_wire(wire)
+        assert isinstance(rec, ResultRecord)
+        assert rec.group == "g1" and rec.end_ns - rec.start_ns == SEC // 2 and rec.start_ns % (SEC // 2) == 0
+        assert rec.model_version == "tiny-v1" and rec.class_names == list(TINY.class_names)
+        assert set(rec.presence) == {"image_a", "image_b", "seq_a", "seq_b"}
+        assert 0.0 < rec.latency_s < 30.0  # window end -> published, wall clock
+        for det in rec.detections:  # the simulator's frames are 48x64
+            assert 0 <= det.box[0] <= det.box[2] <= 64 and 0 <= det.box[1] <= det.box[3] <= 48
+    assert any(r["presence"] == dict.fromkeys(("image_a", "image_b", "seq_a", "seq_b"), True) for r in got)
+
+
+def test_metrics_health_and_readiness_answer(daemon: Daemon):
+    daemon.wait_results(lambda r: True, n=1)
+    status, body = http(f"{daemon.admin}/healthz")
+    assert status == 200, body
+    assert set(json.loads(body)["loop_age_s"]) >= {"receiver", "inference", "ingest"}
+    status, body = http(f"{daemon.admin}/readyz")
+    assert status == 200 and json.loads(body)["model_version"] == "tiny-v1"
+    m = daemon.metrics()
+    assert not [name for name in m if name.endswith("_created")]
+    assert m["sacmf_ready"][()] == 1.0
+    ok = m["sacmf_inference_requests_total"][(("result", "success"),)]
+    assert ok >= 1 and m["sacmf_window_latency_seconds_count"][()] == ok
+    assert m["sacmf_inference_batch_size_count"][()] >= 1
+    assert (("le", "0.25"),) in m["sacmf_window_latency_seconds_bucket"]  # the configured SLO edges
+    assert m["sacmf_model_info"] == {(("sha256", load_checkpoint(daemon.checkpoint).sha256), ("version", "tiny-v1")): 1}
+    # ingest metrics come from the ingest process through the same registry
+    assert m["sacmf_ingest_messages_total"][(("group", "g1"), ("kind", "img"), ("sensor", "cam_vis"))] > 0
+    assert sum(m["sacmf_windows_emitted_total"].values()) >= 1
+    assert m["sacmf_inference_windows_received_total"][()] >= 1
+    assert m["sacmf_sink_errors_total"][(("sink", "zmq"),)] == 0
+    weights = m["sacmf_fusion_modality_weight"]
+    assert weights[(("group", "g1"), ("modality", "image"))] + weights[
+        (("group", "g1"), ("modality", "sequence"))
+    ] == pytest.approx(1.0)
+
+
+def test_metrics_exposition_passes_promtool(daemon: Daemon):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    status, text = http(f"{daemon.admin}/metrics")
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hot_reload_keeps_the_old_model_on_a_corrupt_file_then_swaps(daemon: Daemon):
+    auth = {"Authorization": f"Bearer {daemon.token}"}
+    assert http(f"{daemon.admin}/reload", "POST")[0] == 403  # a token is configured: required
+    daemon.checkpoint.write_bytes(b"\x00" * 1000)
+    status, body = http(f"{daemon.admin}/reload", "POST", auth)
+    assert status == 422 and json.loads(body)["result"] == "failure"
+    assert daemon.wait_results(lambda r: True, n=2)[-1]["model_version"] == "tiny-v1"  # still serving
+    m = daemon.metrics()
+    assert m["sacmf_model_reloads_total"] == {(("result", "failure"),): 1, (("result", "success"),): 0}
+    sha = tiny_checkpoint(daemon.checkpoint, "tiny-v2", seed=11)
+    status, body = http(f"{daemon.admin}/reload", "POST", auth)
+    assert status == 200 and json.loads(body) == {"result": "success", "version": "tiny-v2", "sha256": sha}
+    daemon.wait_results(lambda r: r["model_version"] == "tiny-v2", n=2)
+    m = daemon.metrics()
+    assert m["sacmf_model_reloads_total"][(("result", "success"),)] == 1
+    assert m["sacmf_model_info"] == {(("sha256", sha), ("version", "tiny-v2")): 1}
+
+
+def test_sigterm_under_load_exits_0_and_loses_no_window(daemon: Daemon):
+    daemon.wait_results(lambda r: True, n=1)
+    assert daemon.sim.is_alive()  # the simulator is still publishing
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(60) == 0
+    done = daemon.event("shutdown_complete", timeout=10)
+    assert done["clean"] is True
+    assert done["windows_emitted"] == done["windows_received"] == done["results_published"] > 0
+    assert done["windows_dropped"] == 0 and done["windows_failed"] == 0 and done["windows_flushed"] >= 1
+    written = list(read_jsonl(daemon.jsonl))
+    assert len(written) == done["results_published"] == done["sinks_written"]["jsonl"]
+    starts = [r["start_ns"] for r in written]
+    assert starts == sorted(starts) and all(b - a == SEC // 2 for a, b in zip(starts, starts[1:], strict=False))
+    assert written[-1]["flushed"] is True and not any(r["flushed"] for r in written[: -done["windows_flushed"]])
+    deadline = time.monotonic() + 5
+    while len(daemon.results) < len(written) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["start_ns"] for r in daemon.results] == starts  # ZeroMQ subscribers saw every one too
+    recorded = [m.body for m in read_recording(daemon.mcap) if isinstance(m.body, ResultRecord)]
+    assert [r.start_ns for r in recorded] == starts
