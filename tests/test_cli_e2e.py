@@ -27,9 +27,9 @@ def sacmf(*args: str) -> subprocess.Popen:
 def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
     ep = f"ipc:///tmp/sacmf-sim-{os.getpid()}.ipc"
     windows = []
-    worker = IngestWorker(settings(ep, mode="live", bind=True, idle_ns=10**9), windows.append, context=ctx)
+    worker = IngestWorker(settings(ep, mode="live", bind=True, idle_ns=30 * 10**9), windows.append, context=ctx)
     proc = sacmf("simulate", "--endpoint", ep, "--connect", "--frame-rate", "20", "--sample-rate", "500",
-                 "--chunk", "50", "--size", "32x48", "--duration", "3.5")  # fmt: skip
+                 "--chunk", "50", "--size", "32x48", "--duration", "4.5")  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
@@ -44,8 +44,9 @@ def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
     assert proc.returncode == 0, err
     assert "sent:" in out
     interior = windows[1:-1]  # the first and last windows are cut by the simulator's start and stop
-    assert len(interior) >= 2 and all(w.completeness == "full" for w in interior)
-    for w in interior:
+    assert len(interior) >= 2
+    for w in interior:  # whatever closed them (watermark, or the final flush on a loaded machine)
+        assert all(w.presence.values())
         assert len(w.frames["image_a"]) == 20 and w.frames["image_a"][0].image.shape == (32, 48)
         assert len(w.samples["seq_a"].t_ns) == 500 and len(w.samples["seq_b"].t_ns) == 500
     msgs = worker.messages()
