@@ -13,11 +13,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -25,45 +22,19 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import simulate
 from daemon.adapt import pick_frame, window_to_raw, windows_to_batch
 from daemon.admin import AdminHandlers, AdminServer, parse_listen
-from daemon.inference import CheckpointError, InferenceRunner, load_checkpoint, save_checkpoint
+from daemon.inference import CheckpointError, InferenceRunner, load_checkpoint
 from daemon.service import WINDOW, decode_message, encode_message
-from daemon.simulate import SimSettings
-from ingest.publisher import SensorPublisher
 from ingest.resample import resample
 from ingest.windowing import Frame, Samples, Window
-from model.sacmf import SACMFConfig, build_model
 from sinks.jsonl import read_jsonl
 from sinks.mcap_recorder import read_recording
 from sinks.record import ResultRecord, from_wire, to_wire
+from tests.service_helpers import ROOT, SEC, T0, TINY, Daemon, http, sacmf, tiny_checkpoint
 
 torch.set_num_threads(1)
-
-ROOT = Path(__file__).resolve().parents[1]
-SEC = 1_000_000_000
-T0 = 1_800_000_000 * SEC
-TINY = SACMFConfig(
-    backbone="tiny",
-    d_model=16,
-    heads=2,
-    img_layers=1,
-    seq_layers=1,
-    frame_size=32,
-    token_grid=4,
-    seq_len=64,
-    patch_len=16,
-    det_channels=8,
-    dropout=0.0,
-)
-
-
-def tiny_checkpoint(path: Path, version: str, seed: int = 0) -> str:
-    torch.manual_seed(seed)
-    return save_checkpoint(build_model(TINY), path, version)
 
 
 def make_window(
@@ -311,15 +282,6 @@ def test_pipe_messages_carry_windows_with_out_of_band_frames(ctx, tmp_path: Path
 # ----------------------------------------------------------------------------------------------------
 
 
-def http(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def _admin(host: str, token: str = "") -> tuple[AdminServer, list]:
     calls: list = []
     handlers = AdminHandlers(
@@ -379,12 +341,6 @@ def test_parse_listen():
 # ----------------------------------------------------------------------------------------------------
 
 
-def sacmf(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 def test_serve_without_a_checkpoint_fails_fast_and_says_how_to_get_one(tmp_path: Path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(
@@ -394,135 +350,6 @@ def test_serve_without_a_checkpoint_fails_fast_and_says_how_to_get_one(tmp_path:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert f"no model checkpoint at {tmp_path / 'none.pt'}" in err and "save_checkpoint" in err
-
-
-class Daemon:
-    """`sacmf serve` in a subprocess, the simulator feeding it, and a SUB collecting its results."""
-
-    def __init__(self, tmp: Path, checkpoint: Path) -> None:
-        self.tmp = tmp
-        self.checkpoint = tmp / "served.pt"
-        shutil.copy(checkpoint, self.checkpoint)
-        self.ctx = zmq.Context()
-        sensors = {"cam_vis": "img", "cam_ir": "img", "rad_vis": "rad", "rad_ir": "rad"}
-        self.pub = SensorPublisher("tcp://127.0.0.1:*", "g1", sensors, context=self.ctx)
-        self.sim_stop = threading.Event()
-        sim = SimSettings(frame_rate_hz=10, sample_rate_hz=500, chunk_samples=50, height=48, width=64)
-        self.sim = threading.Thread(target=simulate.run, args=(self.pub, sim, self.sim_stop), daemon=True)
-        self.results_ep = f"ipc:///tmp/sacmf-res-{os.getpid()}.ipc"
-        self.jsonl, self.late, self.mcap = tmp / "results.jsonl", tmp / "late.jsonl", tmp / "rec.mcap"
-        self.token = "s3cret"
-        config = f"""
-[ingest]
-endpoints = ["{self.pub.endpoints[0]}"]
-[window]
-size_ms = 500
-allowed_lateness_ms = 100
-[groups.g1]
-sensors = {{ cam_vis = "image_a", cam_ir = "image_b", rad_vis = "seq_a", rad_ir = "seq_b" }}
-[logging]
-format = "json"
-[model]
-checkpoint = "{self.checkpoint}"
-torch_threads = 1
-det_threshold = 0.0
-det_max_detections = 3
-[inference]
-max_batch_size = 4
-max_delay_ms = 20
-latency_buckets_s = [0.1, 0.25, 0.5, 1.0, 2.5]
-[sinks]
-zmq_endpoint = "{self.results_ep}"
-jsonl_path = "{self.jsonl}"
-late_path = "{self.late}"
-mcap_path = "{self.mcap}"
-[admin]
-listen = "127.0.0.1:0"
-token = "{self.token}"
-[shutdown]
-timeout_s = 30
-"""
-        self.config = tmp / "serve.toml"
-        self.config.write_text(config)
-        self.results: list[dict] = []
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"det/")
-        self.sub.connect(self.results_ep)  # before the daemon binds: ZeroMQ reconnects until it does
-        self.sub_stop = threading.Event()
-        self.sub_thread = threading.Thread(target=self._collect, daemon=True)
-        self.events: list[dict] = []
-        self.proc: subprocess.Popen | None = None
-
-    def _collect(self) -> None:
-        while not self.sub_stop.is_set():
-            if self.sub.poll(50):
-                topic, body = self.sub.recv_multipart()
-                assert topic == b"det/g1"
-                self.results.append(msgpack.unpackb(body))
-
-    def _read_logs(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                self.events.append(json.loads(line))
-            except json.JSONDecodeError:
-                self.events.append({"event": "_text", "line": line})
-
-    def event(self, name: str, timeout: float = 90.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [e for e in self.events if e.get("event") == name]
-            if found:
-                return found[0]
-            assert self.proc is not None
-            if self.proc.poll() is not None and not found:
-                time.sleep(0.2)
-                found = [e for e in self.events if e.get("event") == name]
-                if found:
-                    return found[0]
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {name!r}: {self.events[-5:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {name!r} log event within {timeout} s; last: {self.events[-5:]}")
-
-    def start(self) -> Daemon:
-        self.sub_thread.start()
-        self.proc = sacmf("serve", str(self.config))
-        threading.Thread(target=self._read_logs, daemon=True).start()
-        self.sim.start()
-        self.admin = f"http://127.0.0.1:{self.event('admin_listening')['port']}"
-        self.event("ready")
-        return self
-
-    def wait_results(self, pred, n: int = 1, timeout: float = 60.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        start = len(self.results)
-        while time.monotonic() < deadline:
-            got = [r for r in self.results[start:] if pred(r)]
-            if len(got) >= n:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"fewer than {n} matching results within {timeout} s")
-
-    def metrics(self) -> dict[str, dict]:
-        status, text = http(f"{self.admin}/metrics")
-        assert status == 200
-        out: dict[str, dict] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-        return out
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.sim_stop.set()
-        self.sim.join(10)
-        self.sub_stop.set()
-        self.sub_thread.join(5)
-        self.sub.close(0)
-        self.pub.close()
-        self.ctx.term()
 
 
 @pytest.fixture(scope="module")
