@@ -181,3 +181,22 @@ def test_random_header_bytes(data):
         decode([b"img/g1/cam", data, b""])
     except ProtocolError as exc:
         assert exc.reason in protocol.REJECT_REASONS
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 257, 5000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_matches_numpy(n, dtype):
+    rng = np.random.default_rng(n)
+    big = np.finfo(dtype).max
+    cases = [rng.normal(size=n), np.full(n, big), np.full(n, -big)]  # the last two overflow a sum
+    for bad in (np.nan, np.inf, -np.inf):
+        x = rng.normal(size=n)
+        x[rng.integers(0, n)] = bad
+        cases.append(x)
+    mixed = np.full(n, big)
+    mixed[0] = -np.inf
+    cases.append(mixed)
+    for x in cases:
+        x = x.astype(dtype)
+        assert protocol.all_finite(x) == bool(np.isfinite(x).all())
+        assert protocol.all_finite(x.reshape(1, -1)) == bool(np.isfinite(x).all())
