@@ -90,7 +90,7 @@ class IngestCollector(Collector):
         cb_err = c("sacmf_ingest_callback_errors", "Exceptions raised by window/late consumers", labels=["callback"])
 
         reasons = dict.fromkeys(REJECT_REASONS, 0)
-        dead_skipped = win_err = late_err = 0
+        dead_skipped = win_err = late_err = internal = 0
         for w in self.workers:
             st = w.stats
             for (group, sensor, kind), v in w.messages().items():
@@ -98,6 +98,7 @@ class IngestCollector(Collector):
             for reason, v in dict(st.rejected).items():
                 reasons[reason] = reasons.get(reason, 0) + v
             win_err += st.window_callback_errors
+            internal += st.internal_errors
             late_err += st.late_callback_errors
             if w.dead_letter is not None:
                 dead_skipped += w.dead_letter.skipped
@@ -138,5 +139,6 @@ class IngestCollector(Collector):
         dead.add_metric([], dead_skipped)
         cb_err.add_metric(["window"], win_err)
         cb_err.add_metric(["late"], late_err)
+        cb_err.add_metric(["internal"], internal)
         yield from (messages, nbytes, rejected, gaps, missing, dups, reord, stale, restarts, age, skew, late,
                     late_s, emitted, triggers, dropped, buffered, open_w, wm_lag, dead, cb_err)  # fmt: skip

@@ -14,6 +14,7 @@ or cost its neighbours.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ import msgpack
 import structlog
 import zmq
 
-from ingest import protocol
+from ingest import protocol, security
 from ingest.accounting import ClockSkewEstimator, SequenceTracker, Verdict
 from ingest.settings import ROLE_KIND, IngestSettings
 from ingest.windowing import Frame, GroupWindower, RadChunk, Window
@@ -50,7 +51,8 @@ class RateLimitedLog:
             self._suppressed[key] += 1
             return
         self._last[key] = now_ns
-        log.warning(event, suppressed=self._suppressed.pop(key, 0), **fields)
+        with contextlib.suppress(Exception):  # a broken log stream must never take the worker down
+            log.warning(event, suppressed=self._suppressed.pop(key, 0), **fields)
 
 
 class DeadLetterFile:
@@ -95,6 +97,8 @@ class IngestStats:
         self.rejected: Counter[str] = Counter()  # reason
         self.late_callback_errors = 0
         self.window_callback_errors = 0
+        self.internal_errors = 0  # exceptions raised by our own handling of a message (bugs), counted
+        self.raw_callback_errors = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -122,12 +126,17 @@ class IngestWorker:
         on_window: Callable[[Window], None],
         *,
         on_late: Callable[[str, str, object, str], None] | None = None,
+        on_raw: Callable[[list, int, protocol.Message], None] | None = None,
         context: zmq.Context | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.settings = settings
         self.on_window = on_window
         self._user_on_late = on_late
+        # Called with (frames as received, recv_ns, decoded message) for every valid message, before
+        # deduplication, so a recorder sees the stream exactly as it arrived (duplicates and heartbeats
+        # included) and a replay reproduces the accounting too. None costs one attribute test per message.
+        self.on_raw = on_raw
         self.clock = clock
         self.stats = IngestStats()
         self.tracker = SequenceTracker()
@@ -150,6 +159,13 @@ class IngestWorker:
             else None
         )
         self._ctx = context or zmq.Context.instance()
+        # Security (ingest/security.py): None/empty unless configured, so the plain path stays as it was.
+        self.auth: security.ZapHandler | None = None  # the ZAP handler when we bind with CURVE
+        self._acl: dict[str, frozenset[bytes]] | None = None  # key name -> groups it may publish into
+        self._peers: dict[zmq.Socket, str | None] = {}  # with an ACL: socket -> its pinned publisher, or None
+        self._poller: zmq.Poller | None = None
+        limiter = security.RateLimiter(settings.rate_limits, protocol.KINDS, clock())
+        self.rate_limiter: security.RateLimiter | None = limiter if limiter else None
         self.sock = self._open_socket()
         self._last_advance = 0
         self.last_loop_ns = clock()  # liveness for /healthz
@@ -157,6 +173,15 @@ class IngestWorker:
     # -- socket ---------------------------------------------------------------------------------
 
     def _open_socket(self) -> zmq.Socket:
+        s = self.settings
+        if security.uses_curve(s.curve, s.endpoints):
+            return self._open_curve()
+        sock = self._new_socket()
+        for ep in s.endpoints:
+            (sock.bind if s.bind else sock.connect)(ep)
+        return sock
+
+    def _new_socket(self) -> zmq.Socket:
         s = self.settings
         sock = self._ctx.socket(zmq.SUB if s.transport == "sub" else zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, s.rcvhwm)
@@ -168,9 +193,64 @@ class IngestWorker:
             for group in s.groups:  # topic-prefix routing: a replica only receives its own groups
                 for kind in protocol.KINDS:
                     sock.setsockopt(zmq.SUBSCRIBE, f"{kind}/{group}/".encode())
-        for ep in s.endpoints:
-            (sock.bind if s.bind else sock.connect)(ep)
         return sock
+
+    def _open_curve(self) -> zmq.Socket:
+        """CURVE sockets: bound, we are the server and ZAP admits publishers' keys; connected, we pin each
+        publisher's server key. With a group allow-list each message's sender must be known: bound, from
+        its ZAP User-Id; connected, from the socket, so each endpoint then gets a socket of its own."""
+        s, curve = self.settings, self.settings.curve
+        assert curve is not None
+        keys = security.load_secret_certificate(curve.secret_file)
+        if s.bind:
+            if curve.authorized_dir is None:
+                raise security.KeyFileError("a CURVE server needs a directory of admitted client keys")
+            self.auth = security.ZapHandler(
+                self._ctx,
+                curve.authorized_dir,
+                allow_ips=curve.allow_ips,
+                deny_ips=curve.deny_ips,
+                log_interval_s=curve.log_interval_s,
+                socket_name="ingest",
+            )
+            if curve.groups:
+                self._acl = security.resolve_groups(curve.groups, self.auth.keys)
+            sock = self._new_socket()
+            try:
+                security.make_server(sock, keys)
+                self.auth.watch(sock)
+                self.auth.start()  # before bind: no handshake may happen without the handler
+                for ep in s.endpoints:
+                    sock.bind(ep)
+            except BaseException:
+                sock.close(linger=0)
+                self.auth.stop()
+                raise
+            socks: dict[zmq.Socket, str | None] = {sock: None}
+        else:
+            pinned = {ep: security.load_public_certificate(curve.server_key_for(ep)) for ep in s.endpoints}
+            if curve.groups:
+                names = {pub: security.key_name(curve.server_key_for(ep)) for ep, pub in pinned.items()}
+                self._acl = security.resolve_groups(curve.groups, names)
+            socks = {}
+            sock = None
+            try:
+                for ep in s.endpoints:
+                    if sock is None or self._acl is not None:
+                        sock = self._new_socket()
+                        socks[sock] = security.key_name(curve.server_key_for(ep))
+                    security.make_client(sock, keys, pinned[ep])
+                    sock.connect(ep)
+            except BaseException:
+                for opened in socks:
+                    opened.close(linger=0)
+                raise
+        if self._acl is not None:
+            self._peers = socks
+            self._poller = zmq.Poller()
+            for opened in socks:
+                self._poller.register(opened, zmq.POLLIN)
+        return next(iter(socks))
 
     @property
     def bound_endpoints(self) -> list[str]:
@@ -186,7 +266,9 @@ class IngestWorker:
     def poll(self, timeout_ms: int = 50, max_messages: int = 4096) -> int:
         """Wait up to ``timeout_ms`` for input, process what is queued (bounded), run the timers."""
         n = 0
-        if self.sock.poll(timeout_ms, zmq.POLLIN):
+        if self._poller is not None:  # CURVE with a group allow-list: every message's sender is checked
+            n = self._poll_authorised(timeout_ms, max_messages)
+        elif self.sock.poll(timeout_ms, zmq.POLLIN):
             sock = self.sock
             recv = sock.recv
             more = sock.getsockopt  # not the sock.rcvmore property: that goes through a slow generic lookup
@@ -206,7 +288,10 @@ class IngestWorker:
                         frames.append(part)
                     else:
                         extra += 1
-                self.handle(frames, extra)
+                try:
+                    self.handle(frames, extra)
+                except Exception:  # a bug in our own code: count it, keep serving the other messages
+                    self._internal_error(frames)
                 n += 1
         now = self.clock()
         self.last_loop_ns = now
@@ -216,9 +301,56 @@ class IngestWorker:
                 self._emit(windower.advance(now))
         return n
 
+    def _poll_authorised(self, timeout_ms: int, max_messages: int) -> int:
+        """The receive loop when groups are granted per key: who sent it, and may they publish there?
+
+        Bound, the sender is the ZAP User-Id (the key's name) of the message's first frame, which must
+        then be received as a zmq.Frame; connected, it is the socket's pinned publisher. The group comes
+        from the topic frame (``<kind>/<group>/<sensor>``) before anything is decoded.
+        """
+        assert self._poller is not None
+        n = 0
+        acl = self._acl or {}
+        for sock, _ in self._poller.poll(timeout_ms):
+            peer = self._peers[sock]
+            recv = sock.recv
+            more = sock.getsockopt
+            while n < max_messages:
+                try:
+                    first = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                who = peer if peer is not None else security.user_id(first)
+                topic = first.bytes
+                frames = [topic]
+                extra = 0
+                zero_copy = topic.startswith(b"img/")
+                while more(RCVMORE):
+                    part = recv(copy=not zero_copy or len(frames) < 2)
+                    if len(frames) < MAX_FRAMES_READ:
+                        frames.append(part)
+                    else:
+                        extra += 1
+                n += 1
+                parts = topic.split(b"/", 2)
+                granted = acl.get(who) if who is not None else None
+                if granted is None or (len(parts) == 3 and parts[1] not in granted):
+                    group = parts[1].decode(errors="replace")[:64] if len(parts) == 3 else "?"
+                    detail = f"key {who!r} may not publish into group {group!r}"
+                    self._reject(protocol.ProtocolError("unauthorised_group", detail), frames, self.clock())
+                    continue
+                try:
+                    self.handle(frames, extra)
+                except Exception:  # a bug in our own code: count it, keep serving the other messages
+                    self._internal_error(frames)
+        return n
+
     def handle(self, frames: list, extra_frames: int = 0, recv_ns: int | None = None) -> None:
         """Validate one message and route it; never raises for bad input."""
         recv_ns = self.clock() if recv_ns is None else recv_ns
+        if self.rate_limiter is not None and not self.rate_limiter.admit(frames, recv_ns):
+            self._rate_limited(frames, recv_ns)
+            return
         try:
             if extra_frames:
                 raise protocol.ProtocolError("frame_count", f"{len(frames) + extra_frames} frames")
@@ -233,6 +365,12 @@ class IngestWorker:
         except protocol.ProtocolError as exc:
             self._reject(exc, frames, recv_ns)
             return
+        if self.on_raw is not None:
+            try:
+                self.on_raw(frames, recv_ns, msg)
+            except Exception:  # a recorder bug must not cost the pipeline its input
+                self.stats.raw_callback_errors += 1
+                log.exception("raw_callback_failed", group=msg.group, sensor=msg.sensor)
         route.bytes += msg.nbytes
         if msg.kind == "hb":
             route.heartbeats += 1
@@ -269,6 +407,10 @@ class IngestWorker:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        for sock in self._peers:
+            sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         if self.dead_letter:
             self.dead_letter.close()
 
@@ -289,6 +431,18 @@ class IngestWorker:
             except Exception:
                 self.stats.late_callback_errors += 1
                 log.exception("late_callback_failed", group=group, sensor=sensor)
+
+    def _rate_limited(self, frames: list, recv_ns: int) -> None:
+        """Counted (by reason and per sensor, in the bucket) and logged at a bounded rate; never
+        dead-lettered: copying a flood to disk would spend the very resources the limit protects."""
+        self.stats.rejected["rate_limited"] += 1
+        topic = bytes(frames[0][:200]).decode(errors="replace")
+        self._reject_log("message_rejected", "rate_limited", recv_ns, reason="rate_limited", detail=topic)
+
+    def _internal_error(self, frames: list) -> None:
+        self.stats.internal_errors += 1
+        with contextlib.suppress(Exception):
+            log.exception("ingest_internal_error", frames=len(frames))
 
     def _reject(self, exc: protocol.ProtocolError, frames: list, recv_ns: int) -> None:
         self.stats.rejected[exc.reason] += 1
