@@ -1,10 +1,9 @@
 """The resident SA-CMF model: checkpoint loading, warm-up, batched inference and validated hot reload.
 
-Why a checkpoint is a plain dict of tensors and built-in types loaded with ``weights_only=True``: a
-pickle of arbitrary objects executes code when loaded, and a checkpoint file is exactly the kind of
-artefact that gets copied around. The dict carries everything needed to rebuild the network
-(``config``), the names the outputs are reported with (``class_names``), a human ``version`` and the
-``state_dict``; the sha256 of the file bytes identifies it exactly (``sacmf_model_info``).
+The checkpoint format (``sacmf-checkpoint/1``: a plain dict of tensors and built-in types, loaded with
+``weights_only=True``, identified by the sha256 of its bytes) belongs to :mod:`model.checkpoint`, which
+training writes with; ``save_checkpoint`` and ``CheckpointError`` are re-exported here for the daemon's
+callers.
 
 Why warm up: the first forward passes pay one-off costs (allocator growth, kernel selection, lazy
 initialisation); without a warm-up the first real windows after start or reload would miss their
@@ -20,15 +19,12 @@ holds for a whole batch, so no batch ever mixes models and every record names th
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +34,25 @@ from torch import Tensor
 
 from daemon.adapt import pick_frame, windows_to_batch
 from ingest.windowing import Frame, Samples, Window
-from model.sacmf import SACMF, SACMFConfig, build_model, decode_detections
+from model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, CheckpointError, save_checkpoint
+from model.checkpoint import load_checkpoint as _load_checkpoint
+from model.sacmf import SACMF, SACMFConfig, decode_detections
 from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
 
 log = structlog.get_logger("sacmf.inference")
 
-CHECKPOINT_FORMAT = "sacmf-checkpoint/1"
-CHECKPOINT_KEYS = ("format", "version", "config", "class_names", "state_dict")
 RELOAD_RESULTS = ("success", "failure")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be served; the message says what is wrong with which file."""
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_KEYS",
+    "CheckpointError",
+    "InferenceRunner",
+    "LoadedModel",
+    "ReloadOutcome",
+    "load_checkpoint",
+    "save_checkpoint",
+    "synthetic_window",
+]
 
 
 @dataclass(frozen=True)
@@ -67,106 +70,10 @@ class LoadedModel:
 # ---------------------------------------------------------------- checkpoint files
 
 
-def save_checkpoint(model: SACMF, path: str | os.PathLike[str], version: str) -> str:
-    """Write ``model`` as a servable checkpoint, atomically (temp file + rename); returns its sha256.
-
-    Atomic because the daemon may reload the path at any moment: it must see the old file or the new
-    one, never half of one.
-    """
-    cfg = model.config
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": str(version),
-        "config": {**cfg.to_dict(), "backbone_weights": None},  # the state_dict already holds them
-        "class_names": list(cfg.class_names),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    data = buf.getvalue()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(data).hexdigest()
-
-
-def _config_from(raw: object, path: Path) -> SACMFConfig:
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: 'config' must be a dict, got {type(raw).__name__}")
-    known = {f.name for f in fields(SACMFConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise CheckpointError(f"{path}: config has unknown key {unknown[0]!r} (a newer model version?)")
-    kw = dict(raw)
-    if "class_names" in kw:
-        kw["class_names"] = tuple(kw["class_names"])
-    kw["backbone_weights"] = None  # never read another file: the state_dict is complete
-    try:
-        return SACMFConfig(**kw)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid config: {exc}") from exc
-
-
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
-    """Read, check and build a checkpoint (keys, config, state-dict keys and shapes); no forward pass."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
-    sha = hashlib.sha256(data).hexdigest()  # of the bytes actually loaded: no window for a swap
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, disallowed pickle content, ...
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: a checkpoint is a dict, got {type(ckpt).__name__}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {missing} (needs {list(CHECKPOINT_KEYS)})")
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: format {ckpt['format']!r} is not {CHECKPOINT_FORMAT!r}")
-    cfg = _config_from(ckpt["config"], path)
-    names = ckpt["class_names"]
-    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: class_names must be a list of str")
-    if tuple(names) != cfg.class_names:
-        raise CheckpointError(f"{path}: class_names {list(names)} differ from config {list(cfg.class_names)}")
-    version = ckpt["version"]
-    if not isinstance(version, str):
-        raise CheckpointError(f"{path}: version must be a str, got {type(version).__name__}")
-    state = ckpt["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: state_dict must map names to tensors")
-    model = build_model(cfg)
-    own = model.state_dict()
-    lacking = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if lacking or extra:
-        raise CheckpointError(
-            f"{path}: state_dict does not fit the config: missing {lacking[:5]}{'...' if len(lacking) > 5 else ''}, "
-            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{path}: state_dict shapes do not fit the config: {'; '.join(wrong[:5])}")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{path}: non-finite values in {bad[:5]}")
-    model.load_state_dict(state, strict=True)
-    try:
-        model = model.to(torch.device(device)).eval()
-    except (RuntimeError, AssertionError) as exc:
-        raise CheckpointError(f"{path}: cannot move the model to device {device!r}: {exc}") from exc
-    return LoadedModel(model, cfg, cfg.class_names, version or f"sha256:{sha[:12]}", sha, path)
+    """Read, check and build a checkpoint (:func:`model.checkpoint.load_checkpoint`); no forward pass."""
+    model, meta = _load_checkpoint(path, device)
+    return LoadedModel(model, meta.config, meta.class_names, meta.display_version, meta.sha256, meta.path)
 
 
 # ---------------------------------------------------------------- warm-up input
@@ -355,7 +262,6 @@ class InferenceRunner:
             raise FloatingPointError("model produced non-finite logits")
         probs = torch.softmax(logits.double(), dim=1)
         dets = decode_detections(out, k=self.det_max_detections, threshold=self.det_threshold, scale=batch["scale_a"])
-        heat = torch.sigmoid(out["det_logits"])  # [B, C, H_d, W_d]
         mi = float(out["mi"])
         mi_nats = max(0.0, mi) if math.isfinite(mi) else None
         names = list(loaded.class_names)
@@ -366,12 +272,9 @@ class InferenceRunner:
             frame = _image_a(w)
             if frame is not None and bool(batch["presence"][i, 0]):
                 height, width = frame.image.shape[:2]
-                for x0, y0, x1, y1, cls, score in dets[i]:
-                    cell = (heat[i, cls] - score).abs().flatten().argmin()  # the peak this detection came from
-                    cp = heat[i].flatten(1)[:, cell]
-                    detections.append(
-                        Detection(_clip_box((x0, y0, x1, y1), width, height), names[cls], score, _probs(cp / cp.sum()))
-                    )
+                for x0, y0, x1, y1, cls, score, class_probs in dets[i]:
+                    box = _clip_box((x0, y0, x1, y1), width, height)
+                    detections.append(Detection(box, names[cls], score, _probs(torch.tensor(class_probs))))
             tokens = {}
             for modality, key in (("image", "token_weights_img"), ("sequence", "token_weights_seq")):
                 stats = _token_stats(out[key][i])

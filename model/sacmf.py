@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.backbones import BACKBONES, build_backbone, feature_shape
-from model.copula_mi import MutualInfoFusionWeights, redundancy_scores
+from model.copula_mi import MutualInfoFusionWeights, apply_presence, redundancy_scores
 from model.preprocess import PreprocessConfig
 from model.synth import CLASS_NAMES
 
-Detection = tuple[float, float, float, float, int, float]  # x0, y0, x1, y1, class, score
+# x0, y0, x1, y1, class, score, class probabilities at the peak cell (the C heatmaps there, normalised)
+Detection = tuple[float, float, float, float, int, float, tuple[float, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,9 @@ class SACMFConfig:
     mi_beta: float = 2.0
     mi_kappa: float = 0.1
     mi_reduce: Literal["mean", "max"] = "mean"
+    # ablation: True replaces the MI-driven token and modality weighting by uniform weights (the MI EMA
+    # is still estimated and reported, but drives nothing, and the model returns no MI loss)
+    uniform_fusion: bool = False
     fusion_alpha: float = 0.3  # initial weight of the cross-attention term (learnable)
     fusion_beta: float = 0.7  # initial weight of the weighted unimodal terms (learnable)
     # detection (CenterNet style)
@@ -390,7 +394,15 @@ class SACMF(nn.Module):
         # invalid tokens are exactly 0 before the MI step: constant columns give tau = 0, never noise
         z_img = z_img * valid_img.unsqueeze(-1).to(z_img.dtype)
         z_seq = z_seq * valid_seq.unsqueeze(-1).to(z_seq.dtype)
-        mi_out = self.mi(z_img, z_seq, present)
+        uniform = self.config.uniform_fusion
+        mi_out = self.mi(z_img, z_seq, present, compute_loss=False if uniform else None)
+        if uniform:  # ablation: every token weight 1 (0 when absent), no redundancy term below
+            ones_a = torch.ones(self.k_a, dtype=z_img.dtype, device=z_img.device)
+            ones_b = torch.ones(self.k_b, dtype=z_seq.dtype, device=z_seq.device)
+            w_a, w_b = apply_presence(ones_a, ones_b, present)
+            mi_out.weights_a, mi_out.weights_b = w_a, w_b
+            mi_out.tokens_a = z_img * w_a.unsqueeze(-1)
+            mi_out.tokens_b = z_seq * w_b.unsqueeze(-1)
         w_img = mi_out.weights_a * valid_img.to(z_img.dtype)  # [B, K_a]
         w_seq = mi_out.weights_b * valid_seq.to(z_seq.dtype)  # [B, K_b]
         emb_img = _masked_mean(mi_out.tokens_a, valid_img)  # [B, D], 0 when absent
@@ -398,7 +410,7 @@ class SACMF(nn.Module):
 
         # modality level: a learned per-sample relevance minus the buffers' redundancy of each modality
         r, s = redundancy_scores(mi_out.mi, self.config.mi_reduce)
-        red = torch.stack([r.mean(), s.mean()]).to(z_img.dtype)  # [2]
+        red = torch.stack([r.mean(), s.mean()]).to(z_img.dtype) * (0.0 if uniform else 1.0)  # [2]
         logit = self.gate(torch.cat([emb_img, emb_seq], 1)) - self.config.mi_beta * red  # [B, 2]
         logit = torch.where(present, logit, torch.full((), -1e4, dtype=logit.dtype))
         omega = torch.softmax(logit, 1) * present.to(logit.dtype)  # absent -> exactly 0
@@ -446,8 +458,11 @@ def decode_detections(
 ) -> list[list[Detection]]:
     """CenterNet decoding: local maxima (3x3) of the class heatmaps, top ``k`` above ``threshold``.
 
-    Boxes are (x0, y0, x1, y1, class, score) in model-frame pixels; pass the batch's ``scale_a`` [B] to
-    get Image-A raw pixels instead (the preprocessing scaled by it and padded bottom/right only).
+    Boxes are (x0, y0, x1, y1, class, score, class_probs) in model-frame pixels; pass the batch's
+    ``scale_a`` [B] to get Image-A raw pixels instead (the preprocessing scaled by it and padded
+    bottom/right only). ``class_probs`` [C] is the per-class heatmap at the detection's cell normalised to
+    sum 1: the heatmaps are independent sigmoids, so this is how sure the head is of the class *given*
+    an object there, which is what a consumer ranking alternative labels needs.
     """
     heat = torch.sigmoid(out["det_logits"])  # [B, C, H, W]
     size, offset = out["det_size"], out["det_offset"]  # [B, 2, H, W]
@@ -473,6 +488,8 @@ def decode_detections(
             bw = float(size[i, 0, y, x]) * stride
             bh = float(size[i, 1, y, x]) * stride
             box = ((cx - bw / 2) / div, (cy - bh / 2) / div, (cx + bw / 2) / div, (cy + bh / 2) / div)
-            dets.append((*box, int(cls[i, j]), score))
+            cell_heat = heat[i, :, y, x].double()  # [C]
+            probs = tuple(float(p) for p in cell_heat / cell_heat.sum())
+            dets.append((*box, int(cls[i, j]), score, probs))
         results.append(dets)
     return results
