@@ -1,0 +1,217 @@
+"""Training recipes of the fusion networks: patches, each recipe's loss going down, exact resume, and
+checkpoints that the networks' own loaders read back (smoke scale: tiny patches from real TNO pairs)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon import cli
+from model import fusion_train as ft
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TNO = SHARED / "fusion_testdata" / "TNO"
+needs_data = pytest.mark.skipif(not TNO.is_dir(), reason=f"shared test data missing at {TNO}")
+
+torch.set_num_threads(1)
+
+
+def _tno(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ir, vi) uint8 gray of a TNO pair (stored as 3 equal channels)."""
+    return tuple(np.asarray(Image.open(TNO / m / f"{name}.png"))[..., 0] for m in ("ir", "vi"))  # type: ignore[return-value]
+
+
+def _write_pairs(root: Path, crops: dict[str, tuple[str, slice, slice]]) -> tuple[Path, Path]:
+    for sub in ("ir", "vi"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for out_name, (name, rows, cols) in crops.items():
+        for sub, img in zip(("ir", "vi"), _tno(name), strict=True):
+            Image.fromarray(np.ascontiguousarray(img[rows, cols])).save(root / sub / f"{out_name}.png")
+    return root / "ir", root / "vi"
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32x32 patches (IR, VI) from TNO pair 01, in [0, 1], shape (2, 1, 32, 32)."""
+    if not TNO.is_dir():
+        pytest.skip("shared test data missing")
+    ir, vi = _tno("01")
+    a, b = ft.extract_patches(ir[200:232, 200:264] / 255, vi[200:232, 200:264] / 255, 32, 32, min_contrast=None)
+    return torch.from_numpy(a)[:, None], torch.from_numpy(b)[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# patches
+
+
+def test_grid_patches_follow_the_authors_recipe() -> None:
+    rng = np.random.default_rng(0)
+    ir, vi = rng.random((480, 640)), rng.random((480, 640))
+    vi[200:328, 400:528] = 0.5  # one flat (low-contrast) visible patch
+    a, b = ft.extract_patches(ir, vi, 128, 200, min_contrast=None)
+    assert a.shape == b.shape == (6, 128, 128)  # MSRS 640x480 at stride 200: 2 x 3 patches
+    assert np.array_equal(a[4], ir[200:328, 200:328].astype(np.float32))
+    kept, _ = ft.extract_patches(ir, vi, 128, 200, min_contrast=0.1)
+    assert kept.shape[0] == 5 and not any(np.array_equal(k, ir[200:328, 400:528].astype(np.float32)) for k in kept)
+    assert ft.is_low_contrast(np.full((8, 8), 0.5), 0.1) and not ft.is_low_contrast(ir[:64, :64], 0.1)
+    assert ft.extract_patches(ir[:100, :100], vi[:100, :100], 128, 200)[0].shape == (0, 128, 128)
+
+
+def test_random_crops_are_reproducible_and_inside_the_image() -> None:
+    ir = np.arange(300 * 200, dtype=np.float64).reshape(300, 200) / 60000
+    one = ft.extract_patches(ir, ir, 64, 0, min_contrast=None, rng=np.random.default_rng([7, 0]), crops=5)[0]
+    two = ft.extract_patches(ir, ir, 64, 0, min_contrast=None, rng=np.random.default_rng([7, 0]), crops=5)[0]
+    other = ft.extract_patches(ir, ir, 64, 0, min_contrast=None, rng=np.random.default_rng([7, 1]), crops=5)[0]
+    assert one.shape == (5, 64, 64) and np.array_equal(one, two) and not np.array_equal(one, other)
+    for p in one:  # each crop is a contiguous window of the image
+        y, x = divmod(int(round(p[0, 0] * 60000)), 200)
+        assert np.array_equal(p, ir[y : y + 64, x : x + 64].astype(np.float32))
+
+
+def test_epoch_split_keeps_the_authors_proportion() -> None:
+    cdd, cross = ft.RECIPES["cddfuse"], ft.RECIPES["crossfuse"]
+    assert (cdd.epochs, cdd.stage1_epochs, cdd.batch_size, cdd.lr, cdd.clip_grad) == (120, 40, 8, 1e-4, 0.01)
+    assert ft.TrainOptions(epochs=12).apply(cdd).stage1_epochs == 4
+    assert ft.TrainOptions(epochs=2).apply(cdd).stage1_epochs == 1
+    assert (cross.stage1_epochs, cross.stage1_batch_size, cross.weight_decay) == (4, 2, 0.9)
+    assert ft.TrainOptions(epochs=9).apply(cross).stage1_epochs == 1
+    with pytest.raises(ValueError, match="two stages"):
+        ft.TrainOptions(epochs=1).apply(cdd)
+
+
+# ------------------------------------------------------------------------------------------------
+# each recipe learns
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("method", "epoch", "loss_terms", "lr"),
+    [
+        ("cddfuse", 0, {"rec_vi", "rec_ir", "decomp", "grad"}, 1e-4),  # Phase I: reconstruction
+        ("cddfuse", 3, {"intensity", "gradient", "fusion", "decomp"}, 1e-4),  # Phase II: fusion
+        ("crossfuse", 0, {"ir_pixel", "ir_ssim", "vi_pixel", "vi_ssim"}, 1e-4),  # stage 1: auto-encoders
+        ("crossfuse", 3, {"pix", "grad"}, 1e-3 * 0.1),  # stage 2, its 3rd epoch: the authors' x0.1
+        ("cmmdl", 0, {"int", "grad"}, 1e-4),
+    ],
+)
+def test_recipe_loss_goes_down(batch, method: str, epoch: int, loss_terms: set[str], lr: float) -> None:
+    """A few steps with the authors' optimiser settings lower the loss on the batch they trained on."""
+    trainer, _ = ft.make_trainer(method, ft.TrainOptions(epochs=4))
+    assert trainer.stage(epoch) == (2 if epoch == 3 else 1)
+    ir, vi = batch
+    before = trainer.losses(ir, vi, epoch)
+    assert loss_terms | {"total"} <= set(before)
+    steps = [trainer.step(ir, vi, epoch)["total"] for _ in range(3)]
+    after = trainer.losses(ir, vi, epoch)
+    assert steps[0] == pytest.approx(before["total"], rel=1e-4)  # step losses are the same objective
+    assert after["total"] < before["total"]
+    assert trainer.lr(epoch) == pytest.approx(lr)
+
+
+# ------------------------------------------------------------------------------------------------
+# resume and checkpoints
+
+
+@needs_data
+def test_resume_continues_exactly_and_checkpoints_load(tmp_path: Path) -> None:
+    """Stop after 3 of 4 steps (mid Phase II), resume: same weights and losses as an uninterrupted run."""
+    from model.cddfuse import fuse_CDDFuse, load_CDDFuse
+
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(200, 232), slice(200, 232)),
+                                                       "b": ("02", slice(300, 332), slice(100, 132))})  # fmt: skip
+    opts = ft.TrainOptions(epochs=2, batch_size=4, patch=16, stride=16, min_contrast=None)
+    full = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "full", opts)
+    assert (full.epochs_done, full.global_step, full.stopped_early) == (2, 4, False)  # 8 patches, 2 x 2 steps
+
+    part = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, max_steps=3))
+    assert (part.epochs_done, part.global_step, part.stopped_early) == (1, 3, True)
+    saved = torch.load(part.state_file, weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["global_step"]) == (1, 1, 3)
+    rest = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True))
+    assert (rest.epochs_done, rest.global_step, rest.stopped_early) == (2, 4, False)
+
+    def log(folder: Path) -> list[list[str]]:
+        with (folder / ft.LOG_FILE).open() as fh:
+            return [[r[0], r[1], r[2], r[6]] for r in csv.reader(fh)][1:]  # step, epoch, stage, losses
+
+    assert log(tmp_path / "part") == log(tmp_path / "full")
+    assert [r[2] for r in log(tmp_path / "full")] == ["1", "1", "2", "2"]  # Phase I then Phase II
+
+    a = torch.load(full.state_file, weights_only=True)["trainer"]["model"]
+    b = torch.load(rest.state_file, weights_only=True)["trainer"]["model"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+
+    (ckpt,) = full.checkpoints
+    assert ckpt.name == "CDDFuse_epoch_2.pth"
+    groups = torch.load(ckpt, weights_only=True)
+    assert set(groups) == {"DIDF_Encoder", "DIDF_Decoder", "BaseFuseLayer", "DetailFuseLayer"}
+    assert all(k.startswith("module.") for g in groups.values() for k in g)  # DataParallel layout
+    model = load_CDDFuse(ckpt)
+    x = torch.rand(1, 1, 24, 20, generator=torch.Generator().manual_seed(0))
+    from model.cddfuse import CDDFuse
+
+    trained = CDDFuse()
+    trained.load_state_dict(a)
+    assert torch.allclose(fuse_CDDFuse(model, x, x.flip(-1)), fuse_CDDFuse(trained.eval(), x, x.flip(-1)), atol=1e-6)
+
+
+def test_crossfuse_release_files_load_and_recon_decoder_round_trips(tmp_path: Path) -> None:
+    from model.crossfuse import load_CrossFuse, read_checkpoint
+
+    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=9))  # 1 AE epoch + 8 fusion epochs
+    folder = tmp_path / "models"
+    folder.mkdir()
+    after_stage1 = trainer.save_release(folder, 1)
+    assert sorted(p.name for p in after_stage1) == ["auto_encoder_epoch_1_ir.model", "auto_encoder_epoch_1_vi.model"]
+    written = trainer.save_release(folder, 3)
+    assert written[-1].name == "fusetrans_epoch_2.model"
+    loaded = load_CrossFuse(folder)  # the authors' folder layout, strict about every key
+    ours = trainer.model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
+    flat = read_checkpoint(folder)
+    recon = ft.ReconDecoder()
+    recon.load_authors_state(
+        {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("auto_vi/recon_decoder1.")}
+    )
+    x_sh, x_de = torch.randn(1, 32, 40, 48), torch.randn(1, 128, 5, 6)
+    assert torch.equal(recon(x_sh, x_de), trainer.recon["vi"](x_sh, x_de))
+    assert recon(torch.randn(1, 32, 43, 50), torch.randn(1, 128, 5, 6)).shape == (1, 1, 43, 50)  # odd sizes
+
+
+def test_cmmdl_release_file_loads(tmp_path: Path) -> None:
+    from model.cmmdl import fuse_CMMDL, load_CMMDL
+
+    trainer, _ = ft.make_trainer("cmmdl")
+    (path,) = trainer.save_release(tmp_path, 5)
+    sd = torch.load(path, weights_only=True)
+    assert path.name == "CMMDL_model_epoch_5.pth" and all(k.startswith("module.") for k in sd)
+    loaded = load_CMMDL(path)
+    x = torch.rand(1, 1, 20, 24, generator=torch.Generator().manual_seed(1))
+    trainer.model.eval()
+    assert torch.allclose(fuse_CMMDL(loaded, x, 1 - x), fuse_CMMDL(trainer.model, x, 1 - x), atol=1e-6)
+
+
+@needs_data
+def test_fuse_train_cli_then_fuse_with_the_checkpoint(tmp_path: Path, capsys) -> None:
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"p": ("03", slice(150, 182), slice(300, 364))})
+    out = tmp_path / "run"
+    args = ["fuse-train", "--method", "cmmdl", "--ir", str(ir_dir), "--vi", str(vi_dir), "--out", str(out)]
+    args += ["--epochs", "2", "--batch-size", "2", "--patch", "32", "--stride", "32", "--min-contrast", "0"]
+    assert cli.main([*args, "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "cmmdl epoch 1/2 stage 1 1/1 loss" in err and "cmmdl epoch 2/2" in err and "done: 2 epoch(s)" in err
+    ckpt = out / "models" / "CMMDL_model_epoch_2.pth"
+    assert ckpt.is_file() and not (out / "models" / "CMMDL_model_epoch_1.pth").exists()  # latest set only
+    assert cli.main([*args, "--resume"]) == 0  # nothing left to do: reports the run and its checkpoint
+    err = capsys.readouterr().err
+    assert "done: 2 epoch(s), 2 step(s)" in err and str(ckpt) in err
+    fused = tmp_path / "fused"
+    rc = cli.main(["fuse", "--method", "cmmdl", "--ckpt", str(ckpt), "--ir", str(ir_dir), "--vi", str(vi_dir)]
+                  + ["--out", str(fused)])  # fmt: skip
+    assert rc == 0 and np.asarray(Image.open(fused / "p.png")).shape == (32, 64)
