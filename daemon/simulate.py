@@ -1,20 +1,58 @@
-"""`sacmf simulate`: publishes a synthetic sensor group in real time over protocol v1.
+"""`sacmf simulate`: publishes a realistic synthetic sensor group in real time, with its ground truth.
 
-It stands in for real sensors in demos, tests and benchmarks: two cameras (a star field with a moving
-target, visible and infrared) and two radiometers that measure the target's light curve (a rotation
-period with glints, plus noise). Timing is paced on the wall clock and stamped with the sensor's
-(simulated) clock, so it exercises the same paths a real group does.
+It stands in for real sensors in demos, tests, benchmarks and evaluations. The scenes come from the
+model's own generator (:mod:`model.synth`): a tracked target of a known class near the frame centre,
+field stars and other objects with known classes and boxes, raw-ADU camera frames (visible and
+infrared) and the target's light curves on both radiometers. So a stream from here can be scored.
+
+How scenes map onto the stream, and why:
+
+* **One scene per scene span** (``scene_ms``, default 1 s: the daemon's default window) on the
+  epoch-aligned event-time grid: scene ``k`` covers ``[k * span, (k + 1) * span)`` on the sensors'
+  clock, exactly like the daemon's tumbling windows. With equal sizes every window holds one scene, so
+  its ground truth is unambiguous; scene ``k`` is ``generate_scene(scene_seed(seed, k))``, so the truth
+  follows from (seed, time) alone and any two runs agree on it.
+* **Frames**: every camera frame whose exposure starts inside a scene shows that scene's Image-A
+  (visible camera) or Image-B (infrared camera) exposure; frames within one scene repeat it.
+* **Light curves, time-lapsed**: the generator's classes differ by rotation periods of seconds to
+  minutes, which a 1 s window cannot show in real time. Each scene therefore plays ``sky_span_s``
+  seconds of the target's light curve (default 25.6 s, the generator's native series) within its span,
+  at the configured sample rate. The daemon resamples a window onto the model's sequence length, so the
+  model sees the same time scale it is trained on.
+* **Frame size**: the generator makes square frames of at least 32 px; other shapes are a centred crop
+  of a square scene of the larger side, with the boxes cropped alike.
+* **Ground truth travels in the messages**, as protocol-v1 ``meta`` (at most 4 KiB): every data message
+  carries ``{"truth": {"t0", "t1", "target"}}`` (scene span on the sensor clock and the target's class
+  name); Image-A frames add ``boxes`` (Image-A pixels, x0 y0 x1 y1) and ``classes`` of every object, plus
+  the target's SNRs. A recording of the stream (the daemon's, or ``--record`` here) therefore holds its
+  own truth per window, and ``sacmf evaluate-stream`` needs nothing else.
+
+Timing is paced on the wall clock and stamped with the sensor's (simulated) clock, so it exercises the
+same paths a real group does. ``--record FILE`` writes every data message it publishes, byte for byte,
+into an MCAP recording (heartbeats are not recorded: they come from the publisher's own thread).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 
+from ingest import protocol
 from ingest.publisher import SensorPublisher
+from model.synth import CLASS_NAMES, SynthConfig, generate_scene, scene_seed
+from sinks.mcap_recorder import McapRecorder
+
+TRUTH_KEY = "truth"
+MIN_SCENE_SIDE = 32  # model.synth needs at least this many pixels per side
+NATIVE_SKY_SPAN_S = SynthConfig().seq_len / SynthConfig().seq_rate_hz  # 25.6 s
 
 
 @dataclass(frozen=True)
@@ -30,44 +68,144 @@ class SimSettings:
     exposure_ms: float = 20.0
     clock_offset_ms: float = 0.0  # the simulated sensors' clock error
     seed: int = 0
+    scene_ms: float = 1000.0  # one scene per this span of event time, epoch-aligned (use the window size)
+    sky_span_s: float = NATIVE_SKY_SPAN_S  # seconds of light curve played within one scene span
+
+    def __post_init__(self) -> None:
+        if self.frame_rate_hz <= 0 or self.sample_rate_hz <= 0 or self.chunk_samples < 1:
+            raise ValueError("frame_rate_hz and sample_rate_hz must be > 0 and chunk_samples >= 1")
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
+        if self.scene_ms <= 0 or self.sky_span_s <= 0:
+            raise ValueError("scene_ms and sky_span_s must be > 0")
 
 
-class Scene:
-    """A deterministic star field with one tracked target on a linear track."""
+@dataclass(frozen=True)
+class SceneTruth:
+    """What is really in one scene; times on the sensors' clock, boxes in Image-A pixels."""
 
-    def __init__(self, s: SimSettings) -> None:
+    t0_ns: int
+    t1_ns: int
+    target: str  # the tracked target's class name
+    boxes: list[list[float]] = field(default_factory=list)  # [x0, y0, x1, y1] per object, target first
+    classes: list[str] = field(default_factory=list)
+    snr_img: float | None = None
+    snr_seq: float | None = None
+
+    def to_meta(self, full: bool) -> dict:
+        """The ``meta`` of a message: the short form everywhere, boxes and SNRs on Image-A frames only."""
+        truth: dict = {"t0": self.t0_ns, "t1": self.t1_ns, "target": self.target}
+        if full:
+            truth |= {"boxes": self.boxes, "classes": self.classes}
+            if self.snr_img is not None and self.snr_seq is not None:
+                truth |= {"snr_img": round(self.snr_img, 3), "snr_seq": round(self.snr_seq, 3)}
+        return {TRUTH_KEY: truth}
+
+    @classmethod
+    def from_meta(cls, meta: object) -> SceneTruth | None:
+        """The truth in a message's ``meta``, or None (no truth, or not in this form)."""
+        t = meta.get(TRUTH_KEY) if isinstance(meta, dict) else None
+        if not isinstance(t, dict) or not all(k in t for k in ("t0", "t1", "target")):
+            return None
+        boxes, classes = t.get("boxes", []), t.get("classes", [])
+        if not isinstance(boxes, list) or not isinstance(classes, list) or len(boxes) != len(classes):
+            return None
+        return cls(int(t["t0"]), int(t["t1"]), str(t["target"]), boxes, classes, t.get("snr_img"), t.get("snr_seq"))
+
+    @property
+    def has_boxes(self) -> bool:
+        return bool(self.classes)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    image_a: np.ndarray  # uint16 [height, width]
+    image_b: np.ndarray
+    seq_a: np.ndarray  # float32 [samples per scene]
+    seq_b: np.ndarray
+    truth: SceneTruth
+
+
+class SceneSource:
+    """Scene ``k`` of the stream, generated on first use and kept for a few spans (deterministic)."""
+
+    def __init__(self, s: SimSettings, cache: int = 4) -> None:
         self.s = s
-        rng = np.random.default_rng(s.seed)
-        n_stars = 30
-        self.star_xy = rng.uniform(4, [s.width - 4, s.height - 4], size=(n_stars, 2))
-        self.star_flux = rng.lognormal(6.0, 0.8, n_stars)
-        self.period_s = rng.uniform(2.0, 8.0)
-        self.rng = np.random.default_rng(s.seed + 1)
-        yy, xx = np.mgrid[0 : s.height, 0 : s.width]
-        self._yy, self._xx = yy.astype(np.float32), xx.astype(np.float32)
+        self.scene_ns = int(round(s.scene_ms * 1e6))
+        self.dt_ns = int(1e9 / s.sample_rate_hz)
+        self.per_scene = math.ceil(self.scene_ns / self.dt_ns)  # samples whose time falls in one scene
+        self.side = max(s.height, s.width, MIN_SCENE_SIDE)
+        seq_len = max(16, self.per_scene)
+        self.cfg = SynthConfig(size=self.side, seq_len=seq_len, seq_rate_hz=seq_len / s.sky_span_s)
+        self._cache: OrderedDict[int, _Prepared] = OrderedDict()
+        self._size = cache
+        self._lock = threading.Lock()  # the demo's console thread reads truths while the simulator runs
 
-    def light_curve(self, t_s: np.ndarray, band: int) -> np.ndarray:
-        phase = 2 * np.pi * t_s / self.period_s
-        base = 1.0 + 0.3 * np.sin(phase) + (0.15 if band else 0.0) * np.sin(2 * phase)
-        glint = np.exp(-(((phase % (2 * np.pi)) - np.pi) ** 2) / 0.01) * (2.0 if band == 0 else 0.5)
-        return (base + glint + self.rng.normal(0, 0.02, t_s.shape)).astype(np.float32)
+    def index(self, t_ns: int) -> int:
+        return t_ns // self.scene_ns
 
-    def frame(self, t_s: float, band: int) -> np.ndarray:
+    def scene(self, k: int) -> _Prepared:
+        with self._lock:
+            hit = self._cache.get(k)
+            if hit is not None:
+                self._cache.move_to_end(k)
+                return hit
+        prepared = self._make(k)
+        with self._lock:
+            self._cache[k] = prepared
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return prepared
+
+    def truth(self, k: int) -> SceneTruth:
+        return self.scene(k).truth
+
+    def frame(self, t_ns: int, band: int) -> tuple[np.ndarray, SceneTruth]:
+        p = self.scene(self.index(t_ns))
+        return (p.image_a if band == 0 else p.image_b), p.truth
+
+    def samples(self, t0_ns: int, n: int, band: int) -> tuple[np.ndarray, SceneTruth]:
+        """``n`` samples from ``t0_ns`` every ``dt_ns``; a run may cross into the next scene."""
+        t = t0_ns + self.dt_ns * np.arange(n, dtype=np.int64)
+        ks = t // self.scene_ns
+        out = np.empty(n, np.float32)
+        for k in np.unique(ks):
+            sel = ks == k
+            p = self.scene(int(k))
+            series = p.seq_a if band == 0 else p.seq_b
+            idx = np.minimum((t[sel] - int(k) * self.scene_ns) // self.dt_ns, series.size - 1)
+            out[sel] = series[idx]
+        return out, self.scene(int(ks[0])).truth
+
+    def _make(self, k: int) -> _Prepared:
         s = self.s
-        tx = (s.width * 0.2 + 3.0 * t_s) % s.width
-        ty = (s.height * 0.3 + 1.5 * t_s) % s.height
-        sigma = 1.2 if band == 0 else 1.8
-        img = np.full((s.height, s.width), 100.0 if band == 0 else 300.0, np.float32)
-        flux = self.star_flux * (1.0 if band == 0 else 0.4)
-        target_flux = 2000.0 * float(self.light_curve(np.array([t_s]), band)[0])
-        for (x, y), f in zip([*self.star_xy, (tx, ty)], [*flux, target_flux], strict=True):
-            x0, x1, y0, y1 = int(max(x - 5, 0)), int(min(x + 6, s.width)), int(max(y - 5, 0)), int(min(y + 6, s.height))
-            if x0 >= x1 or y0 >= y1:
-                continue
-            d2 = (self._xx[y0:y1, x0:x1] - x) ** 2 + (self._yy[y0:y1, x0:x1] - y) ** 2
-            img[y0:y1, x0:x1] += f / (2 * np.pi * sigma**2) * np.exp(-d2 / (2 * sigma**2))
-        img = self.rng.poisson(np.maximum(img, 0)).astype(np.float32) + self.rng.normal(0, 5, img.shape)
-        return np.clip(img, 0, 65535).astype(np.uint16)
+        scene = generate_scene(scene_seed(s.seed, k), self.cfg)
+        r0, c0 = (self.side - s.height) // 2, (self.side - s.width) // 2
+        boxes, classes = [], []
+        for box, cls in zip(scene.boxes.tolist(), scene.object_classes.tolist(), strict=True):
+            x0, x1 = (min(max(v - c0, 0.0), float(s.width)) for v in (box[0], box[2]))
+            y0, y1 = (min(max(v - r0, 0.0), float(s.height)) for v in (box[1], box[3]))
+            if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:  # still visible after the crop
+                boxes.append([round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)])
+                classes.append(CLASS_NAMES[cls])
+        t0 = k * self.scene_ns
+        truth = SceneTruth(t0, t0 + self.scene_ns, CLASS_NAMES[scene.target_class], boxes, classes)
+        truth = _fit_meta(SceneTruth(**{**truth.__dict__, "snr_img": scene.snr_img, "snr_seq": scene.snr_seq}))
+        crop = (slice(r0, r0 + s.height), slice(c0, c0 + s.width))
+        return _Prepared(
+            np.ascontiguousarray(scene.image_a[crop]),
+            np.ascontiguousarray(scene.image_b[crop]),
+            scene.seq_a[: self.per_scene],
+            scene.seq_b[: self.per_scene],
+            truth,
+        )
+
+
+def _fit_meta(truth: SceneTruth) -> SceneTruth:
+    """Drop the last objects (never the target) until the meta fits the protocol's 4 KiB."""
+    while len(msgpack.packb(truth.to_meta(full=True))) > protocol.MAX_META_BYTES and len(truth.classes) > 1:
+        truth = SceneTruth(**{**truth.__dict__, "boxes": truth.boxes[:-1], "classes": truth.classes[:-1]})
+    return truth
 
 
 def run(
@@ -75,16 +213,25 @@ def run(
     settings: SimSettings,
     stop: threading.Event,
     duration_s: float | None = None,
+    *,
+    source: SceneSource | None = None,
+    recorder: McapRecorder | None = None,
 ) -> dict[str, int]:
-    """Publish until ``stop`` is set or ``duration_s`` has passed. Returns messages sent per sensor."""
+    """Publish until ``stop`` is set or ``duration_s`` has passed. Returns data messages sent per sensor.
+
+    ``recorder`` gets every data message exactly as published (log time = send time), so the file
+    replays and evaluates like a daemon's recording.
+    """
     s = settings
-    scene = Scene(s)
+    scenes = source or SceneSource(s)
+    group, session = publisher.group, publisher.session
     offset_ns = int(s.clock_offset_ms * 1e6)
-    dt_ns = int(1e9 / s.sample_rate_hz)
+    exp_ns = int(s.exposure_ms * 1e6)
+    dt_ns = scenes.dt_ns
     chunk_ns = dt_ns * s.chunk_samples
     frame_ns = int(1e9 / s.frame_rate_hz)
+    scenes.scene(scenes.index(time.time_ns() + offset_ns))  # generated before the clock starts
     start = time.time_ns()
-    t0_s = start / 1e9
     next_frame, next_chunk = start, start
     sent = dict.fromkeys([*s.cameras, *s.radiometers], 0)
     end = start + int(duration_s * 1e9) if duration_s else None
@@ -93,17 +240,81 @@ def run(
         if end is not None and now >= end:
             break
         if now >= next_frame:
-            t_s = next_frame / 1e9 - t0_s
+            t_ns = next_frame + offset_ns
             for band, cam in enumerate(s.cameras):
-                publisher.send_image(cam, scene.frame(t_s, band), next_frame + offset_ns, int(s.exposure_ms * 1e6))
+                image, truth = scenes.frame(t_ns, band)
+                meta = truth.to_meta(full=band == 0)
+                seq = publisher.send_image(cam, image, t_ns, exp_ns, meta=meta)
+                if recorder is not None:
+                    header = protocol.encode_image_header(group, cam, session, seq, t_ns, exp_ns, image, meta)
+                    recorder.record_input([protocol.topic("img", group, cam), header, image], time.time_ns())
                 sent[cam] += 1
             next_frame += frame_ns
         if now >= next_chunk + chunk_ns:  # a chunk is published once its last sample has been taken
-            t = (next_chunk - start + np.arange(s.chunk_samples) * dt_ns) / 1e9
+            t_ns = next_chunk + offset_ns
             for band, rad in enumerate(s.radiometers):
-                publisher.send_samples(rad, scene.light_curve(t, band), next_chunk + offset_ns, dt_ns)
+                values, truth = scenes.samples(t_ns, s.chunk_samples, band)
+                meta = truth.to_meta(full=False)
+                seq = publisher.send_samples(rad, values, t_ns, dt_ns, meta=meta)
+                if recorder is not None:
+                    header = protocol.encode_rad_header(group, rad, session, seq, t_ns, dt_ns, values, meta)
+                    recorder.record_input([protocol.topic("rad", group, rad), header, values], time.time_ns())
                 sent[rad] += 1
             next_chunk += chunk_ns
+        scenes.scene(scenes.index(now + offset_ns) + 1)  # the next scene is made while idle, not when due
         wake = min(next_frame, next_chunk + chunk_ns)
         stop.wait(max(0.0, (wake - time.time_ns()) / 1e9))
     return sent
+
+
+# ---------------------------------------------------------------- CURVE keys on the command line
+
+
+def curve_command(args: argparse.Namespace) -> int:
+    """`sacmf simulate --curve-secret ...`: the command with a CURVE publisher (daemon/keygen.py adds the
+    options). Why the simulator takes keys: it proves a secured daemon end to end before real sensors
+    exist, with the publisher library real sensor hosts use. Key problems are reported, not raised.
+    """
+    import signal
+
+    from ingest.security import KeyFileError
+
+    s = SimSettings(
+        group=args.group,
+        frame_rate_hz=args.frame_rate,
+        sample_rate_hz=args.sample_rate,
+        chunk_samples=args.chunk,
+        height=int(args.size.lower().split("x")[0]),
+        width=int(args.size.lower().split("x")[1]),
+        seed=args.seed,
+        scene_ms=getattr(args, "scene_ms", 1000.0),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
+    record = getattr(args, "record", None)
+    try:
+        pub = SensorPublisher(
+            args.endpoint,
+            s.group,
+            sensors,
+            bind=not args.connect,
+            socket_type=args.socket,
+            curve_secret=args.curve_secret,
+            curve_server_public=args.curve_server_public,
+            curve_clients=args.curve_clients,
+        )
+    except (KeyFileError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    recorder = McapRecorder(record) if record else None
+    try:
+        with pub:
+            print(f"publishing group {s.group} with CURVE on {', '.join(pub.endpoints)} (session {pub.session:#x})")
+            sent = run(pub, s, stop, args.duration, recorder=recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
+    return 0

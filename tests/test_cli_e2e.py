@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ingest.publisher import SensorPublisher
 from ingest.subscriber import IngestWorker
+from sinks.jsonl import read_jsonl
+from sinks.mcap_recorder import read_recording
+from sinks.record import ResultRecord
 from tests.ingest_helpers import settings, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,21 +61,40 @@ def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
         assert msgs["g1", sensor, "hb"] >= 3  # at least one heartbeat per second
 
 
-def test_demo_prints_windows_and_stops_on_ctrl_c():
-    proc = sacmf("demo", "--frame-rate", "5")
+def test_demo_shows_a_live_view_writes_outputs_and_stops_on_ctrl_c(tmp_path):
+    """`sacmf demo`: simulator + daemon in one command; the view refreshes, Ctrl-C drains and exits 0."""
+    out = tmp_path / "demo"
+    proc = sacmf("demo", "--frame-rate", "5", "--out", str(out))
     lines = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
+        if not line:
+            break
         lines.append(line)
-        if sum(x.startswith("window g1") for x in lines) >= 3:
+        shown = re.match(r"\[\s*[\d.]+ s\] windows (\d+)", line)
+        if shown and int(shown.group(1)) >= 3:
             break
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
-    text = "".join(lines) + out
+    out_text, err = proc.communicate(timeout=60)
+    text = "".join(lines) + out_text
     assert proc.returncode == 0, err
-    assert "image_a: 5 frames (128, 128)" in text and "seq_b:" in text
-    assert "demo:" in out and "0 rejected" in out
+    assert re.search(r"metrics: http://127\.0\.0\.1:\d+/metrics", text)
+    assert "latency p50" in text and "latest window g1" in text and "fusion weights: image" in text
+    summary = re.search(r"demo: (\d+) windows, (\d+) messages, 0 rejected", out_text)
+    assert summary and int(summary.group(1)) >= 3 and int(summary.group(2)) > 50
+    results = list(read_jsonl(out / "results.jsonl"))
+    assert len(results) == int(summary.group(1)) and results[-1]["flushed"]  # Ctrl-C flushed the open window
+    assert all(r["presence"]["image_a"] for r in results[:-1])
+    for sub in ("detections", "heatmaps", "fusion_weights"):
+        pictures = list((out / sub).glob("g1_*.png"))
+        assert pictures
+        with Image.open(pictures[0]) as img:
+            img.verify()
+    recorded = list(read_recording(out / "recording.mcap"))
+    assert sum(isinstance(r.body, list) for r in recorded) == int(summary.group(2))  # every input, recorded
+    assert sum(isinstance(r.body, ResultRecord) for r in recorded) == len(results)
+    assert f"sacmf evaluate-stream {out}/recording.mcap" in out_text
 
 
 def test_heartbeats_at_least_once_a_second_per_sensor(ctx):

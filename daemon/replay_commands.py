@@ -1,0 +1,210 @@
+"""Command-line wiring of `sacmf replay`, `sacmf evaluate-stream`, and the recording and demo options of
+`sacmf simulate` / `sacmf demo`.
+
+Why one ``register(sub)`` call: ``daemon/cli.py`` is shared by several jobs; keeping these parsers and
+handlers here means cli.py only gains one line. ``register`` must run after the ``simulate`` and
+``demo`` parsers exist: it adds their new options and points them at the handlers below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from daemon import config as config_mod
+from daemon import logs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `replay` and `evaluate-stream`; extend `simulate` (``--record``) and `demo` (outputs, model)."""
+    r = sub.add_parser("replay", help="re-run a recording through ingest and the model (identical at any speed)")
+    r.add_argument("recording", help="MCAP file with input messages (sacmf serve [sinks] mcap_path, simulate --record)")
+    pace = r.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=None, help="pace at this multiple of the recorded speed")
+    pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
+    _pipeline_args(r)
+    r.add_argument("--png", action="store_true", help="also draw pictures (rate-limited) under OUT/")
+    r.add_argument("--png-max-per-s", type=float, default=1.0, help="pictures per second per group (with --png)")
+    r.set_defaults(func=_replay)
+
+    e = sub.add_parser(
+        "evaluate-stream", help="replay a recording with ground truth and score it (JSON, markdown, plots)"
+    )
+    e.add_argument("recording", help="MCAP file whose messages carry the simulator's truth in meta")
+    e.add_argument("--speed", type=float, default=None, help="pace the replay (default: as fast as possible)")
+    e.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a detection match")
+    _pipeline_args(e)
+    e.set_defaults(func=_evaluate)
+
+    s = sub.choices["simulate"]
+    s.add_argument("--record", default=None, metavar="FILE", help="also write every published message to this MCAP")
+    s.add_argument("--scene-ms", type=float, default=1000.0, help="one scene per this span (the daemon's window)")
+    s.set_defaults(func=_simulate, size="64x64")  # the synthetic scenes' native size, what models train on
+
+    d = sub.choices["demo"]
+    d.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    d.add_argument("--checkpoint", default=None, help="model to serve (default: model/weights/default.pt)")
+    d.add_argument("--no-record", action="store_true", help="do not write outputs/demo/recording.mcap")
+    d.set_defaults(func=_demo, size="64x64")  # the model's native frame size: the synthetic scenes look right
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="config.toml", help="groups, windows and model (default: config.toml)")
+    p.add_argument("--checkpoint", default=None, help="override [model] checkpoint")
+    p.add_argument("--batch", type=int, default=None, help="windows per model call (default: max_batch_size)")
+    p.add_argument("--out", default=None, help="output folder (default: outputs/<command>/<recording name>)")
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config | None:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if args.checkpoint:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=Path(args.checkpoint)))
+    if not cfg.model.checkpoint.is_file():
+        print(
+            f"error: no model checkpoint at {cfg.model.checkpoint} (--checkpoint or [model] checkpoint)",
+            file=sys.stderr,
+        )
+        return None
+    if not Path(args.recording).is_file():
+        print(f"error: no recording at {args.recording}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def _threads(cfg: config_mod.Config) -> None:
+    import torch
+
+    from daemon.service import cpu_count
+
+    torch.set_num_threads(cfg.model.torch_threads or max(1, cpu_count() - 1))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from daemon.replay import default_output_dir, replay
+    from sinks.jsonl import JsonlSink
+    from sinks.png import PngSink
+
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    _threads(cfg)
+    out = Path(args.out) if args.out else default_output_dir(args.recording, "replay")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").unlink(missing_ok=True)
+    sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
+    png = PngSink(out, max_per_s=args.png_max_per_s) if args.png else None
+    try:
+        rep = replay(args.recording, cfg, speed=args.speed, batch_size=args.batch, sinks=[sink], png=png)
+    finally:
+        sink.close()
+    rate = len(rep.results) / rep.wall_s if rep.wall_s > 0 else float("nan")
+    pace = "as fast as possible" if args.speed is None else f"at {args.speed:g}x"
+    print(
+        f"replayed {rep.messages} messages {pace}: {rep.windows} windows ({rep.flushed} flushed at the end), "
+        f"{len(rep.results)} results, {sum(rep.rejected.values())} rejected, {len(rep.late)} late, "
+        f"{rep.failed} failed; {rep.wall_s:.2f} s ({rate:.1f} windows/s), model {rep.model_version}"
+    )
+    print(f"results: {out / 'results.jsonl'}" + (f", {png.drawn} pictures under {out}/" if png else ""))
+    return 0 if rep.failed == 0 else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from daemon.evaluate_stream import evaluate
+    from daemon.replay import default_output_dir
+
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    _threads(cfg)
+    out = Path(args.out) if args.out else default_output_dir(args.recording, "evaluate-stream")
+    ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou)
+    rep = ev.report
+    cls, det = rep["classification"], rep["detection"]
+    print(f"{rep['windows']} windows replayed, {rep['windows_with_truth']} with ground truth")
+    if cls:
+        print(f"target class: accuracy {cls['accuracy']:.3f}, macro-F1 {cls['macro_f1']:.3f}")
+    else:
+        print("no ground truth in the recording's messages (meta.truth): nothing scored")
+    if det:
+        a = det["class_agnostic"]
+        print(
+            f"detection @IoU {det['iou']}: P {a['precision']:.3f} R {a['recall']:.3f} F1 {a['f1']:.3f} (class-agnostic)"
+        )
+    live = rep["latency_s"]["live"]
+    if live:
+        print(f"live latency: p50 {live['p50']:.3f} s, p90 {live['p90']:.3f} s, p99 {live['p99']:.3f} s")
+    print(f"report: {out / 'report.md'} (and report.json, {len(rep['plots'])} plots)")
+    return 0
+
+
+def _sim_settings(args: argparse.Namespace):
+    from daemon.simulate import SimSettings
+
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    return SimSettings(
+        group=args.group,
+        frame_rate_hz=args.frame_rate,
+        sample_rate_hz=args.sample_rate,
+        chunk_samples=args.chunk,
+        height=h,
+        width=w,
+        seed=args.seed,
+        scene_ms=getattr(args, "scene_ms", 1000.0),
+    )
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():  # second signal: leave at once
+            raise SystemExit(130)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from daemon import simulate
+    from ingest.publisher import SensorPublisher
+    from sinks.mcap_recorder import McapRecorder
+
+    s = _sim_settings(args)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
+    recorder = McapRecorder(args.record) if args.record else None
+    try:
+        with SensorPublisher(args.endpoint, s.group, sensors, bind=not args.connect, socket_type=args.socket) as pub:
+            print(f"publishing group {s.group} on {', '.join(pub.endpoints)} (session {pub.session:#x}); Ctrl-C stops")
+            if recorder is not None:
+                print(f"recording to {args.record}")
+            sent = simulate.run(pub, s, stop, args.duration, recorder=recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from daemon import demo
+
+    level = args.log_level or "warning"  # the live view is the output; info logs would drown it
+    logs.configure(level, args.log_format or "auto")
+    return demo.run(
+        _sim_settings(args),
+        threading.Event(),
+        args.duration,
+        out_dir=args.out,
+        checkpoint=args.checkpoint,
+        record=not args.no_record,
+        log_level=level,
+    )

@@ -1,0 +1,137 @@
+"""The PNG sink: per-group rate limit, and pictures that decode and show what the record says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sinks.png import _CLASS_COLOURS, _IMAGE_COLOUR, _SEQ_COLOUR, MIN_DISPLAY_SIDE, PngFrame, PngSink, RateLimiter
+from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
+from sinks.supervisor import SinkSupervisor
+
+SEC = 1_000_000_000
+T0 = 1_800_000_000 * SEC
+NAMES = ["star", "stable_satellite", "spin_stabilised_satellite", "tumbling_rocket_body", "debris", "false_alarm"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def record(group: str = "g1", k: int = 0, image_w: float = 0.7, dets: list[Detection] | None = None) -> ResultRecord:
+    probs = [0.05, 0.6, 0.1, 0.1, 0.1, 0.05]
+    return ResultRecord(
+        group=group,
+        start_ns=T0 + k * SEC,
+        end_ns=T0 + (k + 1) * SEC,
+        presence=dict.fromkeys(("image_a", "image_b", "seq_a", "seq_b"), True),
+        class_names=NAMES,
+        target_probs=probs,
+        fusion=FusionWeights(image_w, 1.0 - image_w, {"image": TokenStats(1.0, 0.8, 1.3, 32)}),
+        detections=dets or [],
+        mi_nats=0.2 + 0.01 * k,
+        latency_s=0.3,
+        model_version="test",
+    )
+
+
+def test_rate_limit_per_group_is_a_token_bucket():
+    clock = FakeClock()
+    limiter = RateLimiter(2.0, clock=clock)
+    admitted = []
+    for i in range(11):  # one write per 0.1 s for 1 s, two groups interleaved
+        clock.t = 100.0 + i * 0.1
+        admitted.append((limiter.admit("g1"), limiter.admit("g2")))
+    g1 = [round(100.0 + i * 0.1, 1) for i, (a, _) in enumerate(admitted) if a]
+    assert g1 == [100.0, 100.5, 101.0]  # 2 per second, burst 1
+    assert [a for a, _ in admitted] == [b for _, b in admitted]  # buckets are independent
+    with pytest.raises(ValueError):
+        RateLimiter(0.0)
+
+
+def test_the_sink_draws_at_most_n_windows_per_second_per_group(tmp_path: Path):
+    clock = FakeClock()
+    sink = PngSink(tmp_path, max_per_s=1.0, clock=clock)
+    for k in range(10):  # 10 windows per group within 0.9 s, then one more a second later
+        clock.t = 100.0 + k * 0.1
+        sink.write(record("g1", k))
+        sink.write(record("g2", k))
+    clock.t = 101.05
+    sink.write(record("g1", 10))
+    assert sink.drawn == 3 and sink.skipped == 18
+    names = sorted(p.name for p in (tmp_path / "fusion_weights").iterdir())
+    assert names == sorted([f"g1_{T0}.png", f"g2_{T0}.png", f"g1_{T0 + 10 * SEC}.png"])
+    # bare records carry no pixels: only the fusion-weight picture
+    assert not list((tmp_path / "detections").iterdir()) and not list((tmp_path / "heatmaps").iterdir())
+
+
+def _frame() -> tuple[np.ndarray, np.ndarray]:
+    """A 48x64 raw frame with a bright source at (x=40, y=12), and an 12x12 heatmap peaking there."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(300, 5, (48, 64))
+    yy, xx = np.mgrid[0:48, 0:64]
+    img += 3000 * np.exp(-((xx - 40.5) ** 2 + (yy - 12.5) ** 2) / 3.0)
+    heat = np.zeros((12, 12))
+    heat[2, 7] = 0.9  # cell side = 64 / 12 px: the cell holding (40, 12)
+    return np.clip(img, 0, 65535).astype(np.uint16), heat
+
+
+def test_pictures_decode_and_show_boxes_heat_and_weights(tmp_path: Path):
+    image, heat = _frame()
+    det = Detection([36.0, 8.0, 45.0, 17.0], "stable_satellite", 0.8, [0.05, 0.6, 0.1, 0.1, 0.1, 0.05])
+    rec = record(dets=[det], image_w=0.7)
+    sink = PngSink(tmp_path, max_per_s=5.0)
+    sink.write(PngFrame(rec, image, heat, (64.0, 64.0)))
+    assert sink.drawn == 1 and len(sink.files) == 3
+    zoom = -(-MIN_DISPLAY_SIDE // 64)  # small frames are enlarged by a whole factor, from the longer side
+    pics = {}
+    for sub in ("detections", "heatmaps", "fusion_weights"):
+        with Image.open(tmp_path / sub / f"g1_{T0}.png") as img:
+            img.load()
+            pics[sub] = np.asarray(img.convert("RGB")).astype(int)
+    det_px = pics["detections"]
+    assert det_px.shape == (48 * zoom, 64 * zoom, 3)
+    colour = _CLASS_COLOURS[NAMES.index("stable_satellite")]
+    assert tuple(det_px[14 * zoom, 36 * zoom]) == colour  # the box's left edge, in its class colour
+    assert tuple(det_px[40 * zoom, 10 * zoom]) != colour  # far from the box: the sky
+    heat_px = pics["heatmaps"]
+    hot, cold = heat_px[12 * zoom, 40 * zoom], heat_px[40 * zoom, 10 * zoom]
+    assert hot[0] > 200 and hot[0] - hot[2] > 40  # the hot cell is tinted (red/yellow end of the colour map)
+    assert abs(cold[0] - cold[2]) < 10  # elsewhere the grey frame shows through
+    fw = pics["fusion_weights"]
+    bottom, top = 220 - 30, 30
+    image_bar_top = bottom - (bottom - top) * 0.7
+    assert tuple(fw[bottom - 5, 60]) == _IMAGE_COLOUR and tuple(fw[int(image_bar_top) - 3, 60]) == (255, 255, 255)
+    seq_bar_top = bottom - (bottom - top) * 0.3
+    assert tuple(fw[int(seq_bar_top) + 3, 125]) == _SEQ_COLOUR and tuple(fw[int(seq_bar_top) - 3, 125]) != _SEQ_COLOUR
+
+
+def test_a_picture_item_checks_its_arrays():
+    rec = record()
+    with pytest.raises(ValueError):
+        PngFrame(rec, np.zeros((4, 4, 4, 4)))
+    with pytest.raises(ValueError):
+        PngFrame(rec, np.zeros((8, 8)), np.zeros((2, 2)))  # a heatmap without its extent
+    with pytest.raises(TypeError):
+        PngFrame({"not": "a record"})  # type: ignore[arg-type]
+
+
+def test_under_a_supervisor_a_slow_burst_is_rate_limited_in_wall_time(tmp_path: Path):
+    sink = PngSink(tmp_path, max_per_s=2.0)
+    sup = SinkSupervisor([sink], queue_size=64)
+    image, heat = _frame()
+    for k in range(20):  # a replay-speed burst: 20 windows at once
+        sup.submit(PngFrame(record(k=k), image, heat, (64.0, 64.0)))
+    assert sup.close(30)
+    assert sup.written["png"] == 20 and sink.drawn + sink.skipped == 20
+    assert 1 <= sink.drawn <= 3  # the burst took well under a second to draw
+    for path in sink.files:
+        with Image.open(path) as img:
+            img.verify()

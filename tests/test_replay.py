@@ -1,0 +1,314 @@
+"""Record -> replay -> evaluate, for real: `sacmf serve` records its inputs and results while the
+simulator feeds it, the recording replays to identical results at two speeds, `sacmf evaluate-stream`
+scores it against the simulator's truth, and the ingest raw-message hook changes nothing it observes.
+
+The daemon serves a tiny untrained checkpoint, so the scores are low: the tests check that the numbers
+are the right numbers (recomputed here from the results and the simulator's own scenes), not that the
+model is good.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+from PIL import Image
+
+from daemon import config as config_mod
+from daemon.replay import comparable, recorded_inputs, replay
+from daemon.service import decode_inputs, encode_inputs
+from daemon.simulate import SceneSource, SceneTruth, SimSettings
+from ingest import protocol
+from ingest.subscriber import IngestWorker
+from sinks.jsonl import read_jsonl
+from sinks.mcap_recorder import read_recording
+from sinks.record import ResultRecord, from_wire
+from tests.ingest_helpers import KINDS, SEC, T0, settings, signature
+from tests.service_helpers import ROOT, Daemon, tiny_checkpoint
+
+torch.set_num_threads(1)
+
+# what tests/service_helpers.Daemon runs: the simulator's settings, and the config's 500 ms windows
+SIM = SimSettings(frame_rate_hz=10, sample_rate_hz=500, chunk_samples=50, height=48, width=64)
+WINDOW_NS = SEC // 2
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@dataclass
+class Recording:
+    tmp: Path
+    config: Path
+    mcap: Path
+    jsonl: Path
+    png_dir: Path
+    shutdown: dict  # the daemon's shutdown_complete log event
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Recording:
+    """`sacmf serve` with an MCAP recording (inputs on by default) and PNG pictures, stopped by SIGTERM."""
+    tmp = tmp_path_factory.mktemp("record")
+    tiny_checkpoint(tmp / "tiny.pt", "tiny-replay")
+    d = Daemon(tmp, tmp / "tiny.pt")
+    png_dir = tmp / "png"
+    text = d.config.read_text().replace("[sinks]\n", f'[sinks]\npng_dir = "{png_dir}"\npng_max_per_s = 2.0\n')
+    d.config.write_text(text)
+    try:
+        d.start()
+        d.wait_results(lambda r: not r["flushed"], n=5, timeout=60)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(60) == 0
+        done = d.event("shutdown_complete", timeout=10)
+    finally:
+        d.close()
+    return Recording(tmp, d.config, d.mcap, d.jsonl, png_dir, done)
+
+
+# ----------------------------------------------------------------------------------------------------
+# recording
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_daemon_records_every_input_beside_its_results(recording: Recording):
+    inputs, results = [], []
+    for rec in read_recording(recording.mcap, strict=True):
+        (inputs if isinstance(rec.body, list) else results).append(rec)
+    assert recording.shutdown["clean"] is True and recording.shutdown["inputs_dropped"] == 0
+    assert len(inputs) == recording.shutdown["inputs_recorded"] > 50
+    seqs: dict[str, list[int]] = {}
+    for rec in inputs:
+        msg = protocol.decode(rec.body)  # the exact frames: they validate as protocol v1 again
+        assert rec.topic == rec.body[0].decode() == f"{msg.kind}/{msg.group}/{msg.sensor}"
+        if msg.kind == "hb":
+            continue
+        assert rec.publish_time == msg.t_ns  # publish time = event time, log time = receive time
+        assert 0 <= rec.log_time - msg.t_ns < 5 * SEC
+        seqs.setdefault(msg.sensor, []).append(msg.seq)
+        # the simulator's truth rides along, and it is the scene the simulator really drew
+        truth = SceneTruth.from_meta(msg.meta)
+        expected = SceneSource(SIM).truth(msg.t_ns // SEC)
+        assert (
+            truth is not None
+            and truth.target == expected.target
+            and (truth.t0_ns, truth.t1_ns)
+            == (
+                expected.t0_ns,
+                expected.t1_ns,
+            )
+        )
+        if msg.sensor == "cam_vis":
+            assert truth.boxes == expected.boxes and truth.classes == expected.classes
+    assert set(seqs) == set(KINDS) and any(m.topic.startswith("hb/") for m in inputs)
+    for sensor, s in seqs.items():  # nothing missing from the recording: contiguous per sensor
+        assert s == list(range(s[0], s[0] + len(s))), sensor
+    # results and inputs join by window id: every result window has its recorded inputs
+    assert [r.body.start_ns for r in results] == [r["start_ns"] for r in read_jsonl(recording.jsonl)]
+    in_window = {r.body.start_ns: 0 for r in results}
+    for rec in inputs:
+        start = rec.publish_time - rec.publish_time % WINDOW_NS
+        if start in in_window and not rec.topic.startswith("hb/"):
+            in_window[start] += 1
+    assert all(n > 0 for n in in_window.values())
+
+
+def test_the_daemon_draws_rate_limited_pictures(recording: Recording):
+    windows = len(list(read_jsonl(recording.jsonl)))
+    for sub in ("detections", "heatmaps", "fusion_weights"):
+        files = sorted((recording.png_dir / sub).glob("g1_*.png"))
+        assert 1 <= len(files) < windows  # 2 per second at most, of 2 windows per second
+        for f in files:
+            with Image.open(f) as img:
+                img.load()
+                assert img.mode == "RGB" and min(img.size) >= 192
+    starts = sorted(int(f.stem.split("_")[1]) for f in (recording.png_dir / "detections").glob("g1_*.png"))
+    assert all(b - a >= WINDOW_NS for a, b in zip(starts, starts[1:], strict=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# replay
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_replay_gives_identical_results_at_two_speeds(recording: Recording, tmp_path: Path):
+    out = tmp_path / "max"
+    run = cli("replay", str(recording.mcap), "--max", "--config", str(recording.config), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    fast = [from_wire(d) for d in read_jsonl(out / "results.jsonl")]
+    assert "windows" in run.stdout and str(len(fast)) in run.stdout
+
+    cfg = config_mod.load(recording.config)
+    span_ns = [t for t, _ in recorded_inputs(recording.mcap)]
+    started = time.monotonic()
+    paced = replay(recording.mcap, cfg, speed=4.0).results
+    wall = time.monotonic() - started
+    assert wall >= 0.8 * (span_ns[-1] - span_ns[0]) / 1e9 / 4  # it really was paced
+    assert len(fast) == len(paced) >= 5
+    for a, b in zip(fast, paced, strict=True):
+        assert isinstance(a, ResultRecord)
+        assert comparable(a) == comparable(b)  # field by field, floats bit for bit; latency aside
+    assert fast[-1].flushed and not any(r.flushed for r in fast[:-1])  # the recording's end flushes once
+    starts = [r.start_ns for r in fast]
+    assert all(b - a == WINDOW_NS for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recording, tmp_path: Path):
+    out = tmp_path / "eval"
+    run = cli("evaluate-stream", str(recording.mcap), "--config", str(recording.config), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    results = [from_wire(d) for d in read_jsonl(out / "results.jsonl")]
+    assert report["windows"] == len(results) == report["windows_with_truth"] >= 5
+
+    # recompute the scores from the replayed results and the simulator's own scenes
+    scenes = SceneSource(SIM)
+    truths = [scenes.truth((r.start_ns + r.end_ns) // 2 // SEC) for r in results]
+    hits = [r.target_class == t.target for r, t in zip(results, truths, strict=True)]
+    cls = report["classification"]
+    assert cls["n"] == len(results) and cls["accuracy"] == pytest.approx(np.mean(hits))
+    assert sum(map(sum, cls["confusion"])) == len(results) and 0.0 <= cls["macro_f1"] <= 1.0
+    assert report["truth_targets"] == {t: sum(x.target == t for x in truths) for t in {x.target for x in truths}}
+    det = report["detection"]
+    assert det["objects"] == sum(len(t.classes) for t in truths)
+    assert det["detections"] == sum(len(r.detections) for r in results)
+    for key in ("class_agnostic", "class_aware"):
+        assert all(0.0 <= det[key][m] <= 1.0 for m in ("precision", "recall", "f1"))
+    assert det["class_aware"]["recall"] <= det["class_agnostic"]["recall"]
+
+    live = report["latency_s"]["live"]  # the daemon's own results in the recording
+    assert live["n"] == len([r for r in read_recording(recording.mcap) if isinstance(r.body, ResultRecord)])
+    assert 0.0 < live["p50"] <= live["p90"] <= live["p99"] <= live["max"] < 30.0
+    fusion = report["fusion"]
+    assert fusion["image"]["n"] == fusion["windows_with_both_modalities"] > 0
+    both = [r for r in results if r.fusion.image > 0 and r.fusion.sequence > 0]
+    assert fusion["image"]["mean"] == pytest.approx(np.mean([r.fusion.image for r in both]))
+    assert sum(v["image"]["n"] for v in fusion["by_true_class"].values()) == len(results)
+    assert report["replay"]["messages"] == sum(1 for _ in recorded_inputs(recording.mcap))
+
+    assert "Accuracy" in (out / "report.md").read_text()
+    for name in ("fusion_over_time.png", "fusion_by_class.png", "confusion.png", "latency.png"):
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.width >= 600 and img.height >= 300
+        assert name in report["plots"]
+
+
+def test_simulate_record_writes_a_replayable_file_with_truth(tmp_path: Path):
+    path = tmp_path / "sim.mcap"
+    run = cli("simulate", "--endpoint", "tcp://127.0.0.1:*", "--frame-rate", "5", "--sample-rate", "200",
+              "--chunk", "20", "--size", "40x40", "--duration", "2.2", "--record", str(path))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    msgs = [(t, protocol.decode(f)) for t, f in recorded_inputs(path)]
+    sent = dict(kv.split("=") for kv in run.stdout.split("sent:")[1].strip().split(", "))
+    assert {s: sum(m.sensor == s for _, m in msgs) for s in sent} == {s: int(n) for s, n in sent.items()}
+    scenes = SceneSource(SimSettings(frame_rate_hz=5, sample_rate_hz=200, chunk_samples=20, height=40, width=40))
+    for _, m in msgs:
+        truth = SceneTruth.from_meta(m.meta)
+        assert truth is not None and truth.target == scenes.truth(m.t_ns // SEC).target
+        assert len(msgpack.packb(m.meta)) <= protocol.MAX_META_BYTES
+        if m.kind == "img" and m.sensor == "cam_vis":
+            assert np.array_equal(m.data, scenes.frame(m.t_ns, 0)[0]) and truth.has_boxes
+
+
+# ----------------------------------------------------------------------------------------------------
+# the ingest raw-message hook
+# ----------------------------------------------------------------------------------------------------
+
+
+def _stream() -> list[list[bytes]]:
+    """Two windows of all four sensors, a duplicate, a reordered frame, a heartbeat and a bad message."""
+    out = []
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        t = T0 + i * SEC // 4
+        for seq_sensor in ("cam_vis", "cam_ir"):
+            img = rng.integers(0, 4000, (16, 20), dtype=np.uint16)
+            out.append([protocol.topic("img", "g1", seq_sensor),
+                        protocol.encode_image_header("g1", seq_sensor, 7, i, t, 1000, img), img.tobytes()])  # fmt: skip
+        for rad in ("rad_vis", "rad_ir"):
+            v = rng.normal(1.0, 0.1, 25).astype(np.float32)
+            out.append([protocol.topic("rad", "g1", rad),
+                        protocol.encode_rad_header("g1", rad, 7, i, t, 10_000_000, v), v.tobytes()])  # fmt: skip
+    out.insert(9, out[4])  # a duplicate
+    out[12], out[13] = out[13], out[12]  # reordered
+    out.append([protocol.topic("hb", "g1", "cam_vis"), protocol.encode_heartbeat("g1", "cam_vis", 7, T0 + 2 * SEC, 7)])
+    out.insert(5, [b"img/g1/cam_vis", b"\xc1not msgpack", b""])  # rejected: never reaches the hook
+    return out
+
+
+def _ingest(ctx, stream: list[list[bytes]], on_raw=None) -> tuple[IngestWorker, list]:
+    windows: list = []
+    worker = IngestWorker(settings(f"inproc://raw-hook-{id(windows)}"), windows.append, on_raw=on_raw, context=ctx)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(worker.bound_endpoints[0])
+    for frames in stream:
+        push.send_multipart(frames)
+    deadline = time.monotonic() + 10
+    while sum(worker.messages().values()) + sum(worker.stats.rejected.values()) < len(stream):
+        worker.poll(20)
+        assert time.monotonic() < deadline
+    worker.flush()
+    push.close(0)
+    worker.close()
+    return worker, windows
+
+
+def test_the_raw_hook_sees_every_valid_message_and_changes_nothing(ctx):
+    stream = _stream()
+    seen: list[tuple[list[bytes], int, str]] = []
+
+    def hook(frames, recv_ns, msg):
+        seen.append(([bytes(protocol._buffer(f)) for f in frames], recv_ns, msg.kind))
+
+    plain, plain_windows = _ingest(ctx, stream)
+    hooked, hooked_windows = _ingest(ctx, stream, on_raw=hook)
+    assert [signature(w) for w in hooked_windows] == [signature(w) for w in plain_windows]
+    assert len(plain_windows) == 2
+    assert hooked.messages() == plain.messages() and hooked.stats.rejected == plain.stats.rejected == {"msgpack": 1}
+    assert hooked.tracker.stats("g1/cam_vis").duplicates == 1
+    valid = [f for f in stream if f[1] != b"\xc1not msgpack"]
+    assert [f for f, _, _ in seen] == valid  # byte for byte, in arrival order, duplicate and heartbeat too
+    assert [r for _, r, _ in seen] == sorted(r for _, r, _ in seen) and seen[-1][2] == "hb"
+
+    def broken(frames, recv_ns, msg):
+        raise RuntimeError("recorder bug")
+
+    survived, survived_windows = _ingest(ctx, stream, on_raw=broken)  # a failing hook costs the pipeline nothing
+    assert [signature(w) for w in survived_windows] == [signature(w) for w in plain_windows]
+    assert survived.stats.raw_callback_errors == len(valid)
+
+
+def test_input_batches_cross_the_recording_pipe_byte_for_byte(ctx):
+    """The daemon's ingest -> recorder pipe: small frames inside the index, camera payloads zero-copy."""
+    big = np.arange(70_000, dtype=np.uint8)  # >= 64 KiB: travels as its own ZeroMQ frame
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    push.send_multipart([b"x", big.tobytes()], copy=False)  # receive the payload as a zmq.Frame, as ingest does
+    received = pull.recv_multipart(copy=False)
+    batch = [(T0, [b"img/g1/cam_vis", b"\x81\xa1v\x01", received[1]]), (T0 + 1, [b"hb/g1/cam_vis", b"\x80"])]
+    push.send_multipart(encode_inputs(batch), copy=False)
+    parts = pull.recv_multipart(copy=False)
+    assert len(parts) == 2  # the index, and the one large payload
+    decoded = decode_inputs(parts)
+    assert [(t, [bytes(f) for f in fs]) for t, fs in decoded] == [
+        (T0, [b"img/g1/cam_vis", b"\x81\xa1v\x01", big.tobytes()]),
+        (T0 + 1, [b"hb/g1/cam_vis", b"\x80"]),
+    ]
+    push.close(0)
+    pull.close(0)
