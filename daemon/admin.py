@@ -11,6 +11,12 @@ and the server listens on loopback only, local callers may reload without one (t
 sending SIGHUP). Bound beyond loopback without a token, reload over HTTP is always refused. Tokens are
 compared in constant time.
 
+Bound beyond loopback, the read endpoints need the token too, except ``public_endpoints`` (default
+``/healthz`` only: a liveness probe carries no secret and reveals nothing): metrics name every sensor,
+group and model version, and readiness details describe the daemon's state to whoever asks. Without a
+configured token they are then refused. The token travels in clear over plain HTTP: beyond one host,
+put a TLS reverse proxy in front (SECURITY.md).
+
 Semantics: ``/healthz`` = liveness (the daemon's loops ticked recently; never depends on sensors);
 ``/readyz`` = readiness (model warm, sockets up, not draining). Both answer 200 or 503 with a JSON body
 that says why.
@@ -32,6 +38,7 @@ import structlog
 log = structlog.get_logger("sacmf.admin")
 
 MAX_BODY = 65536
+ADMIN_PATHS = ("/metrics", "/healthz", "/readyz", "/reload")
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class _Server(ThreadingHTTPServer):
     handlers: AdminHandlers
     token: str
     loopback: bool
+    public: frozenset[str]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -102,7 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         h = self.server.handlers
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path in ADMIN_PATHS and not self._may_read(path):
+            log.warning("admin_request_refused", client=self.client_address[0], path=path)
+            self._json(403, {"error": "forbidden: present the configured admin token (Authorization: Bearer ...)"})
+        elif path == "/metrics":
             body, ctype = h.metrics(self.headers.get("Accept", ""))
             self._send(200, body, ctype)
         elif path == "/healthz":
@@ -132,10 +143,20 @@ class _Handler(BaseHTTPRequestHandler):
         status, body = self.server.handlers.reload()
         self._json(status, body)
 
+    def _may_read(self, path: str) -> bool:
+        """On loopback everything but /reload is open (as local as the process list); beyond it, the token."""
+        if self.server.loopback or path in self.server.public:
+            return True
+        return bool(self.server.token) and self._token_matches()
+
     def _authorised(self) -> bool:
         token = self.server.token
         if not token:
             return self.server.loopback
+        return self._token_matches()
+
+    def _token_matches(self) -> bool:
+        token = self.server.token
         presented = self.headers.get("Authorization", "")
         scheme, _, value = presented.partition(" ")
         if scheme.lower() != "bearer":
@@ -146,16 +167,30 @@ class _Handler(BaseHTTPRequestHandler):
 class AdminServer:
     """The admin HTTP server in a background thread."""
 
-    def __init__(self, host: str, port: int, handlers: AdminHandlers, *, token: str = "") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handlers: AdminHandlers,
+        *,
+        token: str = "",
+        public_endpoints: tuple[str, ...] = ("/healthz",),
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_cls = type("_AdminServer", (_Server,), {"address_family": family})
         self._server: _Server = server_cls((host, port), _Handler)
         self._server.handlers = handlers
         self._server.token = token
         self._server.loopback = is_loopback(host)
+        self._server.public = frozenset(public_endpoints) - {"/reload"}
         self._thread: threading.Thread | None = None
         if not self._server.loopback and not token:
-            log.warning("admin_reload_disabled", reason="listening beyond loopback without [admin] token", host=host)
+            log.warning(
+                "admin_token_missing",
+                reason="listening beyond loopback without [admin] token: only the public endpoints answer",
+                public=sorted(self._server.public),
+                host=host,
+            )
 
     @property
     def address(self) -> tuple[str, int]:

@@ -61,6 +61,8 @@ REJECT_REASONS = (
     "unknown_group",  # group not configured (for this replica)
     "unknown_sensor",  # sensor not configured in its group
     "wrong_kind",  # a configured sensor sent a kind that its role does not take
+    "rate_limited",  # the sensor is over its configured rate limit (dropped before decoding)
+    "unauthorised_group",  # the authenticated CURVE key may not publish into the topic's group
 )
 
 

@@ -6,6 +6,11 @@ payloads, zero-copy sends of large frames, and a heartbeat per sensor at least e
 background thread (so that tail loss and silent sensors are visible even when no data flows).
 
 ZeroMQ sockets are not thread-safe; the heartbeat thread and the caller share the socket under a lock.
+
+CURVE (SECURITY.md): give ``curve_secret`` (this sensor's ``NAME.key_secret`` from ``sacmf keygen``).
+Connecting, also ``curve_server_public`` (the daemon's ``.key``): the daemon is the CURVE server and
+admits this sensor's public key. Binding, this publisher is the server: ``curve_clients`` is the
+directory of the public keys it admits (the daemon's), checked by a ZAP handler in a context of its own.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import zmq
 
-from ingest import protocol
+from ingest import protocol, security
 
 ZERO_COPY_BYTES = 65536  # pyzmq sends frames of at least this size without copying when copy=False
 
@@ -45,6 +51,9 @@ class SensorPublisher:
         clock: Callable[[], int] = time.time_ns,
         sndhwm: int = 1000,
         session: int | None = None,
+        curve_secret: str | Path | None = None,
+        curve_server_public: str | Path | None = None,
+        curve_clients: str | Path | None = None,
     ) -> None:
         if not protocol.NAME_RE.match(group):
             raise ValueError(f"group name {group!r} must match [A-Za-z0-9_.-]{{1,64}}")
@@ -61,16 +70,39 @@ class SensorPublisher:
         self._clock = clock
         self._next_seq = {name: 0 for name in sensors}
         self._topics = {(k, n): protocol.topic(k, group, n) for n, kind in sensors.items() for k in (kind, "hb")}
-        self._ctx = context or zmq.Context.instance()
         kinds = {"pub": zmq.PUB, "push": zmq.PUSH}
         if socket_type not in kinds:
             raise ValueError(f"socket_type must be 'pub' or 'push', not {socket_type!r}")
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        keys = security.load_secret_certificate(curve_secret) if curve_secret is not None else None
+        if keys is None and (curve_server_public is not None or curve_clients is not None):
+            raise ValueError("curve_server_public / curve_clients need curve_secret (this sensor's key pair)")
+        # a ZAP handler owns its context: a CURVE server gets a private one unless the caller gave one
+        self._own_ctx = keys is not None and bind and context is None
+        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
+        self._auth: security.ZapHandler | None = None
         self._sock = self._ctx.socket(kinds[socket_type])
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
-        for ep in [endpoint] if isinstance(endpoint, str) else endpoint:
-            (self._sock.bind if bind else self._sock.connect)(ep)
-        self.endpoints = [self._sock.getsockopt_string(zmq.LAST_ENDPOINT)] if bind else list(endpoint)
+        try:
+            if keys is not None and bind:
+                if curve_clients is None:
+                    raise ValueError("a binding CURVE publisher needs curve_clients (the daemon's public key dir)")
+                security.make_server(self._sock, keys)
+                self._auth = security.ZapHandler(self._ctx, curve_clients, socket_name=f"publisher-{group}")
+                self._auth.watch(self._sock)
+                self._auth.start()
+            elif keys is not None:
+                if curve_server_public is None:
+                    raise ValueError("a connecting CURVE publisher needs curve_server_public (the daemon's key)")
+                security.make_client(self._sock, keys, security.load_public_certificate(curve_server_public))
+            for ep in endpoints:
+                (self._sock.bind if bind else self._sock.connect)(ep)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._close_auth()
+            raise
+        self.endpoints = [self._sock.getsockopt_string(zmq.LAST_ENDPOINT)] if bind else endpoints
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._hb_thread = threading.Thread(
@@ -135,6 +167,13 @@ class SensorPublisher:
             self.heartbeat(wait_ms=1000)
         finally:
             self._sock.close()
+            self._close_auth()
+
+    def _close_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx:
+            self._ctx.term()
 
     def __enter__(self) -> SensorPublisher:
         return self

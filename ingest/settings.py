@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.protocol import Limits
+from ingest.security import CurveConfig, RateLimit
 from ingest.windowing import IMAGE_ROLES, ROLES, WindowSpec
 
 ROLE_KIND = {role: ("img" if role in IMAGE_ROLES else "rad") for role in ROLES}
@@ -50,6 +51,8 @@ class IngestSettings:
     reject_log_interval_s: float = 10.0
     skew_window_s: float = 60.0
     advance_interval_s: float = 0.05  # how often idle and max_wait timers are checked (live)
+    curve: CurveConfig | None = None  # CURVE on the input socket(s); None = plain (ingest/security.py)
+    rate_limits: dict[str, RateLimit] = field(default_factory=dict)  # "group/sensor" -> token bucket
 
     def __post_init__(self) -> None:
         if not self.endpoints:

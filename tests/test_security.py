@@ -1,0 +1,605 @@
+"""CURVE, ZAP, group allow-lists, key files, admin tokens and pinned checkpoints, over real sockets.
+
+Every test here pits authorised parties against refused ones at the same time: the point is not only
+that intruders are kept out, but that the authorised stream flows on with exact counts while they try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import stat
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+from daemon import config as config_mod
+from daemon import keygen, service
+from daemon.admin import AdminHandlers, AdminServer
+from daemon.cli import build_parser
+from ingest import protocol, security
+from ingest.publisher import SensorPublisher
+from ingest.settings import GroupSettings, IngestSettings
+from ingest.windowing import WindowSpec
+from sinks.zmq_pub import ZmqResultPublisher
+from tests.ingest_helpers import SEC, T0, WorkerThread, wait_for
+from tests.test_sinks import make_result
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = np.linspace(0.0, 1.0, 10, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class Keys:
+    root: Path
+    sensors: Path  # admitted sensor keys: cam, other
+    readers: Path  # admitted result readers: reader
+    daemon_dir: Path  # what a binding publisher admits: the daemon's key
+
+    def secret(self, name: str) -> Path:
+        return self.root / f"{name}.key_secret"
+
+    def public(self, name: str) -> Path:
+        return self.root / f"{name}.key"
+
+    def pair(self, name: str) -> security.KeyPair:
+        return security.load_secret_certificate(self.secret(name))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    root = tmp_path / "keys"
+    for name in ("daemon", "cam", "other", "intruder", "reader", "stranger"):
+        keygen.generate(name, root)
+    k = Keys(root, root / "sensors", root / "readers", root / "for_publishers")
+    for directory, names in ((k.sensors, ("cam", "other")), (k.readers, ("reader",)), (k.daemon_dir, ("daemon",))):
+        directory.mkdir(mode=0o755)
+        for name in names:
+            (directory / f"{name}.key").write_bytes(k.public(name).read_bytes())
+    return k
+
+
+def _rad(group: str, sensor: str, seq: int, session: int = 7) -> list[bytes]:
+    header = protocol.encode_rad_header(group, sensor, session, seq, T0 + seq * SEC // 10, 1_000_000, SAMPLES, None)
+    return [protocol.topic("rad", group, sensor), header, SAMPLES.tobytes()]
+
+
+def _spec(mode: str) -> WindowSpec:
+    return WindowSpec(size_ns=SEC, allowed_lateness_ns=10 * SEC, idle_timeout_ns=60 * SEC, mode=mode)
+
+
+def _client(ctx: zmq.Context, kind: int, ep: str, keys: Keys | None, name: str | None) -> zmq.Socket:
+    """A raw socket connecting with ``name``'s key pair pinned to the daemon's key, or without CURVE."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None and name is not None:
+        security.make_client(sock, keys.pair(name), keys.pair("daemon").public)
+    sock.connect(ep)
+    return sock
+
+
+def _null_refusals(auth: security.ZapHandler) -> int:
+    """A peer without CURVE shows as a mechanism mismatch, or as a bare handshake failure when its side
+    noticed the mismatch first and hung up: which one is a race inside libzmq."""
+    return auth.rejected["mechanism"] + auth.rejected["handshake"]
+
+
+def _probe(send, arrived, timeout: float = 20.0) -> None:
+    """Send until something arrives: PUB drops whatever it sends before the subscription reaches it."""
+    deadline = time.monotonic() + timeout
+    while not arrived():
+        assert time.monotonic() < deadline, "nothing arrived: the authorised publisher never got through"
+        send()
+        time.sleep(0.02)
+
+
+def _settle(count, expected: int, what: str) -> None:
+    """Wait for ``expected``, then make sure nothing more trickles in."""
+    wait_for(lambda: count() >= expected, what=what)
+    time.sleep(0.3)
+    assert count() == expected, what
+
+
+# ----------------------------------------------------------------------------------------------------
+# Key files
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_keygen_writes_standard_certificates_with_a_private_secret(tmp_path: Path, capsys) -> None:
+    public, secret = keygen.generate("cam-1", tmp_path / "k")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(public.stat().st_mode) == 0o644
+    pub, sec = zmq.auth.load_certificate(secret)
+    assert zmq.auth.load_certificate(public) == (pub, None)
+    assert zmq.curve_public(sec) == pub  # a real key pair, not two random strings
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["cam-1.key", "cam-1.key_secret"]
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        keygen.generate("cam-1", tmp_path / "k")
+    assert zmq.auth.load_certificate(secret) == (pub, sec)  # untouched by the refused attempt
+    with pytest.raises(ValueError, match="must match"):
+        keygen.generate("../escape", tmp_path / "k")
+
+    args = build_parser().parse_args(["keygen", "daemon", "--dir", str(tmp_path / "k")])
+    assert args.func(args) == 0
+    assert "daemon.key_secret" in capsys.readouterr().out
+    assert args.func(args) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_loose_key_permissions_are_refused_naming_the_file_and_mode(keys: Keys) -> None:
+    secret = keys.secret("cam")
+    os.chmod(secret, 0o640)
+    with pytest.raises(security.KeyFileError, match=rf"{secret}: secret key file has mode 0640"):
+        security.load_secret_certificate(secret)
+    with pytest.raises(security.KeyFileError, match="0640"):
+        SensorPublisher("tcp://127.0.0.1:1", "g1", {"rad_vis": "rad"}, bind=False, curve_secret=secret)
+    os.chmod(secret, 0o600)
+    assert security.load_secret_certificate(secret).name == "cam"
+
+    os.chmod(keys.sensors, 0o775)  # group-writable: anyone in the group could admit themselves
+    with pytest.raises(security.KeyFileError, match=rf"{keys.sensors}: directory of admitted keys has mode 0775"):
+        security.load_authorized_keys(keys.sensors)
+    os.chmod(keys.sensors, 0o755)
+    public_only = keys.public("cam").rename(keys.root / "pub_as.key_secret")
+    os.chmod(public_only, 0o600)
+    with pytest.raises(security.KeyFileError, match="holds no secret key"):
+        security.load_secret_certificate(public_only)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ZAP handler's decisions (RFC 27 requests, as libzmq sends them)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _zap(keys: Keys, name: str, address: str = "10.1.2.3", mechanism: bytes = b"CURVE") -> list[bytes]:
+    raw = z85.decode(keys.pair(name).public)
+    return [b"1.0", b"42", b"sacmf", address.encode(), b"", mechanism, raw]
+
+
+def test_zap_handler_admits_by_directory_names_keys_and_sees_changes_without_restart(keys: Keys) -> None:
+    ctx = zmq.Context()
+    try:
+        h = security.ZapHandler(ctx, keys.sensors, deny_ips=["10.9.0.0/16"])
+        assert h.answer(_zap(keys, "cam")) == [b"1.0", b"42", b"200", b"OK", b"cam", b""]  # User-Id = name
+        assert h.answer(_zap(keys, "intruder"))[2:4] == [b"400", b"unknown key"]
+        assert h.answer(_zap(keys, "cam", address="10.9.8.7"))[2] == b"400"  # denied network
+        assert h.answer(_zap(keys, "cam", mechanism=b"PLAIN"))[2] == b"400"
+        assert (h.rejected["unknown_key"], h.rejected["address"], h.rejected["bad_request"]) == (1, 1, 1)
+
+        (keys.sensors / "intruder.key").write_bytes(keys.public("intruder").read_bytes())  # added: admitted
+        assert h.answer(_zap(keys, "intruder"))[2:5] == [b"200", b"OK", b"intruder"]
+        (keys.sensors / "cam.key").write_bytes(keys.public("stranger").read_bytes())  # rewritten in place
+        assert h.answer(_zap(keys, "cam"))[2] == b"400"  # the old key is out at its next handshake
+        assert h.answer(_zap(keys, "stranger"))[2:5] == [b"200", b"OK", b"cam"]  # the new one has its name
+        (keys.sensors / "intruder.key").unlink()  # revoked
+        assert h.answer(_zap(keys, "intruder"))[2] == b"400"
+        assert h.rejected["unknown_key"] == 3 and h.admitted == 3
+
+        allow = security.ZapHandler(ctx, keys.sensors, allow_ips=["127.0.0.0/8", "::1"])
+        assert allow.answer(_zap(keys, "other", address="127.0.0.1"))[2] == b"200"
+        assert allow.answer(_zap(keys, "other", address="192.168.1.1"))[2] == b"400"
+        assert allow.answer(_zap(keys, "other", address=""))[2] == b"400"  # ipc peers have no IP to allow
+    finally:
+        ctx.term()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sensor input: the daemon binds (CURVE server), publishers connect
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_bind_topology_admits_only_authorised_keys_into_their_own_groups(keys: Keys, ctx: zmq.Context) -> None:
+    curve = security.CurveConfig(
+        keys.secret("daemon"), authorized_dir=keys.sensors, groups={"cam": ("g1",), "other": ("g2",)}
+    )
+    groups = {
+        "g1": GroupSettings("g1", {"rad_vis": "seq_a", "rad_ir": "seq_b"}, _spec("live")),
+        "g2": GroupSettings("g2", {"rad_vis": "seq_a"}, _spec("live")),
+    }
+    s = IngestSettings(("tcp://127.0.0.1:*",), groups, bind=True, transport="sub", curve=curve)
+    wt = WorkerThread(s, ctx).start()
+    w = wt.worker
+    ep = wt.endpoint
+    others = zmq.Context()
+    try:
+        plain = _client(others, zmq.PUB, ep, None, None)  # no CURVE at all
+        intruder = _client(others, zmq.PUB, ep, keys, "intruder")  # a key the daemon does not know
+        wrong = _client(others, zmq.PUB, ep, keys, "other")  # admitted, but granted g2 only
+        good = SensorPublisher(
+            ep,
+            "g1",
+            {"rad_vis": "rad"},
+            bind=False,
+            context=others,
+            heartbeat_interval=1.0,
+            curve_secret=keys.secret("cam"),
+            curve_server_public=keys.public("daemon"),
+        )
+        # PUB drops what it sends before the subscription reaches it: probe until each admitted one flows
+        _probe(good.heartbeat, lambda: w.messages()["g1", "rad_vis", "hb"] > 0)
+        sent = iter(range(10**6))
+        _probe(
+            lambda: wrong.send_multipart(_rad("g2", "rad_vis", next(sent))),
+            lambda: w.messages()["g2", "rad_vis", "rad"],
+        )
+        probes = next(sent)
+        time.sleep(0.3)
+        base_g2 = w.messages()["g2", "rad_vis", "rad"]
+        wait_for(lambda: w.auth.rejected["unknown_key"] >= 1 and _null_refusals(w.auth) >= 1, what="refusals")
+
+        n, m = 40, 9
+        for i in range(n):
+            good.send_samples("rad_vis", SAMPLES, T0 + i * SEC // 10, 1_000_000)
+            plain.send_multipart(_rad("g1", "rad_ir", i))
+            intruder.send_multipart(_rad("g1", "rad_ir", i))
+            if i < m:
+                wrong.send_multipart(_rad("g1", "rad_ir", i))  # into a group it was not granted
+                wrong.send_multipart(_rad("g2", "rad_vis", probes + i))  # its own group still works
+        _settle(lambda: w.messages()["g1", "rad_vis", "rad"], n, "the authorised stream")
+        _settle(lambda: w.stats.rejected["unauthorised_group"], m, "unauthorised_group rejections")
+        _settle(lambda: w.messages()["g2", "rad_vis", "rad"], base_g2 + m, "the other key's own group")
+        assert w.tracker.snapshot()["g1/rad_vis"].gaps_detected == 0
+        assert w.messages()["g1", "rad_ir", "rad"] == 0 and w.messages()["g1", "rad_ir", "hb"] == 0
+        assert dict(+w.stats.rejected) == {"unauthorised_group": m}
+        assert w.auth.admitted >= 2  # cam and other
+        good.close()
+    finally:
+        wt.finish()
+        others.destroy(linger=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay input: publishers bind (CURVE servers), the daemon connects with each one's server key pinned
+# ----------------------------------------------------------------------------------------------------
+
+
+def _server_push(keys: Keys, name: str | None) -> tuple[zmq.Context, zmq.Socket, security.ZapHandler | None]:
+    """A raw publisher that binds as a CURVE server admitting the daemon (or binds without CURVE)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    auth = None
+    if name is not None:
+        security.make_server(sock, keys.pair(name))
+        auth = security.ZapHandler(ctx, keys.daemon_dir, socket_name=name).start()
+    sock.bind("tcp://127.0.0.1:*")
+    return ctx, sock, auth
+
+
+def test_connect_topology_pins_each_publisher_and_checks_its_groups(keys: Keys, ctx: zmq.Context) -> None:
+    good = SensorPublisher(
+        "tcp://127.0.0.1:*",
+        "g1",
+        {"rad_vis": "rad"},
+        socket_type="push",
+        heartbeat_interval=1.0,
+        curve_secret=keys.secret("cam"),
+        curve_clients=keys.daemon_dir,
+    )
+    servers = (("wrong", "other"), ("impostor", "intruder"), ("plain", None))
+    raw = {name: _server_push(keys, key) for name, key in servers}
+    eps = {"good": good.endpoints[0]} | {n: r[1].getsockopt_string(zmq.LAST_ENDPOINT) for n, r in raw.items()}
+    pins = {"good": "cam", "wrong": "other", "impostor": "cam", "plain": "cam"}  # the impostor does not hold cam
+    curve = security.CurveConfig(
+        keys.secret("daemon"),
+        server_keys={eps[n]: keys.public(k) for n, k in pins.items()},
+        groups={"cam": ("g1",), "other": ("g2",)},
+    )
+    groups = {"g1": GroupSettings("g1", {"rad_vis": "seq_a", "rad_ir": "seq_b"}, _spec("replay"))}
+    s = IngestSettings(tuple(eps.values()), groups, bind=False, transport="pull", curve=curve)
+    wt = WorkerThread(s, ctx).start()
+    w = wt.worker
+    try:
+        n, m = 30, 6
+        for i in range(n):
+            good.send_samples("rad_vis", SAMPLES, T0 + i * SEC // 10, 1_000_000)
+        for i in range(m):
+            raw["wrong"][1].send_multipart(_rad("g1", "rad_ir", i))  # lossless PUSH: each one arrives
+        for name in ("impostor", "plain"):  # no handshake completes: they cannot even hand a message over
+            with pytest.raises(zmq.Again):
+                raw[name][1].send_multipart(_rad("g1", "rad_ir", 0), flags=zmq.NOBLOCK)
+        _settle(lambda: w.messages()["g1", "rad_vis", "rad"], n, "the pinned publisher's stream")
+        _settle(lambda: w.stats.rejected["unauthorised_group"], m, "unauthorised_group rejections")
+        assert dict(+w.stats.rejected) == {"unauthorised_group": m}
+        assert w.messages()["g1", "rad_ir", "rad"] == 0
+        assert good._auth is not None and good._auth.admitted == 1  # the daemon, by its key
+        assert raw["impostor"][2] is not None and raw["impostor"][2].admitted == 0
+    finally:
+        wt.finish()
+        good.close()
+        for rctx, sock, auth in raw.values():
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            rctx.term()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: only authorised readers can subscribe
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_results_reach_only_readers_with_an_admitted_key(keys: Keys) -> None:
+    curve = security.CurveConfig(keys.secret("daemon"), authorized_dir=keys.readers)
+    sink = ZmqResultPublisher("tcp://127.0.0.1:*", curve=curve)
+    ctx = zmq.Context()
+    subs = {
+        "reader": _client(ctx, zmq.SUB, sink.endpoint, keys, "reader"),
+        "stranger": _client(ctx, zmq.SUB, sink.endpoint, keys, "stranger"),
+        "plain": _client(ctx, zmq.SUB, sink.endpoint, None, None),
+    }
+    got: dict[str, list] = {name: [] for name in subs}
+    try:
+        for sub in subs.values():
+            sub.setsockopt(zmq.SUBSCRIBE, b"det/")
+        written = {}
+        deadline = time.monotonic() + 15
+        i = 0
+        while len(got["reader"]) < 10 and time.monotonic() < deadline:
+            record = make_result(i)
+            written[record.start_ns] = record
+            sink.write(record)
+            i += 1
+            time.sleep(0.01)
+            for name, sub in subs.items():
+                while sub.poll(0):
+                    got[name].append(sub.recv_multipart())
+        time.sleep(0.5)  # give the refused ones every chance to receive something
+        for name, sub in subs.items():
+            while sub.poll(0):
+                got[name].append(sub.recv_multipart())
+        assert len(got["reader"]) >= 10
+        for topic, body in got["reader"]:
+            wire = msgpack.unpackb(body)
+            assert topic == b"det/g1" and wire["model_version"] == written[wire["start_ns"]].model_version
+        assert got["stranger"] == [] and got["plain"] == []
+        assert sink.auth is not None
+        wait_for(lambda: sink.auth.rejected["unknown_key"] >= 1 and _null_refusals(sink.auth) >= 1, what="refusals")
+    finally:
+        sink.close()
+        ctx.destroy(linger=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Admin HTTP beyond loopback
+# ----------------------------------------------------------------------------------------------------
+
+
+def _get(url: str, token: str | None = None, method: str = "GET") -> int:
+    """The HTTP status (without importing service_helpers, which imports torch)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _admin(host: str, **kw) -> AdminServer:
+    handlers = AdminHandlers(
+        metrics=lambda accept: (b"# nothing\n", "text/plain"),
+        health=lambda: (True, {}),
+        ready=lambda: (True, {}),
+        reload=lambda: (200, {"result": "success"}),
+    )
+    return AdminServer(host, 0, handlers, **kw).start()
+
+
+def test_admin_beyond_loopback_needs_the_token_everywhere_but_healthz() -> None:
+    server = _admin("0.0.0.0", token="s3cret")
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert not server.loopback
+        assert _get(f"{base}/healthz") == 200
+        for path in ("/metrics", "/readyz"):
+            assert _get(f"{base}{path}") == 403 and _get(f"{base}{path}", "wrong") == 403
+            assert _get(f"{base}{path}", "s3cret") == 200
+        assert _get(f"{base}/reload", method="POST") == 403 and _get(f"{base}/reload", "s3cret", "POST") == 200
+    finally:
+        server.stop()
+
+    server = _admin("0.0.0.0")  # no token configured: only the public endpoint answers
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert _get(f"{base}/healthz") == 200
+        assert [_get(f"{base}{p}", "anything") for p in ("/metrics", "/readyz")] == [403, 403]
+    finally:
+        server.stop()
+
+    server = _admin("0.0.0.0", token="s3cret", public_endpoints=("/healthz", "/metrics", "/reload"))
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:  # an operator may open /metrics to a scraper; /reload can never be made public
+        assert _get(f"{base}/metrics") == 200 and _get(f"{base}/readyz") == 403
+        assert _get(f"{base}/reload", method="POST") == 403
+    finally:
+        server.stop()
+
+    server = _admin("127.0.0.1", token="s3cret")
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:  # loopback stays as it was: reads open, reload with the token
+        assert _get(f"{base}/metrics") == 200 and _get(f"{base}/readyz") == 200
+        assert _get(f"{base}/reload", method="POST") == 403
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+def _raw(**sections: dict) -> dict:
+    raw = tomllib.loads((ROOT / "config.toml").read_text())
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def test_security_config_errors_name_the_key(keys: Keys) -> None:
+    sec = {"curve": True, "secret_key": str(keys.secret("daemon")), "authorized_readers": str(keys.readers)}
+    pin = {"sensor_server_keys": {"tcp://127.0.0.1:5555": str(keys.public("cam"))}}
+    cases = [
+        ({"security": {"curve": True}}, "security.secret_key: required"),
+        ({"security": {"sensor_groups": {"cam": ["g1"]}}}, "security.sensor_groups: needs curve = true"),
+        ({"security": sec}, "security.sensor_server_keys: no publisher key for endpoint tcp://127.0.0.1:5555"),
+        ({"security": {**sec, "sensor_server_keys": {"tcp://x:1": "k.key"}}}, "sensor_server_keys.tcp://x:1: not one"),
+        ({"security": sec, "ingest": {"bind": True}}, "security.authorized_sensors: required"),
+        ({"security": {**sec, **pin, "sensor_groups": {"cam": ["g9"]}}}, "sensor_groups.cam: group 'g9' is not"),
+        ({"security": {**sec, **pin, "authorized_readers": ""}}, "security.authorized_readers: required"),
+        ({"security": {**sec, **pin, "allow_ips": ["10.0.0.300"]}}, "security.allow_ips: '10.0.0.300'"),
+        ({"model": {"sha256": "abc"}}, "model.sha256: must be 64 hex digits"),
+        ({"admin": {"public_endpoints": ["/reload"]}}, "admin.public_endpoints: '/reload' cannot be public"),
+    ]
+    for sections, expected in cases:
+        with pytest.raises(config_mod.ConfigError, match=expected.replace(".", r"\.").replace("*", r"\*")):
+            config_mod.parse(_raw(**sections))
+
+    os.chmod(keys.secret("daemon"), 0o644)
+    with pytest.raises(config_mod.ConfigError, match=r"security\.secret_key: .*mode 0644"):
+        config_mod.parse(_raw(security={**sec, **pin}))
+    os.chmod(keys.secret("daemon"), 0o600)
+
+    cfg = config_mod.parse(_raw(security={**sec, **pin, "sensor_groups": {"cam": ["g1"]}, "deny_ips": ["10.0.0.0/8"]}))
+    ing, res = cfg.ingest.curve, cfg.sinks.zmq_curve
+    assert ing is not None and res is not None
+    assert ing.server_keys == {"tcp://127.0.0.1:5555": keys.public("cam")} and ing.groups == {"cam": ("g1",)}
+    assert ing.authorized_dir is None and ing.deny_ips == ("10.0.0.0/8",)
+    assert res.authorized_dir == keys.readers and res.secret_file == keys.secret("daemon")
+    assert config_mod.parse(_raw()).ingest.curve is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pinned checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_that_differs_from_the_pinned_sha256_is_refused_at_start(tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"not the pinned bytes")
+    pinned = "0" * 64
+    cfg = config_mod.parse(_raw(model={"checkpoint": str(ckpt), "sha256": pinned}))
+    assert service.serve(cfg) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt} has sha256 {service.checkpoint_sha256(ckpt)}" in err and pinned in err
+
+
+def test_secured_daemon_end_to_end_with_a_pinned_checkpoint(tmp_path: Path, keys: Keys) -> None:
+    """`sacmf serve` with CURVE on input and results: the authenticator runs in the ingest process,
+    refusals of both sockets reach /metrics, and a reload of a file off the pin keeps the old model."""
+    from tests.service_helpers import http, sacmf, tiny_checkpoint
+
+    ckpt = tmp_path / "served.pt"
+    sha = tiny_checkpoint(ckpt, "pinned")
+    ingest_ep = f"ipc:///tmp/sacmf-sec-in-{os.getpid()}.ipc"
+    results_ep = f"ipc:///tmp/sacmf-sec-out-{os.getpid()}.ipc"
+    config = tmp_path / "serve.toml"
+    config.write_text(f"""
+[ingest]
+endpoints = ["{ingest_ep}"]
+bind = true
+[window]
+size_ms = 500
+allowed_lateness_ms = 100
+[groups.g1]
+sensors = {{ cam_vis = "image_a", cam_ir = "image_b", rad_vis = "seq_a", rad_ir = "seq_b" }}
+[logging]
+format = "json"
+[model]
+checkpoint = "{ckpt}"
+sha256 = "{sha}"
+torch_threads = 1
+[inference]
+max_batch_size = 2
+[sinks]
+zmq_endpoint = "{results_ep}"
+[admin]
+listen = "127.0.0.1:0"
+token = "s3cret"
+[security]
+curve = true
+secret_key = "{keys.secret("daemon")}"
+authorized_sensors = "{keys.sensors}"
+authorized_readers = "{keys.readers}"
+sensor_groups = {{ cam = ["g1"] }}
+[rate_limit]
+sensors = {{ "g1/rad_vis" = {{ messages_per_s = 1000 }} }}
+""")
+    from daemon import simulate
+
+    ctx = zmq.Context()
+    sensors = {"cam_vis": "img", "cam_ir": "img", "rad_vis": "rad", "rad_ir": "rad"}
+    pub = SensorPublisher(
+        ingest_ep,
+        "g1",
+        sensors,
+        bind=False,
+        context=ctx,
+        curve_secret=keys.secret("cam"),
+        curve_server_public=keys.public("daemon"),
+    )
+    stop = threading.Event()
+    sim = simulate.SimSettings(frame_rate_hz=10, sample_rate_hz=500, chunk_samples=50, height=32, width=32)
+    sim_thread = threading.Thread(target=simulate.run, args=(pub, sim, stop), daemon=True)
+    reader = _client(ctx, zmq.SUB, results_ep, keys, "reader")
+    snoop = _client(ctx, zmq.SUB, results_ep, None, None)
+    intruder = _client(ctx, zmq.PUB, ingest_ep, None, None)
+    for sub in (reader, snoop):
+        sub.setsockopt(zmq.SUBSCRIBE, b"det/")
+    proc = sacmf("serve", str(config))
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    sim_thread.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not reader.poll(100):
+            intruder.send_multipart(_rad("g1", "rad_ir", 0))
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-10:])
+        assert msgpack.unpackb(reader.recv_multipart()[1])["model_version"] == "pinned"
+        port = next(json.loads(line)["port"] for line in lines if "admin_listening" in line)
+        admin, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
+
+        def sample(name: str, **labels: str) -> float | None:
+            for line in http(f"{admin}/metrics")[1].splitlines():
+                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        def refused(sock: str) -> float:  # a peer without CURVE: "mechanism" or "handshake" (a libzmq race)
+            reasons = ("mechanism", "handshake")
+            return sum(sample("sacmf_auth_rejected_total", socket=sock, reason=r) or 0 for r in reasons)
+
+        wait_for(lambda: refused("ingest") >= 1, what="the ingest process's refusal in /metrics")
+        wait_for(lambda: refused("results") >= 1, what="the results socket's refusal in /metrics")
+        assert sample("sacmf_auth_rejected_total", socket="ingest", reason="unknown_key") == 0
+        assert sample("sacmf_ingest_rate_limited_messages_total", group="g1", sensor="rad_vis") == 0
+        assert sample("sacmf_ingest_rejected_messages_total", reason="unauthorised_group") == 0
+        assert not snoop.poll(0)
+
+        tiny_checkpoint(ckpt, "off-pin", seed=1)  # a valid checkpoint, but not the pinned bytes
+        status, body = http(f"{admin}/reload", "POST", auth)
+        assert status == 422 and "differs from [model] sha256" in body
+        assert sample("sacmf_model_reloads_total", result="failure") == 1
+        assert sample("sacmf_model_info", sha256=sha) == 1
+        wait_for(lambda: reader.poll(0) and msgpack.unpackb(reader.recv_multipart()[1])["model_version"] == "pinned")
+    finally:
+        stop.set()
+        sim_thread.join(5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        pub.close()
+        ctx.destroy(linger=0)
+        for ep in (ingest_ep, results_ep):
+            Path(ep.removeprefix("ipc://")).unlink(missing_ok=True)
+    assert code == 0, "".join(lines[-10:])
