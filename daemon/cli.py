@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from daemon import config as config_mod
 from daemon import logs
@@ -97,6 +99,179 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     return bench_ingest.main(args)
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from model.synth import SynthConfig, write_dataset
+
+    cfg = SynthConfig(size=args.frame_size, seq_len=args.seq_len)
+    try:
+        counts = write_dataset(args.out, args.n_train, args.n_val, args.n_test, args.seed, cfg, args.overwrite)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(f'{k}={v}' for k, v in counts.items())} scenes to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from model.sacmf import SACMFConfig
+    from model.train import TrainOptions, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model_cfg = SACMFConfig(
+            backbone=args.backbone,
+            frame_size=args.frame_size,
+            lambda_mi=0.0 if args.no_mi else args.lambda_mi,
+            uniform_fusion=args.no_mi,
+        )
+        opts = TrainOptions(
+            data_root=args.data_root,
+            val_root=args.val_root,
+            out=args.out,
+            model=model_cfg,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            threads=args.threads,
+            modalities=args.modalities,
+            drop_prob=args.drop_prob,
+            max_minutes=args.max_minutes,
+            stop_after_epochs=args.stop_after_epochs,
+            resume=args.resume,
+            version=args.version,
+        )
+        result = train(opts)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"best epoch {result.best_epoch} (score {result.best_score:.4f}): {result.best_path}")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from model.infer import run_test
+
+    torch.set_num_threads(args.threads)
+    try:
+        summary = run_test(
+            args.ckpt,
+            args.out,
+            image_dir=args.image_dir,
+            seq_dir=args.seq_dir,
+            image_b_dir=args.image_b_dir,
+            seq_b_dir=args.seq_b_dir,
+            vis=args.vis,
+            batch_size=args.batch_size,
+            det_threshold=args.det_threshold,
+            modalities=args.modalities,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from model.evaluate import evaluate
+    from model.infer import parse_modalities
+
+    torch.set_num_threads(args.threads)
+    try:
+        mods = parse_modalities(args.modalities) if args.modalities else None
+        m = evaluate(
+            args.data_root,
+            args.ckpt,
+            args.out,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            det_threshold=args.det_threshold,
+            modalities=mods,
+        )
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    c = m["classification"]
+    print(
+        f"accuracy {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f} mAP@0.5 {m['detection']['map']}; "
+        f"report: {Path(args.out) / 'report.md'}"
+    )
+    return 0
+
+
+def _model_args(p: argparse._SubParsersAction) -> None:
+    """synth / train / test / evaluate: the model's offline commands (torch is imported only when run)."""
+    y = p.add_parser("synth", help="write a synthetic four-modality dataset (train/val/test splits)")
+    y.add_argument("--out", type=Path, default=Path("data"))
+    y.add_argument("--n-train", type=int, default=2000)
+    y.add_argument("--n-val", type=int, default=500)
+    y.add_argument("--n-test", type=int, default=1000)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--frame-size", type=int, default=64, help="frame side in px (default 64)")
+    y.add_argument("--seq-len", type=int, default=256, help="radiometer samples per scene (default 256)")
+    y.add_argument("--overwrite", action="store_true", help="replace existing split directories")
+    y.set_defaults(func=_synth)
+
+    t = p.add_parser("train", help="train SA-CMF; writes last.pt, best.pt, metrics.json and curves")
+    t.add_argument("--data-root", type=Path, required=True, help="training split directory, e.g. data/train")
+    t.add_argument("--val-root", type=Path, default=None, help="validation split directory, e.g. data/val")
+    t.add_argument("--out", type=Path, default=Path("checkpoints"))
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--lambda-mi", type=float, default=0.1, help="weight of the MI redundancy loss")
+    t.add_argument(
+        "--backbone", default="mobilenet_v3_small", help="tiny | mobilenet_v3_small | resnet18 | inception_v3"
+    )
+    t.add_argument("--frame-size", type=int, default=64, help="model input side in px")
+    t.add_argument("--modalities", default="image,sequence", help="image,sequence | image | sequence")
+    t.add_argument("--no-mi", action="store_true", help="ablation: uniform fusion weights, no MI loss")
+    t.add_argument("--drop-prob", type=float, default=0.3, help="missing-modality augmentation rate")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--max-minutes", type=float, default=None, help="start no epoch that would end later")
+    t.add_argument("--stop-after-epochs", type=int, default=None, help="end this run after N epochs")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")
+    t.add_argument("--version", default="", help="version label stored in the checkpoints")
+    t.set_defaults(func=_train)
+
+    def run_args(sp: argparse.ArgumentParser, out: str) -> None:
+        sp.add_argument("--ckpt", type=Path, required=True)
+        sp.add_argument("--out", type=Path, default=Path(out))
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--det-threshold", type=float, default=0.3)
+        sp.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+        sp.add_argument("--modalities", default=None, help="default: what the checkpoint was trained on")
+
+    e = p.add_parser("test", help="run a checkpoint on Image-A/Seq-A folders (B folders beside them)")
+    e.add_argument("--image-dir", type=Path, default=None, help="Image-A folder")
+    e.add_argument("--seq-dir", type=Path, default=None, help="Seq-A folder")
+    e.add_argument("--image-b-dir", type=Path, default=None, help="default: Image-B beside --image-dir")
+    e.add_argument("--seq-b-dir", type=Path, default=None, help="default: Seq-B beside --seq-dir")
+    e.add_argument("--vis", action="store_true", help="also write detection, heatmap and fusion-weight PNGs")
+    run_args(e, "outputs")
+    e.set_defaults(func=_test)
+
+    v = p.add_parser("evaluate", help="metrics, report.md and plots of a checkpoint on a labelled split")
+    v.add_argument("--data-root", type=Path, required=True, help="labelled split directory, e.g. data/test")
+    v.add_argument("--repeats", type=int, default=20, help="timed runs per latency figure (median)")
+    run_args(v, "reports/eval")
+    v.set_defaults(func=_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sacmf", description="Streaming SA-CMF recognition of deep-space targets.")
     p.add_argument("--log-level", default=None, choices=list(logs.LEVELS), help="default: info ([logging] for serve)")
@@ -136,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="runs per scenario (the median is reported)")
     b.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     b.set_defaults(func=_bench_ingest)
+    _model_args(sub)
+    from daemon import fusion_commands  # fuse, fusion-metrics, fuse-train, bench-fusion
+
+    fusion_commands.register(sub)
+    from daemon import replay_commands  # replay, evaluate-stream; simulate --record; demo outputs and model
+
+    replay_commands.register(sub)
+    from daemon import bench_curve, keygen  # keygen (+ simulate --curve-*), bench-curve: SECURITY.md
+
+    keygen.register(sub)
+    bench_curve.register(sub)
     return p
 
 

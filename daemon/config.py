@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.admin import parse_listen
+from daemon.admin import ADMIN_PATHS, parse_listen
+from ingest import security
 from ingest.protocol import NAME_RE, Limits
 from ingest.settings import GroupSettings, IngestSettings
 from ingest.windowing import ROLES, WindowSpec
@@ -107,6 +108,7 @@ MODEL = {
     "det_threshold": Key(NUM, 0.3, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
     "det_max_detections": Key(int, 50, _positive),
     "resample": Key(str, "mean", allowed=("mean", "linear")),
+    "sha256": Key(str, "", lambda v: None if v == "" or _is_sha256(v) else 'must be 64 hex digits, or ""'),
 }
 INFERENCE = {
     "max_batch_size": Key(int, 8, _positive),
@@ -125,16 +127,47 @@ SINKS = {
     "fsync": Key(str, "rotate", allowed=("always", "rotate", "never")),
     "late_path": Key(str, ""),
     "mcap_path": Key(str, ""),
+    "mcap_inputs": Key(bool, True),
+    "png_dir": Key(str, ""),
+    "png_max_per_s": Key(NUM, 1.0, _positive),
     "queue_size": Key(int, 1024, _positive),
 }
 ADMIN = {
     "listen": Key(str, "127.0.0.1:9102", _listen),
     "token": Key(str, ""),
     "health_max_age_s": Key(NUM, 10.0, _positive),
+    "public_endpoints": Key(list, ["/healthz"], lambda v: _public_endpoints(v)),
 }
 SHUTDOWN = {
     "timeout_s": Key(NUM, 30.0, _positive),
 }
+FUSION_METHODS = ("none", "mean", "cddfuse", "crossfuse", "cmmdl")
+IMAGE_FUSION = {
+    "method": Key(str, "none", allowed=FUSION_METHODS),
+    "checkpoint": Key(str, ""),
+    "feed": Key(str, "image_a", allowed=("image_a", "none")),
+    "tile": Key(int, 0, _non_negative),
+    "overlap": Key(int, -1, lambda v: None if v >= -1 else "must be >= 0, or -1 for the method's default"),
+    "device": Key(str, "cpu", _device),
+}
+SECURITY = {
+    "curve": Key(bool, False),
+    "secret_key": Key(str, ""),
+    "authorized_sensors": Key(str, ""),
+    "sensor_server_keys": Key(dict, {}),
+    "authorized_readers": Key(str, ""),
+    "results_server_key": Key(str, ""),
+    "allow_ips": Key(list, []),
+    "deny_ips": Key(list, []),
+    "sensor_groups": Key(dict, {}),
+    "log_interval_s": Key(NUM, 10.0, _non_negative),
+}
+RATE = {
+    "messages_per_s": Key(NUM, 0, _non_negative),
+    "bytes_per_s": Key(NUM, 0, _non_negative),
+    "burst_s": Key(NUM, 1.0, _positive),
+}
+RATE_LIMIT = {**RATE, "groups": Key(dict, {}), "sensors": Key(dict, {})}
 TOP = {
     "ingest": INGEST,
     "window": WINDOW,
@@ -145,6 +178,9 @@ TOP = {
     "sinks": SINKS,
     "admin": ADMIN,
     "shutdown": SHUTDOWN,
+    "image_fusion": IMAGE_FUSION,
+    "security": SECURITY,
+    "rate_limit": RATE_LIMIT,
 }
 
 
@@ -158,6 +194,7 @@ class ModelSettings:
     det_threshold: float = 0.3
     det_max_detections: int = 50
     resample: str = "mean"
+    sha256: str = ""  # expected sha256 of the checkpoint file; "" = not pinned
 
 
 @dataclass(frozen=True)
@@ -184,7 +221,11 @@ class SinkSettings:
     fsync: str = "rotate"
     late_path: Path | None = None
     mcap_path: Path | None = None
+    mcap_inputs: bool = True  # record every valid input message in the MCAP file too
+    png_dir: Path | None = None  # pictures of detections, heatmaps and fusion weights
+    png_max_per_s: float = 1.0  # per group
     queue_size: int = 1024
+    zmq_curve: security.CurveConfig | None = None  # CURVE on the results socket ([security])
 
 
 @dataclass(frozen=True)
@@ -195,6 +236,19 @@ class AdminSettings:
     port: int = 9102
     token: str = ""
     health_max_age_s: float = 10.0
+    public_endpoints: tuple[str, ...] = ("/healthz",)  # beyond loopback: served without the token
+
+
+@dataclass(frozen=True)
+class ImageFusionSettings:
+    """[image_fusion]: optional pixel-level IR/visible fusion of each window's frames (daemon/fusion_stage.py)."""
+
+    method: str = "none"  # none | mean | cddfuse | crossfuse | cmmdl
+    checkpoint: str = ""  # the network's weights (file or folder); not used by mean
+    feed: str = "image_a"  # image_a: the fused frame replaces Image-A for the model; none: quality gauges only
+    tile: int = 0  # tile side in px, 0 = whole frame
+    overlap: int = -1  # tile overlap in px, -1 = the method's default
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -208,6 +262,7 @@ class Config:
     sinks: SinkSettings = field(default_factory=SinkSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     shutdown_timeout_s: float = 30.0
+    image_fusion: ImageFusionSettings = field(default_factory=ImageFusionSettings)
 
 
 def _section(raw: Any, schema: dict[str, Key], where: str) -> dict[str, Any]:
@@ -314,6 +369,10 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         reject_non_finite=ing["non_finite"] == "reject",
         max_image_side=ing["max_image_side"],
     )
+    sinks_raw = _section(raw.get("sinks", {}), SINKS, "sinks")
+    ingest_curve, results_curve = _security(
+        _section(raw.get("security", {}), SECURITY, "security"), ing, groups, sinks_raw
+    )
     settings = IngestSettings(
         endpoints=tuple(ing["endpoints"]),
         groups=groups,
@@ -325,6 +384,8 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         dead_letter_max_bytes=ing["dead_letter_max_bytes"],
         reject_log_interval_s=float(ing["reject_log_interval_s"]),
         skew_window_s=float(ing["skew_window_s"]),
+        curve=ingest_curve,
+        rate_limits=_rate_limits(_section(raw.get("rate_limit", {}), RATE_LIMIT, "rate_limit"), groups),
     )
     logging = _section(raw.get("logging", {}), LOGGING, "logging")
     return Config(
@@ -334,9 +395,10 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         source,
         model=_model(_section(raw.get("model", {}), MODEL, "model")),
         inference=_inference(_section(raw.get("inference", {}), INFERENCE, "inference"), mode),
-        sinks=_sinks(_section(raw.get("sinks", {}), SINKS, "sinks")),
+        sinks=_sinks(sinks_raw, results_curve),
         admin=_admin(_section(raw.get("admin", {}), ADMIN, "admin")),
         shutdown_timeout_s=float(_section(raw.get("shutdown", {}), SHUTDOWN, "shutdown")["timeout_s"]),
+        image_fusion=_image_fusion(_section(raw.get("image_fusion", {}), IMAGE_FUSION, "image_fusion")),
     )
 
 
@@ -352,6 +414,7 @@ def _model(m: dict[str, Any]) -> ModelSettings:
         det_threshold=float(m["det_threshold"]),
         det_max_detections=m["det_max_detections"],
         resample=m["resample"],
+        sha256=m["sha256"].lower(),
     )
 
 
@@ -370,7 +433,7 @@ def _inference(i: dict[str, Any], mode: str) -> InferenceSettings:
     )
 
 
-def _sinks(s: dict[str, Any]) -> SinkSettings:
+def _sinks(s: dict[str, Any], curve: security.CurveConfig | None = None) -> SinkSettings:
     return SinkSettings(
         zmq_endpoint=s["zmq_endpoint"] or None,
         zmq_bind=s["zmq_bind"],
@@ -381,13 +444,157 @@ def _sinks(s: dict[str, Any]) -> SinkSettings:
         fsync=s["fsync"],
         late_path=_path_or_none(s["late_path"]),
         mcap_path=_path_or_none(s["mcap_path"]),
+        mcap_inputs=s["mcap_inputs"],
+        png_dir=_path_or_none(s["png_dir"]),
+        png_max_per_s=float(s["png_max_per_s"]),
         queue_size=s["queue_size"],
+        zmq_curve=curve,
     )
 
 
 def _admin(a: dict[str, Any]) -> AdminSettings:
     host, port = parse_listen(a["listen"])
-    return AdminSettings(host=host, port=port, token=a["token"], health_max_age_s=float(a["health_max_age_s"]))
+    return AdminSettings(
+        host=host,
+        port=port,
+        token=a["token"],
+        health_max_age_s=float(a["health_max_age_s"]),
+        public_endpoints=tuple(a["public_endpoints"]),
+    )
+
+
+def _image_fusion(f: dict[str, Any]) -> ImageFusionSettings:
+    if f["method"] not in ("none", "mean") and not f["checkpoint"]:
+        raise ConfigError(f"image_fusion.checkpoint: method {f['method']!r} needs its weights (a file or folder)")
+    if f["tile"] and f["overlap"] >= f["tile"]:
+        raise ConfigError(f"image_fusion.overlap: must be smaller than tile ({f['tile']})")
+    return ImageFusionSettings(**f)
+
+
+def _is_sha256(v: str) -> bool:
+    return len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
+
+
+def _public_endpoints(v: list) -> str | None:
+    bad = [p for p in v if p not in ADMIN_PATHS or p == "/reload"]
+    return f"{bad[0]!r} cannot be public (choose among /healthz, /readyz, /metrics)" if bad else None
+
+
+def _key_file(where: str, load: Any, value: str) -> Any:
+    """Load a key file or directory now, so that a bad one is a config error naming the key."""
+    try:
+        return load(value)
+    except security.KeyFileError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _security(
+    sec: dict[str, Any], ing: dict[str, Any], groups: dict[str, GroupSettings], sinks: dict[str, Any]
+) -> tuple[security.CurveConfig | None, security.CurveConfig | None]:
+    """[security] -> the CURVE set-up of the input and of the results socket (None, None when off).
+
+    Key files are loaded here (permissions included) so that `check-config` and a failed start name the
+    key; the ingest process and the sink load them again when they open their sockets.
+    """
+    if not sec["curve"]:
+        if sec["sensor_groups"]:
+            raise ConfigError("security.sensor_groups: needs curve = true (the sender of a message is its key)")
+        return None, None
+    if not sec["secret_key"]:
+        raise ConfigError("security.secret_key: required with curve = true (sacmf keygen daemon --dir keys)")
+    _key_file("security.secret_key", security.load_secret_certificate, sec["secret_key"])
+    for name in ("allow_ips", "deny_ips"):
+        try:
+            security.parse_networks([str(v) for v in sec[name]], f"security.{name}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    common = {
+        "secret_file": Path(sec["secret_key"]),
+        "allow_ips": tuple(str(v) for v in sec["allow_ips"]),
+        "deny_ips": tuple(str(v) for v in sec["deny_ips"]),
+        "log_interval_s": float(sec["log_interval_s"]),
+    }
+    networked = [ep for ep in ing["endpoints"] if not ep.startswith("inproc://")]
+    if len(networked) != len(ing["endpoints"]):  # inproc has no security mechanism: no half-secured socket
+        raise ConfigError("ingest.endpoints: with [security] curve = true, inproc:// cannot be mixed with others")
+    server_keys: dict[str, Path] = {}
+    if ing["bind"]:
+        if not sec["authorized_sensors"]:
+            raise ConfigError("security.authorized_sensors: required with curve = true and [ingest] bind = true")
+        known = _key_file("security.authorized_sensors", security.load_authorized_keys, sec["authorized_sensors"])
+    else:
+        for ep, path in sec["sensor_server_keys"].items():
+            if ep not in ing["endpoints"]:
+                raise ConfigError(f"security.sensor_server_keys.{ep}: not one of [ingest] endpoints")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"security.sensor_server_keys.{ep}: expected the path of a public key file")
+            server_keys[ep] = Path(path)
+        missing = [ep for ep in networked if ep not in server_keys]
+        if missing:
+            raise ConfigError(f"security.sensor_server_keys: no publisher key for endpoint {missing[0]}")
+        known = {}
+        for ep, path in server_keys.items():
+            public = _key_file(f"security.sensor_server_keys.{ep}", security.load_public_certificate, str(path))
+            known[public] = security.key_name(path)
+    grants: dict[str, tuple[str, ...]] = {}
+    for who, granted in sec["sensor_groups"].items():
+        if not isinstance(granted, list) or not all(isinstance(g, str) for g in granted):
+            raise ConfigError(f"security.sensor_groups.{who}: expected a list of group names")
+        unknown = [g for g in granted if g not in groups]
+        if unknown:
+            raise ConfigError(f"security.sensor_groups.{who}: group {unknown[0]!r} is not configured")
+        grants[who] = tuple(granted)
+    try:
+        security.resolve_groups(grants, known)
+    except security.KeyFileError as exc:
+        raise ConfigError(f"security.sensor_groups: {exc}") from exc
+    ingest_curve = security.CurveConfig(
+        authorized_dir=Path(sec["authorized_sensors"]) if ing["bind"] else None,
+        server_keys=server_keys,
+        groups=grants,
+        **common,
+    )
+    results_curve = None
+    if sinks["zmq_endpoint"]:
+        if sinks["zmq_bind"]:
+            if not sec["authorized_readers"]:
+                raise ConfigError("security.authorized_readers: required with curve = true and [sinks] zmq_bind")
+            _key_file("security.authorized_readers", security.load_authorized_keys, sec["authorized_readers"])
+            results_curve = security.CurveConfig(authorized_dir=Path(sec["authorized_readers"]), **common)
+        else:
+            if not sec["results_server_key"]:
+                raise ConfigError("security.results_server_key: required with curve = true and zmq_bind = false")
+            _key_file("security.results_server_key", security.load_public_certificate, sec["results_server_key"])
+            results_curve = security.CurveConfig(server_key=Path(sec["results_server_key"]), **common)
+    return ingest_curve, results_curve
+
+
+def _rate_limits(r: dict[str, Any], groups: dict[str, GroupSettings]) -> dict[str, security.RateLimit]:
+    """[rate_limit] -> one token bucket per configured sensor: defaults < group < sensor overrides."""
+    base = {k: r[k] for k in RATE}
+    for name in r["groups"]:
+        if name not in groups:
+            raise ConfigError(f"rate_limit.groups.{name}: not a configured group")
+    for key in r["sensors"]:
+        group, _, sensor = key.partition("/")
+        if group not in groups or sensor not in groups[group].sensors:
+            raise ConfigError(f'rate_limit.sensors."{key}": not a configured "group/sensor"')
+    out = {}
+    for g in groups.values():
+        group_raw = r["groups"].get(g.name, {})
+        per_group = {**base, **_section(group_raw, RATE, f"rate_limit.groups.{g.name}")} if group_raw else base
+        for sensor in g.sensors:
+            key = f"{g.name}/{sensor}"
+            sensor_raw = r["sensors"].get(key, {})
+            spec = {**per_group, **sensor_raw}
+            if sensor_raw:
+                _section(sensor_raw, RATE, f'rate_limit.sensors."{key}"')
+            limit = security.RateLimit(
+                float(spec["messages_per_s"]), float(spec["bytes_per_s"]), float(spec["burst_s"])
+            )
+            if limit.enabled:
+                out[key] = limit
+    return out
 
 
 def load(path: str | Path) -> Config:

@@ -159,6 +159,12 @@ class DaemonMetrics:
             registry=r,
         )
         self.late_records = Counter("sacmf_late_records", "Late-data records handed to the late sinks", registry=r)
+        self.image_fusion_quality = Gauge(
+            "sacmf_image_fusion_quality",
+            "EN (bits), SD and SF (0-255 scale) of the latest pixel-fused frame of a group ([image_fusion])",
+            ["group", "metric"],
+            registry=r,
+        )
         self.model_info = Gauge("sacmf_model_info", "The served model (value 1)", ["version", "sha256"], registry=r)
         self.ready = Gauge(
             "sacmf_ready", "1 when the daemon is ready to serve (model warm, sockets up, not draining)", registry=r
@@ -197,6 +203,11 @@ class DaemonMetrics:
         self.fusion_weight.labels(record.group, "sequence").set(record.fusion.sequence)
         if record.mi_nats is not None:
             self.mutual_information.set(record.mi_nats)
+
+    def observe_fusion_quality(self, group: str, quality: dict[str, float]) -> None:
+        """EN/SD/SF of a group's latest fused frame (``daemon.fusion_stage.FusionStage.frame_quality``)."""
+        for metric, value in quality.items():
+            self.image_fusion_quality.labels(group, metric).set(value)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type) for ``/metrics``; OpenMetrics when the scraper asks for it."""

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import structlog
 import zmq
 
@@ -54,6 +55,10 @@ log = structlog.get_logger("sacmf.daemon")
 STATS_INTERVAL_S = 0.5  # ingest metrics in /metrics are at most this much older than the scrape
 INPUT_DRAIN_S = 0.5  # at shutdown, the ingest process processes what libzmq already holds for this long
 PIPE_HWM = 8  # windows in flight on the pipe: small, so a blocking queue pushes back promptly
+INPUTS_HWM = 16  # input batches in flight to the recorder on each side; beyond it they are dropped
+INPUTS_BATCH = 64  # input messages per batch (sent sooner when it holds INPUTS_BATCH_BYTES, or each poll)
+INPUTS_BATCH_BYTES = 4 * 2**20
+PNG_QUEUE = 16  # picture items waiting for the PNG sink (each holds a frame): most are skipped anyway
 INGEST_START_TIMEOUT_S = 120.0
 
 # pipe message kinds: frame 0 of each multipart message
@@ -89,6 +94,9 @@ class IngestSnapshot:
     windows_sent: int
     late_sent: int
     flushed: int = 0  # windows force-fired at shutdown (final snapshot only)
+    inputs_sent: int = 0  # input messages handed to the recording pipe
+    inputs_dropped: int = 0  # input messages not recorded because the recording pipe was full
+    auth_rejected: dict = field(default_factory=dict)  # CURVE peers refused on the input, by reason
 
 
 # ---------------------------------------------------------------- the ingest process
@@ -118,6 +126,80 @@ class _PipeSender:
                     self.parent_gone = True
 
 
+def encode_inputs(batch: list[tuple[int, list[Any]]]) -> list[Any]:
+    """``[index, *large frames]`` for a batch of (recv_ns, frames): small frames ride inside the msgpack
+    index as bin, frames of 64 KiB or more (camera payloads) follow as their own ZeroMQ frames, unsent
+    copies of the received ones (pyzmq shares the buffer); the index refers to them by position."""
+    large: list[Any] = []
+    entries = []
+    for recv_ns, frames in batch:
+        parts: list[Any] = []
+        for f in frames:
+            if isinstance(f, bytes):  # topic, header and small payloads: received as bytes already
+                parts.append(f)
+                continue
+            buf = f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
+            if buf.nbytes >= 65536:
+                parts.append(len(large))
+                large.append(f)
+            else:
+                parts.append(bytes(buf))
+        entries.append((recv_ns, parts))
+    return [msgpack.packb(entries, use_bin_type=True), *large]
+
+
+def decode_inputs(parts: list[Any]) -> list[tuple[int, list[Any]]]:
+    """Inverse of ``encode_inputs``: (recv_ns, frames) with large frames as views of the received ones."""
+
+    def buf(f: Any) -> Any:
+        return f.buffer if isinstance(f, zmq.Frame) else f
+
+    large = [buf(f) for f in parts[1:]]
+    entries = msgpack.unpackb(buf(parts[0]), raw=False)
+    return [(recv_ns, [large[x] if isinstance(x, int) else x for x in frames]) for recv_ns, frames in entries]
+
+
+class _InputSender:
+    """PUSH end of the input-recording pipe, the IngestWorker's ``on_raw`` hook.
+
+    Why a pipe of its own, batched, and never blocking: the recorder lives in the main process (one MCAP
+    file holds inputs, results and late records, so an evaluation joins them by window id), but
+    recording must not slow ingest down or stall it: a PUB/SUB receiver that stops reading loses data.
+    A ZeroMQ send per message would cost more than ingest's own work on small messages, so messages are
+    collected (a list append per message) and sent in batches without copying camera payloads; the
+    ingest loop calls ``flush`` after every poll, so nothing waits longer than that. When the pipe is
+    full the batch is dropped from the recording and counted (ingest itself loses nothing).
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, linger_ms: int) -> None:
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, INPUTS_HWM)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.sock.connect(endpoint)
+        self.sent = 0
+        self.dropped = 0
+        self._batch: list[tuple[int, list[Any]]] = []
+        self._bytes = 0
+
+    def __call__(self, frames: list, recv_ns: int, msg: Any) -> None:
+        self._batch.append((recv_ns, frames))
+        self._bytes += msg.nbytes
+        if len(self._batch) >= INPUTS_BATCH or self._bytes >= INPUTS_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batch:
+            return
+        n = len(self._batch)
+        try:
+            self.sock.send_multipart(encode_inputs(self._batch), flags=zmq.NOBLOCK, copy=False)
+            self.sent += n
+        except zmq.Again:
+            self.dropped += n
+        self._batch.clear()
+        self._bytes = 0
+
+
 def ingest_process_main(
     settings: IngestSettings,
     pipe_endpoint: str,
@@ -126,6 +208,7 @@ def ingest_process_main(
     log_format: str,
     parent_pid: int,
     linger_ms: int,
+    inputs_endpoint: str | None = None,  # the input-recording pipe, or None when inputs are not recorded
 ) -> None:
     """Entry point of the ingest process (spawned; everything it needs comes in as arguments)."""
     # The process group gets the operator's Ctrl-C / systemd's SIGTERM too; only the parent decides
@@ -135,11 +218,13 @@ def ingest_process_main(
     logs.configure(log_level, log_format)
     structlog.contextvars.bind_contextvars(process="ingest")
     from ingest.metrics import IngestCollector
+    from ingest.security import RateLimitCollector
     from ingest.subscriber import IngestWorker
     from sinks.late import late_record
 
     ctx = zmq.Context()  # created here, after the start: never inherit a context across processes
     pipe = _PipeSender(ctx, pipe_endpoint, parent_pid, linger_ms)
+    inputs = _InputSender(ctx, inputs_endpoint, linger_ms) if inputs_endpoint else None
     counts = {"windows": 0, "late": 0}
 
     def on_window(w: Window) -> None:
@@ -151,26 +236,39 @@ def ingest_process_main(
         counts["late"] += 1
 
     try:
-        worker = IngestWorker(settings, on_window, on_late=on_late, context=ctx)
+        worker = IngestWorker(settings, on_window, on_late=on_late, on_raw=inputs, context=ctx)
     except Exception as exc:  # bad endpoint, address in use, ...: tell the parent, which exits
         pipe.send(ERROR, f"{type(exc).__name__}: {exc}")
         pipe.sock.close(linger=linger_ms)
+        if inputs is not None:
+            inputs.sock.close(linger=0)
         ctx.term()
         return
     collector = IngestCollector([worker])
+    limits = RateLimitCollector(lambda: [worker.rate_limiter])
 
     def snapshot(flushed: int = 0) -> IngestSnapshot:
-        families = list(collector.collect())
-        return IngestSnapshot(families, worker.last_loop_ns, counts["windows"], counts["late"], flushed)
+        families = [*collector.collect(), *limits.collect()]
+        rec = (inputs.sent, inputs.dropped) if inputs is not None else (0, 0)
+        auth = dict(worker.auth.rejected) if worker.auth is not None else {}
+        return IngestSnapshot(
+            families, worker.last_loop_ns, counts["windows"], counts["late"], flushed, *rec, auth_rejected=auth
+        )
 
     pipe.send(READY, {"endpoints": worker.bound_endpoints or list(settings.endpoints), "pid": os.getpid()})
     last_stats = 0.0
+    drops_logged, drops_log_at = 0, 0.0
     while not stop.is_set() and not pipe.parent_gone:
         worker.poll(50)
+        if inputs is not None:
+            inputs.flush()
         now = time.monotonic()
         if now - last_stats >= STATS_INTERVAL_S:
             last_stats = now
             pipe.send(STATS, snapshot())
+            if inputs is not None and inputs.dropped > drops_logged and now - drops_log_at >= 10.0:
+                log.warning("input_recording_dropped", dropped=inputs.dropped - drops_logged, total=inputs.dropped)
+                drops_logged, drops_log_at = inputs.dropped, now
         if os.getppid() != parent_pid:
             pipe.parent_gone = True
     if pipe.parent_gone:
@@ -184,6 +282,9 @@ def ingest_process_main(
         pass
     flushed = worker.flush()
     worker.close()
+    if inputs is not None:  # hand every recorded input over before DONE, so the parent can drain them
+        inputs.flush()
+        inputs.sock.close(linger=linger_ms)
     pipe.send(DONE, snapshot(len(flushed)))
     log.info("ingest_stopped", windows=counts["windows"], flushed=len(flushed), late=counts["late"])
     pipe.sock.close(linger=linger_ms)
@@ -194,10 +295,10 @@ def ingest_process_main(
 
 
 class _SharedRecorder:
-    """The MCAP recorder seen from the late-record supervisor: same file, closed by the results one."""
+    """The MCAP recorder seen from another supervisor (late records, inputs): same file, closed by the results one."""
 
-    def __init__(self, recorder: Any) -> None:
-        self.name = "mcap_late"
+    def __init__(self, recorder: Any, name: str = "mcap_late") -> None:
+        self.name = name
         self._recorder = recorder
 
     def write(self, record: Any) -> None:
@@ -241,7 +342,8 @@ class Service:
         inf = cfg.inference
         self.state = _State()
         self.queue: BatchQueue[Window] = BatchQueue(inf.max_batch_size, inf.max_delay_s, inf.queue_size, inf.policy)
-        self.runner = InferenceRunner(
+        runner_cls = _pinned_runner(InferenceRunner, cfg.model.sha256) if cfg.model.sha256 else InferenceRunner
+        self.runner = runner_cls(
             cfg.model.checkpoint,
             device=cfg.model.device,
             max_batch_size=inf.max_batch_size,
@@ -253,8 +355,18 @@ class Service:
             latency_buckets_s=inf.latency_buckets_s, max_batch_size=inf.max_batch_size, build=_build_info()
         )
         self.metrics.register_state(self._state_for_metrics)
+        from daemon.fusion_stage import FusionStage
+
+        self.fusion = FusionStage.from_settings(cfg.image_fusion)  # None unless [image_fusion] method is set
+        if cfg.ingest.curve is not None or cfg.sinks.zmq_curve is not None:
+            from ingest.security import AuthCollector
+
+            self.metrics.registry.register(AuthCollector(self._auth_rejected))
         self.results = None
         self.late = None
+        self.inputs = None  # input-recording supervisor ([sinks] mcap_inputs)
+        self.png = None  # picture supervisor ([sinks] png_dir)
+        self._tap: Any = None  # HeatmapTap when pictures are drawn
         self.admin = None
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
@@ -268,13 +380,24 @@ class Service:
         self._fail_log_at = 0.0
 
     # ------------------------------------------------------------------ probes and admin
+    def _auth_rejected(self) -> dict:
+        """Refused CURVE peers per socket: the input's from the ingest snapshot, the results' from the sink."""
+        out = {}
+        if self.cfg.ingest.curve is not None:
+            snap = self.state.snapshot
+            out["ingest"] = snap.auth_rejected if snap is not None else {}
+        auth = getattr(self._zmq_sink, "auth", None)
+        if auth is not None:
+            out["results"] = dict(auth.rejected)
+        return out
+
     def _state_for_metrics(self) -> dict:
         st = self.state
         return {
             "queue_depth": self.queue.depth,
             "queue_dropped": self.queue.dropped,
             "reloads": dict(self.runner.reloads),
-            "sinks": [s for s in (self.results, self.late) if s is not None],
+            "sinks": [s for s in (self.results, self.late, self.inputs, self.png) if s is not None],
             "snapshot_age_s": None if st.snapshot_at is None else time.monotonic() - st.snapshot_at,
         }
 
@@ -351,6 +474,7 @@ class Service:
                 a.port,
                 AdminHandlers(self.metrics.exposition, self.health, self.ready, self.reload),
                 token=a.token,
+                public_endpoints=a.public_endpoints,
             ).start()
         except OSError as exc:
             log.error("admin_listen_failed", listen=f"{a.host}:{a.port}", error=str(exc))
@@ -417,19 +541,25 @@ class Service:
         return status if clean else 1
 
     def _open_sinks(self) -> None:
+        from daemon.replay import HeatmapTap
         from sinks.jsonl import JsonlSink
         from sinks.late import LateSink
         from sinks.mcap_recorder import McapRecorder
+        from sinks.png import PngSink
         from sinks.supervisor import SinkSupervisor
         from sinks.zmq_pub import ZmqResultPublisher
 
         s = self.cfg.sinks
         results: list[Any] = []
         late: list[Any] = []
+        inputs: list[Any] = []
+        pictures: list[Any] = []
         self._zmq_sink = None
         try:
             if s.zmq_endpoint:
-                self._zmq_sink = ZmqResultPublisher(s.zmq_endpoint, bind=s.zmq_bind, sndhwm=s.zmq_sndhwm)
+                self._zmq_sink = ZmqResultPublisher(
+                    s.zmq_endpoint, bind=s.zmq_bind, sndhwm=s.zmq_sndhwm, curve=s.zmq_curve
+                )
                 results.append(self._zmq_sink)
             if s.jsonl_path:
                 results.append(
@@ -439,8 +569,12 @@ class Service:
                 recorder = McapRecorder(s.mcap_path)
                 results.append(recorder)
                 late.append(_SharedRecorder(recorder))
+                if s.mcap_inputs:
+                    inputs.append(_SharedRecorder(recorder, "mcap_inputs"))
             if s.late_path:
                 late.append(LateSink(s.late_path, max_bytes=s.jsonl_max_bytes, backups=s.jsonl_backups, fsync=s.fsync))
+            if s.png_dir:
+                pictures.append(PngSink(s.png_dir, max_per_s=s.png_max_per_s))
         except BaseException:
             for sink in [*late, *results]:
                 sink.close()
@@ -449,11 +583,17 @@ class Service:
             log.warning("no_result_sinks", hint="set [sinks] zmq_endpoint, jsonl_path or mcap_path")
         self.results = SinkSupervisor(results, queue_size=s.queue_size)
         self.late = SinkSupervisor(late, queue_size=s.queue_size)
+        if inputs:
+            self.inputs = SinkSupervisor(inputs, queue_size=s.queue_size)
+        if pictures:
+            self.png = SinkSupervisor(pictures, queue_size=PNG_QUEUE)
+            self._tap = HeatmapTap()
 
     def _close_sinks(self, timeout: float) -> bool:
         clean = True
         deadline = time.monotonic() + timeout
-        for sup in (self.late, self.results):  # late first: it shares the MCAP file the results one closes
+        # late and inputs first: they share the MCAP file the results one closes
+        for sup in (self.late, self.inputs, self.png, self.results):
             if sup is not None:
                 clean &= sup.close(max(0.0, deadline - time.monotonic()))
         return clean
@@ -466,6 +606,13 @@ class Service:
         pull.setsockopt(zmq.RCVHWM, PIPE_HWM)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(endpoint)
+        inputs_endpoint = None
+        if self.inputs is not None:
+            inputs_endpoint = f"ipc://{self._pipe_dir}/inputs.ipc"
+            inputs_pull = self._ctx.socket(zmq.PULL)
+            inputs_pull.setsockopt(zmq.RCVHWM, INPUTS_HWM)
+            inputs_pull.setsockopt(zmq.LINGER, 0)
+            inputs_pull.bind(inputs_endpoint)
         spawn = mp.get_context("spawn")
         self._child_stop = spawn.Event()
         linger_ms = int(self.cfg.shutdown_timeout_s * 1000)
@@ -479,6 +626,7 @@ class Service:
                 self.cfg.log_format,
                 os.getpid(),
                 linger_ms,
+                inputs_endpoint,
             ),
             name="sacmf-ingest",
         )
@@ -487,6 +635,10 @@ class Service:
             threading.Thread(target=self._receiver_loop, args=(pull,), name="receiver", daemon=True),
             threading.Thread(target=self._inference_loop, name="inference", daemon=True),
         ]
+        if inputs_endpoint is not None:
+            self._threads.append(
+                threading.Thread(target=self._inputs_loop, args=(inputs_pull,), name="inputs", daemon=True)
+            )
         for t in self._threads:
             t.start()
         deadline = time.monotonic() + INGEST_START_TIMEOUT_S
@@ -526,6 +678,10 @@ class Service:
             self._ctx.destroy(linger=0)
         clean = threads_done and sinks_clean and child_ok and time.monotonic() <= deadline
         snap = st.snapshot
+        # inputs missing from the recording: dropped at the pipe (ingest process) or at the sink's queue
+        inputs_dropped = (snap.inputs_dropped if snap else 0) + (
+            sum(self.inputs.dropped.values()) if self.inputs else 0
+        )
         log.info(
             "shutdown_complete",
             clean=clean,
@@ -536,6 +692,8 @@ class Service:
             windows_failed=st.failed_windows,
             results_published=st.results_published,
             sinks_written=dict(self.results.written) if self.results else {},
+            inputs_recorded=sum(self.inputs.written.values()) if self.inputs else 0,
+            inputs_dropped=inputs_dropped,
         )
         return clean
 
@@ -592,6 +750,22 @@ class Service:
             log.error("pipe_unknown_message", kind=kind[:8].hex())
         return False
 
+    def _inputs_loop(self, pull: zmq.Socket) -> None:
+        """Input-recording pipe -> the MCAP recorder's input lane, until the ingest process is done."""
+        from sinks.mcap_recorder import RawMessage
+
+        try:
+            while True:
+                if pull.poll(200, zmq.POLLIN):
+                    for recv_ns, frames in decode_inputs(pull.recv_multipart(copy=False)):
+                        self.inputs.submit(RawMessage(frames, recv_ns))
+                elif self.state.ingest_done.is_set() or not self._child.is_alive():
+                    break  # the child hands over every input before DONE: an idle pipe now is empty
+        except Exception:
+            log.exception("inputs_loop_failed")
+        finally:
+            pull.close(linger=0)
+
     def _take_snapshot(self, snap: IngestSnapshot) -> None:
         self.state.snapshot = snap
         self.state.snapshot_at = time.monotonic()
@@ -614,8 +788,15 @@ class Service:
         windows = [q.item for q in batch]
         started = time.monotonic()
         waits = [started - q.enqueued_s for q in batch]
+        heat = None
+        if self._tap is not None:
+            self._tap.arm(self.runner)
         try:
+            if self.fusion is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
+                windows = self.fusion.process(windows, self.metrics.observe_fusion_quality)
             records = list(self.runner.run(windows))
+            if self._tap is not None:
+                heat = self._tap.heatmaps(len(windows))
         except Exception as exc:
             records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
         self.metrics.observe_batch(len(windows), time.monotonic() - started, waits)
@@ -626,6 +807,11 @@ class Service:
             self.results.submit(record)
             self.state.results_published += 1
             self.metrics.observe_published(record)
+        if self.png is not None:
+            from daemon.replay import png_frames
+
+            for item in png_frames([r for r in records if r is not None], windows, heat):
+                self.png.submit(item)
 
     def _isolate(self, windows: list[Window], exc: Exception) -> list:
         """A batch failed: retry each window alone so one bad window costs only itself."""
@@ -653,6 +839,39 @@ class Service:
         return []
 
 
+def _pinned_runner(base: type, sha256: str) -> type:
+    """The runner class refusing any checkpoint whose bytes do not hash to ``[model] sha256``.
+
+    The hash is the one ``load_checkpoint`` computed from the very bytes it parsed (no window between
+    checking and loading), and ``weights_only`` parsing runs no code, so checking after the parse is
+    safe. At start a mismatch is a CheckpointError (exit 2); on reload the old model keeps serving and
+    the failure is counted, like any other bad file.
+    """
+    from daemon.inference import CheckpointError
+
+    class PinnedRunner(base):  # type: ignore[misc, valid-type]
+        def _load_validated(self, path: Any) -> Any:
+            loaded = super()._load_validated(path)
+            if loaded.sha256 != sha256:
+                raise CheckpointError(
+                    f"{path}: sha256 {loaded.sha256} differs from [model] sha256 {sha256}; refusing this file"
+                )
+            return loaded
+
+    return PinnedRunner
+
+
+def checkpoint_sha256(path: os.PathLike[str] | str) -> str:
+    """The sha256 of a file, read in chunks (a checkpoint may be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _build_info() -> dict[str, str]:
     import platform
 
@@ -678,5 +897,14 @@ def serve(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 2
+    if cfg.model.sha256:  # before torch is imported and anything starts: a clear, fast refusal
+        actual = checkpoint_sha256(ckpt)
+        if actual != cfg.model.sha256:
+            print(
+                f"error: checkpoint {ckpt} has sha256 {actual}, but [model] sha256 in {cfg.source} expects "
+                f"{cfg.model.sha256}; refusing to serve it (update the pin only for a file you trust).",
+                file=sys.stderr,
+            )
+            return 2
     structlog.contextvars.bind_contextvars(process="main")
     return Service(cfg).run()
