@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,54 +28,6 @@ def _check_config(args: argparse.Namespace) -> int:
             f"  group {g.name}: {sensors}; {w.size_ns / 1e6:g} ms {kind}, lateness {w.allowed_lateness_ns / 1e6:g} ms"
         )
     return 0
-
-
-def _sim_settings(args: argparse.Namespace):
-    from daemon.simulate import SimSettings
-
-    h, w = (int(v) for v in args.size.lower().split("x"))
-    return SimSettings(
-        group=args.group,
-        frame_rate_hz=args.frame_rate,
-        sample_rate_hz=args.sample_rate,
-        chunk_samples=args.chunk,
-        height=h,
-        width=w,
-        seed=args.seed,
-    )
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():  # second signal: leave at once
-            raise SystemExit(130)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from daemon import simulate
-    from ingest.publisher import SensorPublisher
-
-    s = _sim_settings(args)
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
-    with SensorPublisher(args.endpoint, s.group, sensors, bind=not args.connect, socket_type=args.socket) as pub:
-        print(f"publishing group {s.group} on {', '.join(pub.endpoints)} (session {pub.session:#x}); Ctrl-C stops")
-        sent = simulate.run(pub, s, stop, args.duration)
-    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from daemon import demo
-
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    return demo.run(_sim_settings(args), stop, args.duration)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -296,11 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     s.add_argument("--connect", action="store_true", help="connect instead of bind")
     s.add_argument("--socket", default="pub", choices=["pub", "push"], help="pub (live) or push (lossless)")
-    s.set_defaults(func=_simulate)
+    # their handlers: daemon/replay_commands.py (register() below), which owns the simulator and the demo
 
-    d = sub.add_parser("demo", help="simulator -> ingest -> windows, printed as they close")
+    d = sub.add_parser("demo", help="simulator + daemon with a live console view (the README's main command)")
     sim_args(d)
-    d.set_defaults(func=_demo)
 
     v = sub.add_parser("serve", help="run the daemon: ingest -> windows -> SA-CMF -> sinks, admin HTTP")
     v.add_argument("config", nargs="?", default="config.toml", help="config file (default: config.toml)")
