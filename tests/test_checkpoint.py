@@ -15,24 +15,11 @@ from model import checkpoint as ckpt_mod
 from model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from model.losses import sacmf_loss
 from model.preprocess import collate, preprocess, raw_from_scene
-from model.sacmf import SACMF, SACMFConfig, build_model
+from model.sacmf import SACMF, build_model
 from model.synth import SynthConfig, generate_scene
+from tests.service_helpers import TINY  # the one tiny test configuration
 
 torch.set_num_threads(1)
-
-TINY = SACMFConfig(
-    backbone="tiny",
-    d_model=16,
-    heads=2,
-    img_layers=1,
-    seq_layers=1,
-    frame_size=32,
-    token_grid=4,
-    seq_len=64,
-    patch_len=16,
-    det_channels=8,
-    dropout=0.0,
-)
 
 
 def _batch(n: int = 6, seed0: int = 0) -> dict[str, torch.Tensor]:

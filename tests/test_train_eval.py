@@ -6,6 +6,7 @@ whole file stays fast on a loaded 2-core machine; nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,22 +34,12 @@ from model.preprocess import ROLES
 from model.sacmf import SACMFConfig, build_model, decode_detections
 from model.synth import LABELS_FILE, SynthConfig, write_dataset
 from model.train import TrainOptions, TrainResult, augment_presence, train, validate
+from tests.service_helpers import TINY as TINY_BASE
 
 torch.set_num_threads(1)
 
-TINY = SACMFConfig(
-    backbone="tiny",
-    d_model=16,
-    heads=2,
-    img_layers=1,
-    seq_layers=1,
-    frame_size=32,
-    token_grid=4,
-    seq_len=64,
-    patch_len=16,
-    det_channels=8,
-    dropout=0.1,  # non-zero so exact resume has to restore the dropout RNG too
-)
+# dropout non-zero so that an exact resume has to restore the dropout RNG too
+TINY = dataclasses.replace(TINY_BASE, dropout=0.1)
 N_TRAIN, N_VAL, N_TEST = 40, 16, 16
 
 
