@@ -33,7 +33,9 @@ from ingest.windowing import Frame, GroupWindower, RadChunk, Window
 
 log = structlog.get_logger("sacmf.ingest")
 
-RCVMORE = zmq.RCVMORE
+# Plain ints, not pyzmq's enum members: an enum argument costs a conversion per call on the hot path.
+RCVMORE = int(zmq.RCVMORE)
+NOBLOCK = int(zmq.NOBLOCK)
 MAX_FRAMES_READ = 64  # frames beyond this are drained and dropped without being kept
 
 
@@ -274,7 +276,7 @@ class IngestWorker:
             more = sock.getsockopt  # not the sock.rcvmore property: that goes through a slow generic lookup
             while n < max_messages:
                 try:
-                    first = recv(zmq.NOBLOCK)
+                    first = recv(NOBLOCK)
                 except zmq.Again:
                     break
                 frames = [first]
