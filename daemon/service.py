@@ -557,8 +557,13 @@ class Service:
         self._zmq_sink = None
         try:
             if s.zmq_endpoint:
+                from ingest.security import socket_securer
+
                 self._zmq_sink = ZmqResultPublisher(
-                    s.zmq_endpoint, bind=s.zmq_bind, sndhwm=s.zmq_sndhwm, curve=s.zmq_curve
+                    s.zmq_endpoint,
+                    bind=s.zmq_bind,
+                    sndhwm=s.zmq_sndhwm,
+                    secure=socket_securer(s.zmq_curve, "results") if s.zmq_curve is not None else None,
                 )
                 results.append(self._zmq_sink)
             if s.jsonl_path:

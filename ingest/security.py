@@ -647,3 +647,41 @@ class AuthCollector(Collector):
             for reason in AUTH_REJECT_REASONS:
                 fam.add_metric([sock, reason], counts.get(reason, 0))
         yield fam
+
+
+def socket_securer(
+    curve: CurveConfig | None, socket_name: str
+) -> Callable[[zmq.Context, zmq.Socket, str, bool], ZapHandler | None]:
+    """A function that secures and opens a socket built elsewhere (the results PUB in sinks/): plain
+    bind/connect when CURVE is off for its endpoint; bound, a CURVE server whose readers ZAP admits from
+    ``curve.authorized_dir``; connected, a client pinned to the server's key."""
+
+    def secure(ctx: zmq.Context, sock: zmq.Socket, endpoint: str, bind: bool) -> ZapHandler | None:
+        if curve is None or not uses_curve(curve, [endpoint]):
+            (sock.bind if bind else sock.connect)(endpoint)
+            return None
+        keys = load_secret_certificate(curve.secret_file)
+        if not bind:
+            connect_pinned(sock, keys, curve, endpoint)
+            return None
+        if curve.authorized_dir is None:
+            raise KeyFileError(f"a CURVE {socket_name} socket that binds needs a directory of reader keys")
+        auth = ZapHandler(
+            ctx,
+            curve.authorized_dir,
+            allow_ips=curve.allow_ips,
+            deny_ips=curve.deny_ips,
+            log_interval_s=curve.log_interval_s,
+            socket_name=socket_name,
+        )
+        make_server(sock, keys)
+        auth.watch(sock)
+        auth.start()  # before bind: no reader may connect unchecked
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            auth.stop()
+            raise
+        return auth
+
+    return secure

@@ -9,18 +9,20 @@ unreachable (pyzmq's default linger of -1 would hang on unsent messages).
 The socket is created where the publisher is constructed but is then used by one thread at a time
 (the supervisor's worker writes and closes it), which is the migration pyzmq allows.
 
-With ``curve`` (SECURITY.md) results are encrypted and only key holders can read them: bound, this PUB
-is the CURVE server and a ZAP handler on its own context admits the readers' keys in
-``curve.authorized_dir``; connected (to a proxy or a bound subscriber), it pins ``curve.server_key``.
+With ``secure`` (a CURVE set-up built by the daemon, SECURITY.md) results are encrypted and only key
+holders can read them: bound, this PUB is the CURVE server and a ZAP handler on its own context admits
+the readers' keys; connected (to a proxy or a bound subscriber), it pins the server key.
 Subscribers only send subscriptions, so ``ZMQ_MAXMSGSIZE`` is small: nobody can make it buffer more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import msgpack
 import zmq
 
-from ingest import security
 from sinks.record import ResultRecord, to_wire
 
 TOPIC_PREFIX = "det/"
@@ -37,6 +39,12 @@ def encode_result(record: ResultRecord) -> list[bytes]:
     return [result_topic(record.group), msgpack.packb(to_wire(record), use_bin_type=True)]
 
 
+Secure = Callable[[zmq.Context, zmq.Socket, str, bool], Any]
+"""Sets up authentication (CURVE, ZAP) on a fresh socket and binds or connects it; returns a handle with
+``stop()`` (or None). The daemon builds it from ingest/security.py: sinks take it as a plain callable and
+import nothing from ingest."""
+
+
 class ZmqResultPublisher:
     """A sink (``name``/``write``/``close``) publishing result records on a PUB socket."""
 
@@ -49,7 +57,7 @@ class ZmqResultPublisher:
         linger_ms: int = 1000,
         context: zmq.Context | None = None,
         name: str = "zmq",
-        curve: security.CurveConfig | None = None,
+        secure: Secure | None = None,
     ) -> None:
         if sndhwm < 1:
             raise ValueError(f"sndhwm must be >= 1 (0 would mean unbounded), got {sndhwm}")
@@ -59,18 +67,18 @@ class ZmqResultPublisher:
         self._own_context = context is None
         self._ctx = zmq.Context() if context is None else context
         self._sock = self._ctx.socket(zmq.PUB)
-        self.auth: security.ZapHandler | None = None
+        self.auth: Any = None  # what ``secure`` returned: stopped on close
         try:
             self._sock.setsockopt(zmq.SNDHWM, sndhwm)
             self._sock.setsockopt(zmq.LINGER, linger_ms)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
-            if security.uses_curve(curve, [endpoint]):
-                self._secure(curve, endpoint, bind)
+            if secure is not None:
+                self.auth = secure(self._ctx, self._sock, endpoint, bind)
             elif bind:
                 self._sock.bind(endpoint)
             else:
                 self._sock.connect(endpoint)
-        except (zmq.ZMQError, security.KeyFileError, RuntimeError):
+        except (zmq.ZMQError, ValueError, RuntimeError):
             self._sock.close(linger=0)
             if self.auth is not None:
                 self.auth.stop()
@@ -80,26 +88,6 @@ class ZmqResultPublisher:
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         self.sent = 0
         self._closed = False
-
-    def _secure(self, curve: security.CurveConfig, endpoint: str, bind: bool) -> None:
-        keys = security.load_secret_certificate(curve.secret_file)
-        if not bind:
-            security.connect_pinned(self._sock, keys, curve, endpoint)
-            return
-        if curve.authorized_dir is None:
-            raise security.KeyFileError("a CURVE results socket that binds needs a directory of reader keys")
-        self.auth = security.ZapHandler(
-            self._ctx,
-            curve.authorized_dir,
-            allow_ips=curve.allow_ips,
-            deny_ips=curve.deny_ips,
-            log_interval_s=curve.log_interval_s,
-            socket_name="results",
-        )
-        security.make_server(self._sock, keys)
-        self.auth.watch(self._sock)
-        self.auth.start()  # before bind: no reader may connect unchecked
-        self._sock.bind(endpoint)
 
     def write(self, record: ResultRecord) -> None:
         if self._closed:

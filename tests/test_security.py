@@ -332,7 +332,7 @@ def test_connect_topology_pins_each_publisher_and_checks_its_groups(keys: Keys, 
 
 def test_results_reach_only_readers_with_an_admitted_key(keys: Keys) -> None:
     curve = security.CurveConfig(keys.secret("daemon"), authorized_dir=keys.readers)
-    sink = ZmqResultPublisher("tcp://127.0.0.1:*", curve=curve)
+    sink = ZmqResultPublisher("tcp://127.0.0.1:*", secure=security.socket_securer(curve, "results"))
     ctx = zmq.Context()
     subs = {
         "reader": _client(ctx, zmq.SUB, sink.endpoint, keys, "reader"),
