@@ -39,6 +39,25 @@ NOBLOCK = int(zmq.NOBLOCK)
 MAX_FRAMES_READ = 64  # frames beyond this are drained and dropped without being kept
 
 
+def _read_rest(topic: bytes, recv: Callable, more: Callable) -> tuple[list, int]:
+    """The frames after the topic, read to the end of the message (ZeroMQ delivers it whole).
+
+    Image payloads are received without a copy (the array is a view of the ZeroMQ frame); small
+    radiation payloads are cheaper to copy than to wrap in a zmq.Frame. Frames beyond MAX_FRAMES_READ are
+    drained and only counted, so a message of a million frames cannot hold memory.
+    """
+    frames = [topic]
+    extra = 0
+    zero_copy = topic.startswith(b"img/")
+    while more(RCVMORE):
+        part = recv(copy=not zero_copy or len(frames) < 2)
+        if len(frames) < MAX_FRAMES_READ:
+            frames.append(part)
+        else:
+            extra += 1
+    return frames, extra
+
+
 class RateLimitedLog:
     """At most one log line per reason and interval; the count of suppressed lines rides along."""
 
@@ -279,17 +298,7 @@ class IngestWorker:
                     first = recv(NOBLOCK)
                 except zmq.Again:
                     break
-                frames = [first]
-                extra = 0
-                # Image payloads are received without a copy (the array is a view of the ZeroMQ frame);
-                # small radiation payloads are cheaper to copy than to wrap in a zmq.Frame.
-                zero_copy = first.startswith(b"img/")
-                while more(RCVMORE):
-                    part = recv(copy=not zero_copy or len(frames) < 2)
-                    if len(frames) < MAX_FRAMES_READ:
-                        frames.append(part)
-                    else:
-                        extra += 1
+                frames, extra = _read_rest(first, recv, more)
                 try:
                     self.handle(frames, extra)
                 except Exception:  # a bug in our own code: count it, keep serving the other messages
@@ -319,20 +328,12 @@ class IngestWorker:
             more = sock.getsockopt
             while n < max_messages:
                 try:
-                    first = recv(zmq.NOBLOCK, copy=False)
+                    first = recv(NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 who = peer if peer is not None else security.user_id(first)
                 topic = first.bytes
-                frames = [topic]
-                extra = 0
-                zero_copy = topic.startswith(b"img/")
-                while more(RCVMORE):
-                    part = recv(copy=not zero_copy or len(frames) < 2)
-                    if len(frames) < MAX_FRAMES_READ:
-                        frames.append(part)
-                    else:
-                        extra += 1
+                frames, extra = _read_rest(topic, recv, more)
                 n += 1
                 parts = topic.split(b"/", 2)
                 granted = acl.get(who) if who is not None else None
