@@ -36,6 +36,7 @@ from daemon.adapt import pick_frame, windows_to_batch
 from ingest.windowing import Frame, Samples, Window
 from model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, CheckpointError, save_checkpoint
 from model.checkpoint import load_checkpoint as _load_checkpoint
+from model.infer import tidy_box  # the one rule for ordering and clipping decoded boxes
 from model.sacmf import SACMF, SACMFConfig, decode_detections
 from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
 
@@ -114,19 +115,6 @@ def _token_stats(weights: Tensor) -> TokenStats | None:
     lo, hi = float(w.min()), float(w.max())
     mean = min(max(float(w.mean()), lo), hi)  # float rounding must not break min <= mean <= max
     return TokenStats(mean, lo, hi, int(w.numel()))
-
-
-def _clip_box(box: Sequence[float], width: int, height: int) -> list[float]:
-    """Order and clip to the Image-A frame; a negative predicted size becomes an empty box."""
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    hw, hh = max(0.0, (x1 - x0) / 2), max(0.0, (y1 - y0) / 2)
-    return [
-        min(max(cx - hw, 0.0), float(width)),
-        min(max(cy - hh, 0.0), float(height)),
-        min(max(cx + hw, 0.0), float(width)),
-        min(max(cy + hh, 0.0), float(height)),
-    ]
 
 
 def _probs(p: Tensor) -> list[float]:
@@ -273,7 +261,7 @@ class InferenceRunner:
             if frame is not None and bool(batch["presence"][i, 0]):
                 height, width = frame.image.shape[:2]
                 for x0, y0, x1, y1, cls, score, class_probs in dets[i]:
-                    box = _clip_box((x0, y0, x1, y1), width, height)
+                    box = tidy_box((x0, y0, x1, y1), width, height)
                     detections.append(Detection(box, names[cls], score, _probs(torch.tensor(class_probs))))
             tokens = {}
             for modality, key in (("image", "token_weights_img"), ("sequence", "token_weights_seq")):
