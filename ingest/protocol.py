@@ -217,6 +217,8 @@ def _rad_layout(h: dict) -> tuple[tuple[int, ...], np.dtype, int]:
         raise ProtocolError("field_type", "n must be an integer >= 1")
     if dtype not in RAD_DTYPES:
         raise ProtocolError("dtype", f"rad dtype {str(dtype)[:16]!r} not in {RAD_DTYPES}")
+    if h["t_ns"] + (n - 1) * dt_ns > INT64_MAX:  # windows keep sample times in int64 arrays: no silent wrap
+        raise ProtocolError("field_type", "the last sample's time t_ns + (n - 1) * dt_ns must be an int64")
     dt = _NP_DTYPES[dtype]
     return (n,), dt, n * dt.itemsize
 

@@ -420,12 +420,22 @@ class GroupWindower:
             t_k = t0 + (k - 1) * dt
             self._report_late(chunk.sensor, item, k, t_k - t_k % hop - size + hop)
         frontier = self._frontier
-        for s in range(first_cell - size + hop, t_last - t_last % hop + hop, hop):
-            if frontier is not None and s + size <= frontier:
-                continue
+        # Windows from the first one holding t0 to the last one holding t_last, skipping closed ones and any
+        # that hold no sample: the work follows the samples, never the time span (two samples a century
+        # apart must not walk the billions of windows between them).
+        s = first_cell - size + hop
+        if frontier is not None and s + size <= frontier:
+            x = frontier - size
+            s = x - x % hop + hop  # the first window on the grid that ends after the frontier
+        s_end = t_last - t_last % hop + hop
+        while s < s_end:
             lo = max(0, -((t0 - s) // step))
             hi = min(n, -((t0 - s - size) // step))
-            if lo >= hi:
+            if lo >= hi:  # no sample in [s, s + size): on to the first window holding sample lo
+                if lo >= n:
+                    break
+                t_lo = t0 + lo * dt
+                s = max(s + hop, t_lo - t_lo % hop - size + hop)
                 continue
             ow = self._open.get(s)
             if ow is None:
@@ -435,6 +445,7 @@ class GroupWindower:
             if own > 0:
                 ow.own_bytes += own * per_sample
                 self._buffered += own * per_sample
+            s += hop
         return self._progress(inp, t_last, recv_ns)
 
     def advance(self, now_ns: int) -> list[Window]:
