@@ -89,6 +89,7 @@ def _train(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             seed=args.seed,
             threads=args.threads,
+            device=args.device,
             modalities=args.modalities,
             drop_prob=args.drop_prob,
             max_minutes=args.max_minutes,
@@ -192,6 +193,7 @@ def _model_args(p: argparse._SubParsersAction) -> None:
     t.add_argument("--drop-prob", type=float, default=0.3, help="missing-modality augmentation rate")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to train")
     t.add_argument("--max-minutes", type=float, default=None, help="start no epoch that would end later")
     t.add_argument("--stop-after-epochs", type=int, default=None, help="end this run after N epochs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")

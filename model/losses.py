@@ -45,6 +45,9 @@ def detection_targets(
         valid = None if valid is None else valid.unsqueeze(0)
     if valid is None:
         valid = torch.ones(classes.shape, dtype=torch.bool, device=boxes.device)
+    # built on the CPU: a per-object loop of tiny ops would be launch-bound on a GPU
+    device = boxes.device
+    boxes, classes, valid = boxes.cpu(), classes.cpu(), valid.cpu()
     b = boxes.shape[0]
     c, hd, stride = cfg.num_classes, cfg.det_size, float(cfg.det_stride)
     heat = torch.zeros(b, c, hd, hd)
@@ -77,7 +80,7 @@ def detection_targets(
     out = {"heatmap": heat, "size": size, "offset": offset, "reg_mask": reg}
     if unbatched:
         out = {key: value[0] for key, value in out.items()}
-    return {key: value.to(boxes.device) for key, value in out.items()}
+    return {key: value.to(device) for key, value in out.items()}
 
 
 def focal_heatmap_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -74,6 +74,7 @@ class TrainOptions:
     grad_clip: float = 5.0
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"  # "cuda" trains on a GPU when one exists; results match the CPU run only statistically
     modalities: tuple[str, ...] = ALL_MODALITIES
     drop_prob: float = 0.3
     max_minutes: float | None = None
@@ -200,8 +201,14 @@ def _loss_text(means: dict[str, float]) -> str:
     return " ".join(f"{k} {means[k]:.3f}" for k in ("total", "cls", "sim", "mi", "det", "aux") if k in means)
 
 
+def _to(batch: dict[str, Tensor], device: str) -> dict[str, Tensor]:
+    return batch if device == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def validate(model: SACMF, tensors: dict[str, Tensor], cfg: SACMFConfig, batch_size: int) -> dict[str, Any]:
+def validate(
+    model: SACMF, tensors: dict[str, Tensor], cfg: SACMFConfig, batch_size: int, device: str = "cpu"
+) -> dict[str, Any]:
     """Eval-mode loss terms (the MI term is 0 in eval mode) and classification scores on a split."""
     was_training = model.training
     model.eval()
@@ -210,13 +217,13 @@ def validate(model: SACMF, tensors: dict[str, Tensor], cfg: SACMFConfig, batch_s
     logits, omega = [], []
     try:
         for lo in range(0, n, batch_size):
-            batch = take(tensors, slice(lo, lo + batch_size))
+            batch = _to(take(tensors, slice(lo, lo + batch_size)), device)
             out = model(batch)
             losses = sacmf_loss(out, batch, cfg)
             for k in LOSS_TERMS:
                 sums[k] = sums.get(k, 0.0) + float(losses[k]) * batch["label"].shape[0]
-            logits.append(out["logits"])
-            omega.append(out["modality_weights"])
+            logits.append(out["logits"].cpu())
+            omega.append(out["modality_weights"].cpu())
     finally:
         model.train(was_training)
     probs = torch.softmax(torch.cat(logits).double(), 1).numpy()
@@ -298,6 +305,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, float]:
         idx = perm[step * opts.batch_size : (step + 1) * opts.batch_size]
         batch = take(loop.train_x, idx)
         batch["presence"] = augment_presence(batch["presence"], loop.gen, opts.drop_prob)
+        batch = _to(batch, opts.device)
         out = model(batch)
         losses = sacmf_loss(out, batch, cfg)
         if not bool(torch.isfinite(losses["total"])):
@@ -367,13 +375,13 @@ def train(opts: TrainOptions, stream: TextIO = sys.stderr) -> TrainResult:
         if diff:
             details = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff[:3])
             raise ValueError(f"cannot resume {last_path}: options differ ({details})")
-        model.train()
+        model.to(opts.device).train()
         start_epoch = int(resume["epoch"])
         history = list(resume["history"])
         best_epoch, best_score = int(resume["best_epoch"]), float(resume["best_score"])
     else:
         torch.manual_seed(opts.seed)
-        model = build_model(cfg).train()
+        model = build_model(cfg).to(opts.device).train()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     factor = lr_factor(opts.warmup_steps, opts.epochs * n_steps, opts.min_lr_ratio)
@@ -398,7 +406,7 @@ def train(opts: TrainOptions, stream: TextIO = sys.stderr) -> TrainResult:
             break
         t_epoch = time.monotonic()
         train_means = _train_epoch(loop, epoch)
-        val = validate(model, val_x, cfg, opts.eval_batch_size) if val_x is not None else None
+        val = validate(model, val_x, cfg, opts.eval_batch_size, opts.device) if val_x is not None else None
         score = val["macro_f1"] if val is not None else -train_means["total"]
         epoch_time = time.monotonic() - t_epoch
         epoch_times.append(epoch_time)
