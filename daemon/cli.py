@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen.register(sub)
     bench_curve.register(sub)
+    from daemon import soak  # soak: the long run with reconnecting publishers (docs/operations.md)
+
+    soak.register(sub)
     from daemon import fuzz_load  # fuzz-load: malformed-message flood against a live daemon (SECURITY.md)
 
     fuzz_load.register(sub)

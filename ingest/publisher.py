@@ -36,6 +36,10 @@ class SensorPublisher:
     which the daemon counts from the sequence numbers) or "push" for lossless replay (blocks when
     the receiver is behind). Arrays handed to ``send_*`` must not be modified afterwards: large ones
     are sent without a copy.
+
+    ``session`` with ``next_seq`` resumes a session on a new socket: a host that re-creates its socket
+    (network change, reconnect) without restarting keeps its session and numbering, so the daemon sees
+    neither a restart nor a gap. Pass the old publisher's ``session`` and ``next_seq``.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class SensorPublisher:
         clock: Callable[[], int] = time.time_ns,
         sndhwm: int = 1000,
         session: int | None = None,
+        next_seq: dict[str, int] | None = None,
         curve_secret: str | Path | None = None,
         curve_server_public: str | Path | None = None,
         curve_clients: str | Path | None = None,
@@ -69,6 +74,15 @@ class SensorPublisher:
         self.session = secrets.randbits(64) if session is None else session
         self._clock = clock
         self._next_seq = {name: 0 for name in sensors}
+        if next_seq is not None:
+            if session is None:
+                raise ValueError("next_seq resumes a session: give the session too")
+            for name, seq in next_seq.items():
+                if name not in sensors:
+                    raise ValueError(f"next_seq: sensor {name!r} is not configured")
+                if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**64:
+                    raise ValueError(f"next_seq: seq of {name!r} must be an int in 0..2^64-1, got {seq!r}")
+                self._next_seq[name] = seq
         self._topics = {(k, n): protocol.topic(k, group, n) for n, kind in sensors.items() for k in (kind, "hb")}
         kinds = {"pub": zmq.PUB, "push": zmq.PUSH}
         if socket_type not in kinds:
@@ -109,6 +123,12 @@ class SensorPublisher:
             target=self._heartbeat_loop, args=(heartbeat_interval,), name=f"hb-{group}", daemon=True
         )
         self._hb_thread.start()
+
+    @property
+    def next_seq(self) -> dict[str, int]:
+        """The seq each sensor's next data message will use (a copy): what a resumed publisher takes."""
+        with self._lock:
+            return dict(self._next_seq)
 
     # -- data ---------------------------------------------------------------------------------------
 
