@@ -125,6 +125,14 @@ def _probs(p: Tensor) -> list[float]:
 
 
 @dataclass(frozen=True)
+class PreparedBatch:
+    """Model inputs and the model whose preprocessing made them."""
+
+    loaded: LoadedModel
+    batch: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
 class ReloadOutcome:
     ok: bool
     version: str
@@ -234,9 +242,27 @@ class InferenceRunner:
         """Result records for ``windows`` (same order), all from one model. Raises on failure."""
         if not windows:
             return []
+        return self.run_prepared(windows, self.prepare(windows))
+
+    def prepare(self, windows: Sequence[Window]) -> PreparedBatch:
+        """The model inputs for ``windows``, made with the current model's preprocessing.
+
+        Split from :meth:`run_prepared` so that the daemon can prepare the next batch on another thread
+        while this one is in the model (preprocessing is numpy work that overlaps the forward pass).
+        """
+        loaded = self.current
+        batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
+        return PreparedBatch(loaded, batch)
+
+    def run_prepared(self, windows: Sequence[Window], prepared: PreparedBatch) -> list[ResultRecord]:
+        """Records for a batch from :meth:`prepare`; prepared again if a reload swapped the model since."""
         with self._lock:
             loaded = self.current
-            batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
+            batch = prepared.batch
+            if prepared.loaded is not loaded and (
+                prepared.loaded.config.preprocess_config() != loaded.config.preprocess_config()
+            ):
+                batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
             return self._infer(loaded, windows, batch)
 
     def _infer(self, loaded: LoadedModel, windows: Sequence[Window], batch: dict[str, Tensor]) -> list[ResultRecord]:

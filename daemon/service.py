@@ -10,7 +10,8 @@ Layout, so that inference can never starve ingest:
   a long forward pass or a burst of preprocessing in the main process cannot delay a ``recv`` (a
   delayed ``recv`` on PUB/SUB means silent loss at the high-water mark). It never imports torch.
 * **main process** threads: the *receiver* (pipe -> scheduler queue, late records -> late sinks,
-  snapshots -> the metrics registry), the *inference* thread (scheduler batches -> model -> sinks),
+  snapshots -> the metrics registry), the *prepare* thread (scheduler batches -> pixel fusion and the model's
+  preprocessing, one batch ahead), the *inference* thread (prepared batch -> model -> sinks),
   the sink supervisors' workers, the admin HTTP server, and the main thread (signals, reloads,
   lifecycle). PyTorch gets ``torch_threads`` intra-op threads (default cores - 1), leaving a core to
   ingest.
@@ -31,6 +32,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import shutil
 import signal
 import sys
@@ -309,6 +311,17 @@ class _SharedRecorder:
 
 
 @dataclass
+class _Prepared:
+    """A batch on its way from the prepare thread to the inference thread."""
+
+    windows: list[Window]
+    prepared: Any  # the runner's PreparedBatch, or the exception preparing raised
+    started: float  # monotonic time the preparation began
+    prepare_s: float
+    waits: list[float]  # per window: scheduler queue wait until the preparation began
+
+
+@dataclass
 class _State:
     ingest_up: threading.Event = field(default_factory=threading.Event)
     ingest_error: str | None = None
@@ -375,6 +388,7 @@ class Service:
         self._pipe_dir: str | None = None
         self._ctx: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
+        self._handoff: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)  # prepare -> inference
         self._zmq_sink: Any = None
         self._drain_deadline = float("inf")  # monotonic
         self._fail_log_at = 0.0
@@ -638,6 +652,7 @@ class Service:
         self._child.start()
         self._threads = [
             threading.Thread(target=self._receiver_loop, args=(pull,), name="receiver", daemon=True),
+            threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
             threading.Thread(target=self._inference_loop, name="inference", daemon=True),
         ]
         if inputs_endpoint is not None:
@@ -776,35 +791,70 @@ class Service:
         self.state.snapshot_at = time.monotonic()
         self.metrics.ingest.update(snap.families)
 
+    def _prepare_loop(self) -> None:
+        """Scheduler batches -> model inputs, one batch ahead of the model (see the module doc)."""
+        st = self.state
+        try:
+            while True:
+                st.ticks["prepare"] = time.monotonic()
+                batch = self.queue.next_batch(timeout=0.25)
+                if batch is None:
+                    break
+                if not batch:
+                    continue
+                windows = [q.item for q in batch]
+                started = time.monotonic()
+                waits = [started - q.enqueued_s for q in batch]
+                prepared: Any = None
+                try:
+                    if self.fusion is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
+                        windows = self.fusion.process(windows, self.metrics.observe_fusion_quality)
+                    prepared = self.runner.prepare(windows)
+                except Exception as exc:  # the inference thread isolates the bad window(s)
+                    prepared = exc
+                item = _Prepared(windows, prepared, started, time.monotonic() - started, waits)
+                while True:  # a bounded hand-off: the model, not this thread, sets the pace
+                    try:
+                        self._handoff.put(item, timeout=0.25)
+                        break
+                    except queue.Full:
+                        st.ticks["prepare"] = time.monotonic()
+        except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
+            log.exception("prepare_loop_failed")
+        finally:
+            self._handoff.put(None)
+
     def _inference_loop(self) -> None:
         st = self.state
         try:
             while True:
                 st.ticks["inference"] = time.monotonic()
-                batch = self.queue.next_batch(timeout=0.25)
-                if batch is None:
+                try:
+                    item = self._handoff.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if item is None:
                     break
-                if batch:
-                    self._infer(batch)
+                self._infer(item)
         except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
             log.exception("inference_loop_failed")
 
-    def _infer(self, batch: list) -> None:
-        windows = [q.item for q in batch]
+    def _infer(self, item: _Prepared) -> None:
+        windows = item.windows
         started = time.monotonic()
-        waits = [started - q.enqueued_s for q in batch]
         heat = None
         if self._tap is not None:
             self._tap.arm(self.runner)
         try:
-            if self.fusion is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
-                windows = self.fusion.process(windows, self.metrics.observe_fusion_quality)
-            records = list(self.runner.run(windows))
+            if isinstance(item.prepared, Exception):
+                raise item.prepared
+            records = list(self.runner.run_prepared(windows, item.prepared))
             if self._tap is not None:
                 heat = self._tap.heatmaps(len(windows))
         except Exception as exc:
             records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
-        self.metrics.observe_batch(len(windows), time.monotonic() - started, waits)
+        # inference duration: this batch's own work (preparation + model), not the hand-off wait
+        self.metrics.observe_batch(len(windows), item.prepare_s + time.monotonic() - started, item.waits)
         for record in records:
             if record is None:
                 continue
@@ -815,8 +865,8 @@ class Service:
         if self.png is not None:
             from daemon.replay import png_frames
 
-            for item in png_frames([r for r in records if r is not None], windows, heat):
-                self.png.submit(item)
+            for item_png in png_frames([r for r in records if r is not None], windows, heat):
+                self.png.submit(item_png)
 
     def _isolate(self, windows: list[Window], exc: Exception) -> list:
         """A batch failed: retry each window alone so one bad window costs only itself."""
