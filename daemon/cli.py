@@ -43,6 +43,31 @@ def _serve(args: argparse.Namespace) -> int:
     return service.serve(cfg)
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.bench import backbone_latency
+
+    torch.set_num_threads(args.threads)
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    try:
+        rows = backbone_latency(backbones, batches, args.frame_size, args.rounds)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    head = f"SA-CMF forward, eval mode, frame {args.frame_size} px, {args.threads} torch thread(s)"
+    print(f"{head}, median of {args.rounds} rounds")
+    print("| backbone | params (M) | batch | ms per batch | ms per window | windows/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.backbone} | {r.params_m:.2f} | {r.batch} | {r.ms_per_batch:.2f} | {r.ms_per_window:.2f} "
+            f"| {r.windows_per_s:.0f} |"
+        )
+    return 0
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from daemon import bench_ingest
 
@@ -262,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="runs per scenario (the median is reported)")
     b.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     b.set_defaults(func=_bench_ingest)
+    m = sub.add_parser("bench-model", help="SA-CMF forward latency per image backbone at batch 1 and 8")
+    m.add_argument("--backbones", default="tiny,mobilenet_v3_small,resnet18,inception_v3")
+    m.add_argument("--batches", default="1,8")
+    m.add_argument("--frame-size", type=int, default=64, help="model input side in px (the default model's)")
+    m.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (the median is reported)")
+    m.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the daemon on 2 cores)")
+    m.set_defaults(func=_bench_model)
     _model_args(sub)
     from daemon import fusion_commands  # fuse, fusion-metrics, fuse-train, bench-fusion
 
@@ -276,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon import soak  # soak: the long run with reconnecting publishers (docs/operations.md)
 
     soak.register(sub)
+    from daemon import bench_daemon  # bench-daemon: serve end to end vs the bare model (BENCHMARKS.md)
+
+    bench_daemon.register(sub)
     from daemon import fuzz_load  # fuzz-load: malformed-message flood against a live daemon (SECURITY.md)
 
     fuzz_load.register(sub)

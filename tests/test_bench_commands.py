@@ -1,0 +1,34 @@
+"""The benchmark commands run end to end and report sane figures (they are measured, not asserted, in
+BENCHMARKS.md; here only that they work on real parts: models, a real daemon, real sockets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.bench_daemon import BenchOptions, run_bench
+from model.bench import backbone_latency
+from tests.service_helpers import tiny_checkpoint
+
+
+def test_bench_model_times_every_backbone_and_batch() -> None:
+    rows = backbone_latency(["tiny", "mobilenet_v3_small"], [1, 2], frame_size=32, rounds=1, calls=1)
+    assert {(r.backbone, r.batch) for r in rows} == {(b, n) for b in ("tiny", "mobilenet_v3_small") for n in (1, 2)}
+    for r in rows:
+        assert r.ms_per_batch > 0 and abs(r.ms_per_window * r.batch - r.ms_per_batch) < 1e-6
+        assert r.params_m > 0
+
+
+def test_bench_daemon_short_run(tmp_path: Path) -> None:
+    ckpt = tmp_path / "tiny.pt"
+    tiny_checkpoint(ckpt, "bench-test")
+    opts = BenchOptions(checkpoint=ckpt, groups=(2,), seconds=4.0, sat_seconds=3.0, idle_s=1.0, bare_repeats=5)
+    lines: list[str] = []
+    report = run_bench(opts, say=lines.append)
+    assert report["live_exit"] == 0 and report["replay_exit"] == 0
+    assert report["idle"]["pct_of_core"] >= 0
+    (lat,) = report["latency"]
+    assert lat["groups"] == 2 and lat["windows"] >= 2  # 2 groups x 1 window/s, edges excluded
+    assert lat["latency_record"]["p50_ms"] > 0
+    (sat,) = report["saturation"]
+    assert sat["windows"] > 0 and sat["windows_per_s"] > 0 and sat["ratio_to_forward"] > 0
+    assert any(line.startswith("ratio") for line in lines)
