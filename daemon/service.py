@@ -464,6 +464,8 @@ class Service:
                 if self._child is not None and self._child.is_alive():
                     self._child.kill()
                 os.write(2, b'{"event": "shutdown_forced", "level": "error"}\n')
+                if self._pipe_dir:  # os._exit skips run()'s cleanup: the private pipe directory too
+                    shutil.rmtree(self._pipe_dir, ignore_errors=True)
                 os._exit(130)
             self.stop.set()
 

@@ -1,0 +1,238 @@
+"""`sacmf serve` shutdown on signals, for real: readiness while draining, a second signal, the deadline.
+
+The daemon runs as a subprocess fed by the simulator (tests/service_helpers.py). To make a drain last
+as long as a test needs, without mocking anything, its JSONL result sink is pointed at a named pipe
+(FIFO) whose buffer the test has filled beforehand: the sink's first ``os.write`` blocks in the kernel
+until the test reads the pipe (or forever, if it never does). Everything else (ingest process, model,
+ZeroMQ and MCAP sinks, admin HTTP) is the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.service_helpers import Daemon, http, tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    tiny_checkpoint(path, "tiny-v1")
+    return path
+
+
+class StuckPipe:
+    """A FIFO with a reader that does not read and a buffer already full: writers to it block.
+
+    The read end stays open (so a writer neither blocks in ``open`` nor gets EPIPE), and the buffer is
+    filled with newlines (so what the daemon writes after them still parses as JSON Lines). ``release``
+    starts reading everything until every writer has closed the pipe (EOF).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+        self.rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # does not wait for a writer
+        wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # a reader exists: does not wait either
+        try:
+            for size in (65536, 4096, 512, 64, 8, 1):  # down to single bytes: not even a short line fits
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        os.write(wfd, b"\n" * size)
+        finally:
+            os.close(wfd)
+        self.data = bytearray()
+        self._reader: threading.Thread | None = None
+
+    def release(self) -> None:
+        os.set_blocking(self.rfd, True)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while chunk := os.read(self.rfd, 65536):
+            self.data += chunk
+
+    def lines(self, timeout: float = 10.0) -> list[dict]:
+        """The JSON objects read, once the writer has closed its end."""
+        assert self._reader is not None
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), "the daemon did not close its end of the pipe"
+        return [json.loads(line) for line in bytes(self.data).splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)  # the daemon is gone by now: EOF ends it
+        if self._reader is None or not self._reader.is_alive():
+            os.close(self.rfd)
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def stuck_daemon(tmp_path: Path, checkpoint: Path):
+    """Factory: a started daemon whose JSONL result sink writes into a StuckPipe, with ``timeout_s``."""
+    made: list[tuple[Daemon, StuckPipe]] = []
+
+    def make(timeout_s: float) -> tuple[Daemon, StuckPipe]:
+        d = Daemon(tmp_path, checkpoint)
+        text = d.config.read_text()
+        assert "timeout_s = 30\n" in text and "[sinks]\n" in text
+        # fsync "never": fsync(2) on a pipe is EINVAL, which would only add a close warning
+        text = text.replace("timeout_s = 30\n", f"timeout_s = {timeout_s}\n").replace(
+            "[sinks]\n", '[sinks]\nfsync = "never"\n'
+        )
+        d.config.write_text(text)
+        pipe = StuckPipe(d.jsonl)
+        made.append((d, pipe))
+        d.start()
+        d.wait_results(lambda r: True, n=1)  # serving; the JSONL lane is now stuck in its first write
+        return d, pipe
+
+    yield make
+    for d, pipe in made:
+        d.close()
+        pipe.close()
+        Path(d.results_ep.removeprefix("ipc://")).unlink(missing_ok=True)  # left behind by a kill or os._exit
+
+
+def _wait_exit(d: Daemon, timeout: float) -> tuple[int | None, float]:
+    """(exit status or None, seconds waited)."""
+    t0 = time.monotonic()
+    try:
+        status = d.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        status = None
+    return status, time.monotonic() - t0
+
+
+def _events(d: Daemon, name: str) -> list[dict]:
+    return [e for e in d.events if e.get("event") == name]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after "(comm)"
+                    out.append(int(entry.name))
+    return out
+
+
+def _ipc_dirs(pid: int) -> set[Path]:
+    """Directories of the unix sockets ``pid`` has bound (the daemon's private ingest pipe directory)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    dirs = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) >= 8 and fields[6] in inodes and fields[7].endswith("/ingest.ipc"):
+            dirs.add(Path(fields[7]).parent)
+    return dirs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_readyz_is_503_while_draining_healthz_still_answers_then_exit_0(stuck_daemon):
+    d, pipe = stuck_daemon(timeout_s=30)
+    assert http(f"{d.admin}/readyz")[0] == 200
+    d.proc.send_signal(signal.SIGTERM)
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and d.proc.poll() is None:  # tight loop: no sleep
+        try:
+            status, body = http(f"{d.admin}/readyz")
+        except (urllib.error.URLError, ConnectionError):
+            break  # the admin server is gone: the process is exiting
+        seen.append((status, body))
+        if status == 503:
+            break
+    not_ready = [json.loads(body) for status, body in seen if status == 503]
+    assert not_ready, f"no 503 from /readyz after SIGTERM: {Counter(s for s, _ in seen)}, exit {d.proc.poll()}"
+    assert d.proc.poll() is None  # observed during the drain, not after it
+    assert not_ready[0]["status"] == "not_ready" and not_ready[0]["draining"] is True
+    # liveness still answers while draining (a liveness probe must not kill a draining daemon)
+    status, body = http(f"{d.admin}/healthz")
+    assert status == 200 and json.loads(body)["draining"] is True, body
+    assert d.metrics()["sacmf_ready"][()] == 0.0
+    assert http(f"{d.admin}/readyz")[0] == 503  # and it stays unready
+    d.event("shutdown_started", timeout=5)
+    assert d.proc.poll() is None and not _events(d, "shutdown_complete")  # still draining: the sink is stuck
+
+    pipe.release()  # the slow sink catches up: the drain can finish
+    status, waited = _wait_exit(d, 25)
+    assert status == 0, (status, d.events[-5:])
+    done = d.event("shutdown_complete", timeout=5)
+    assert done["clean"] is True and done["windows_dropped"] == 0 and done["windows_failed"] == 0
+    written = pipe.lines()
+    assert len(written) == done["sinks_written"]["jsonl"] == done["results_published"] > 0
+    assert not _events(d, "shutdown_forced")
+
+
+def test_a_second_signal_during_the_drain_exits_at_once_with_130(stuck_daemon):
+    d, _pipe = stuck_daemon(timeout_s=60)
+    pipe_dirs = _ipc_dirs(d.proc.pid)  # while its sockets are still bound
+    d.proc.send_signal(signal.SIGTERM)
+    d.event("shutdown_started", timeout=10)
+    time.sleep(0.5)
+    assert d.proc.poll() is None  # the drain is in progress (held by the stuck sink, up to 60 s)
+    assert http(f"{d.admin}/readyz")[0] == 503
+    children = _children(d.proc.pid)
+    d.proc.send_signal(signal.SIGINT)  # either signal counts as the second one
+    status, waited = _wait_exit(d, 5)
+    assert pipe_dirs, "the daemon's private pipe directory was not found"
+    leftovers = [p for p in pipe_dirs if p.exists()]
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    assert status == 130, (status, d.events[-5:])
+    assert not leftovers, f"the forced exit left its pipe directory behind: {leftovers}"
+    assert waited < 5
+    time.sleep(0.3)  # the log reader thread catches up with the last line
+    forced = _events(d, "shutdown_forced")
+    assert forced and forced[0]["level"] == "error", d.events[-5:]
+    assert not _events(d, "shutdown_complete")  # it did not finish the drain
+    # no child outlives it (the ingest process if still running is killed; multiprocessing's resource
+    # tracker sees its parent gone)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in children if _alive(p)]
+
+
+def test_a_drain_that_cannot_finish_exits_1_at_the_shutdown_deadline(stuck_daemon):
+    timeout_s = 3.0
+    d, _pipe = stuck_daemon(timeout_s=timeout_s)
+    d.proc.send_signal(signal.SIGTERM)
+    status, waited = _wait_exit(d, timeout_s + 10)
+    assert status == 1, (status, waited, d.events[-5:])
+    assert timeout_s <= waited <= timeout_s + 5, waited  # it waited for the sink, but not past the deadline
+    done = d.event("shutdown_complete", timeout=5)
+    assert done["clean"] is False
+    assert done["sinks_written"]["jsonl"] == 0 and done["sinks_written"]["zmq"] == done["results_published"] > 0
+    assert not _events(d, "shutdown_forced")
