@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?= --duration 15
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo test lint bench default-model clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,14 @@ test: lint system-deps
 
 bench: setup
 	$(BIN)/sacmf bench-ingest
+
+# The embedded default model (docs/MODEL_CARD.md): synthetic data, then about 30-45 minutes of CPU training.
+default-model: setup
+	$(BIN)/sacmf synth --out data --n-train 16000 --n-val 1000 --n-test 2000 --seed 0 --overwrite
+	$(BIN)/sacmf train --data-root data/train --val-root data/val --backbone tiny \
+	    --batch-size 32 --epochs 8 --lr 1e-3 --lambda-mi 0.1 --seed 0 --threads 1 --max-minutes 58 \
+	    --out checkpoints/default --version sacmf-tiny-synth16k-s0
+	cp checkpoints/default/best.pt model/weights/default.pt
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
