@@ -260,39 +260,44 @@ def make_pool(sim: SimSettings = NOMINAL, n: int = POOL_WINDOWS) -> _Pool:
     return _Pool(frames, chunks, frame_ns, chunk_ns, src.dt_ns)
 
 
-def _saturate_group(endpoint: str, name: str, pool: _Pool, stop: threading.Event, sent: list[int]) -> None:
-    """One group's stream, window after window, as fast as PUSH takes it (it blocks at the HWM)."""
+def _saturate(endpoint: str, names: list[str], pool: _Pool, stop: threading.Event, sent: list[int]) -> None:
+    """Every group's stream, window after window and group after group, as fast as PUSH takes it (each
+    socket blocks at its HWM). One thread for all groups: on two cores, one sender thread per group
+    would spend the CPU the daemon needs on contending for this process's GIL."""
     now = [T0_NS]  # heartbeats carry event time, so they never run ahead of the data
-    pub = SensorPublisher(
-        endpoint, name, SENSORS, bind=False, socket_type="push", context=zmq.Context.instance(), clock=lambda: now[0]
-    )
+    ctx = zmq.Context.instance()
+    pubs = [
+        SensorPublisher(endpoint, name, SENSORS, bind=False, socket_type="push", context=ctx, clock=lambda: now[0])
+        for name in names
+    ]
     cams, rads = ("cam_vis", "cam_ir"), ("rad_vis", "rad_ir")
+    win_ns = WINDOW_MS * 1_000_000
     w = 0
     try:
         while not stop.is_set():
             k = w % len(pool.frames)
-            t0 = T0_NS + w * WINDOW_MS * 1_000_000
+            t0 = T0_NS + w * win_ns
             now[0] = t0
-            for i, t in enumerate(range(t0, t0 + WINDOW_MS * 1_000_000, pool.frame_ns)):
-                for band, cam in enumerate(cams):
-                    pub.send_image(cam, pool.frames[k][band][i], t, 20_000_000)
-            for i, t in enumerate(range(t0, t0 + WINDOW_MS * 1_000_000, pool.chunk_ns)):
-                for band, rad in enumerate(rads):
-                    pub.send_samples(rad, pool.chunks[k][band][i], t, pool.dt_ns)
+            for pub in pubs:
+                for i, t in enumerate(range(t0, t0 + win_ns, pool.frame_ns)):
+                    for band, cam in enumerate(cams):
+                        pub.send_image(cam, pool.frames[k][band][i], t, 20_000_000)
+                for i, t in enumerate(range(t0, t0 + win_ns, pool.chunk_ns)):
+                    for band, rad in enumerate(rads):
+                        pub.send_samples(rad, pool.chunks[k][band][i], t, pool.dt_ns)
+                sent[0] += 1
             w += 1
-            sent[0] = w
     finally:
-        pub.close()
+        for pub in pubs:
+            pub.close()
 
 
 def measure_saturation(endpoint: str, res: _Results, g: int, seconds: float, pool: _Pool) -> dict[str, Any]:
     stop = threading.Event()
-    sent = [[0] for _ in range(g)]
+    sent = [0]
     res.take()
-    threads = [
-        threading.Thread(target=_saturate_group, args=(endpoint, f"b{i + 1}", pool, stop, sent[i]), daemon=True)
-        for i in range(g)
-    ]
+    names = [group_name(i) for i in range(g)]
+    threads = [threading.Thread(target=_saturate, args=(endpoint, names, pool, stop, sent), daemon=True)]
     for t in threads:
         t.start()
     time.sleep(seconds)
@@ -311,7 +316,7 @@ def measure_saturation(endpoint: str, res: _Results, g: int, seconds: float, poo
         "groups": g,
         "windows": len(times),
         "windows_per_s": round((len(times) - 1 - skip) / span, 1),
-        "windows_sent": sum(s[0] for s in sent),
+        "windows_sent": sent[0],
     }
 
 
