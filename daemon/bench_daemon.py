@@ -50,6 +50,7 @@ WINDOW_MS = 1000  # one simulator scene per window
 POOL_WINDOWS = 8  # distinct windows of content replayed cyclically by the saturation publishers
 T0_NS = 1_900_000_000 * 1_000_000_000  # event time of the saturation streams (far from any real clock)
 READY_TIMEOUT_S = 180.0
+WARMUP_WINDOWS = 2  # per latency phase, not counted
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,10 @@ def measure_latency(daemon: DaemonProcess, endpoint: str, res: _Results, g: int,
         p.close()
     rows = res.take()
     win = WINDOW_MS * 1_000_000
-    lo, hi = -(-t_start // win) * win, t_stop // win * win  # the windows the publishers covered in full
+    # the windows the publishers covered in full, after a warm-up of WARMUP_WINDOWS (a sensor's first
+    # messages set its watermark; until every sensor of a group has spoken, a window may wait for
+    # max_wait_ms instead)
+    lo, hi = -(-t_start // win) * win + WARMUP_WINDOWS * win, t_stop // win * win
     kept = [r for r in rows if lo <= r[1] - win and r[1] <= hi]
     return {
         "groups": g,
