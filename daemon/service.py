@@ -316,7 +316,6 @@ class _Prepared:
 
     windows: list[Window]
     prepared: Any  # the runner's PreparedBatch, or the exception preparing raised
-    started: float  # monotonic time the preparation began
     prepare_s: float
     waits: list[float]  # per window: scheduler queue wait until the preparation began
 
@@ -814,7 +813,7 @@ class Service:
                     prepared = self.runner.prepare(windows)
                 except Exception as exc:  # the inference thread isolates the bad window(s)
                     prepared = exc
-                item = _Prepared(windows, prepared, started, time.monotonic() - started, waits)
+                item = _Prepared(windows, prepared, time.monotonic() - started, waits)
                 while True:  # a bounded hand-off: the model, not this thread, sets the pace
                     try:
                         self._handoff.put(item, timeout=0.25)

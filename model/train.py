@@ -95,6 +95,8 @@ class TrainOptions:
             raise ValueError("epochs must be >= 1")
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError("drop_prob must be in [0, 1)")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is available here (use --device cpu)")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change the training trajectory: a resume must not change any of them."""

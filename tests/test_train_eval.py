@@ -376,3 +376,11 @@ def test_retrieval_recall_by_hand():
     assert res["instance_r@1"] == 0.0 and res["instance_r@2"] == 1.0
     # class level at K=1: queries 2 and 3 retrieve the other class-2 sample
     assert res["class_r@1"] == 0.5 and res["class_r@2"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_training_on_a_missing_gpu_is_refused_clearly(tmp_path: Path):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        TrainOptions(data_root=tmp_path, out=tmp_path / "out", device="cuda")
+    rc = cli_main(["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert rc == 2
