@@ -146,8 +146,7 @@ class _Results:
 
 
 def _start(opts: BenchOptions, mode: str, workdir: Path, ctx: zmq.Context) -> tuple[DaemonProcess, str, _Results]:
-    ipc = tempfile.mkdtemp(prefix="sacmf-bench-")
-    results_ep = f"ipc://{ipc}/results.ipc"
+    results_ep = f"ipc://{workdir}/results-{mode}.ipc"  # workdir is a short /tmp path: ipc paths max ~100 B
     config = workdir / f"serve-{mode}.toml"
     config.write_text(serve_config(opts, mode, results_ep))
     daemon = DaemonProcess(config, workdir / f"serve-{mode}.log").start()
