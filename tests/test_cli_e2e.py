@@ -34,7 +34,7 @@ def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
     windows = []
     worker = IngestWorker(settings(ep, mode="live", bind=True, idle_ns=30 * 10**9), windows.append, context=ctx)
     proc = sacmf("simulate", "--endpoint", ep, "--connect", "--frame-rate", "20", "--sample-rate", "500",
-                 "--chunk", "50", "--size", "32x48", "--duration", "4.5")  # fmt: skip
+                 "--chunk", "50", "--size", "32x48", "--duration", "5.5")  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while proc.poll() is None and time.monotonic() < deadline:
@@ -48,12 +48,16 @@ def test_simulate_feeds_a_worker_at_the_configured_rates(ctx, tmp_path):
     worker.close()
     assert proc.returncode == 0, err
     assert "sent:" in out
-    interior = windows[1:-1]  # the first and last windows are cut by the simulator's start and stop
+    # The last window is cut by the simulator's stop, the first two may be by its start: the PUB socket
+    # drops what it sends before its connection is up (the slow joiner), and a cold interpreter on a busy
+    # CI machine can take longer than one window to get there.
+    interior = windows[2:-1]
     assert len(interior) >= 2
     for w in interior:  # whatever closed them (watermark, or the final flush on a loaded machine)
+        counts = (len(w.frames["image_a"]), len(w.samples["seq_a"].t_ns), len(w.samples["seq_b"].t_ns))
         assert all(w.presence.values())
-        assert len(w.frames["image_a"]) == 20 and w.frames["image_a"][0].image.shape == (32, 48)
-        assert len(w.samples["seq_a"].t_ns) == 500 and len(w.samples["seq_b"].t_ns) == 500
+        assert counts == (20, 500, 500), (w.start_ns, counts, [x.start_ns for x in windows])
+        assert w.frames["image_a"][0].image.shape == (32, 48)
     msgs = worker.messages()
     assert msgs["g1", "cam_vis", "img"] == msgs["g1", "cam_ir", "img"] > 60
     for sensor in ("cam_vis", "cam_ir", "rad_vis", "rad_ir"):
