@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -40,8 +39,9 @@ import numpy as np
 import zmq
 
 from daemon import simulate
+from daemon.serve_process import DaemonProcess, ServeError, cpu_seconds, metric, process_tree
 from daemon.simulate import SceneSource, SimSettings
-from daemon.soak import NOMINAL, ROLES, SENSORS, DaemonProcess, SoakError, metric, process_tree
+from daemon.soak import NOMINAL, ROLES, SENSORS
 from ingest.publisher import SensorPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,22 +150,8 @@ def _start(opts: BenchOptions, mode: str, workdir: Path, ctx: zmq.Context) -> tu
     config = workdir / f"serve-{mode}.toml"
     config.write_text(serve_config(opts, mode, results_ep))
     daemon = DaemonProcess(config, workdir / f"serve-{mode}.log").start()
-    admin = daemon.wait_event("admin_listening", READY_TIMEOUT_S)
-    daemon.admin = f"http://127.0.0.1:{admin['port']}"
-    ready = daemon.wait_event("ready", READY_TIMEOUT_S)
+    ready = daemon.wait_ready(READY_TIMEOUT_S)
     return daemon, ready["ingest"][0], _Results(ctx, results_ep)
-
-
-def _cpu_s(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return total
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -182,9 +168,9 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 def measure_idle(daemon: DaemonProcess, seconds: float) -> dict[str, float]:
     time.sleep(2.0)  # let the start-up settle (warm-up forward, first snapshots)
     pids = process_tree(daemon.pid)
-    c0, t0 = _cpu_s(pids), time.monotonic()
+    c0, t0 = cpu_seconds(pids), time.monotonic()
     time.sleep(seconds)
-    c1, t1 = _cpu_s(pids), time.monotonic()
+    c1, t1 = cpu_seconds(pids), time.monotonic()
     return {
         "seconds": round(t1 - t0, 1),
         "cpu_s": round(c1 - c0, 3),
@@ -206,13 +192,13 @@ def measure_latency(daemon: DaemonProcess, endpoint: str, res: _Results, g: int,
     time.sleep(0.5)  # the subscriptions reach the publishers (slow joiner)
     cpu_pids = process_tree(daemon.pid)
     res.take()
-    c0 = _cpu_s(cpu_pids)
+    c0 = cpu_seconds(cpu_pids)
     for t in threads:
         t.start()
     t_start = time.time_ns()
     time.sleep(seconds)
     t_stop = time.time_ns()
-    c1 = _cpu_s(cpu_pids)
+    c1 = cpu_seconds(cpu_pids)
     stop.set()
     for t in threads:
         t.join(10)
@@ -466,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_bench(opts)
-    except SoakError as exc:  # the daemon did not start or died: its log says why
+    except ServeError as exc:  # the daemon did not start or died: its log says why
         print(f"error: {exc}")
         return 1
     if args.json:

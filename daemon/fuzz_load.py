@@ -31,18 +31,12 @@ exits 1 if any check fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +46,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from daemon.serve_process import DaemonProcess, metric
 from ingest import fuzzcases, protocol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,159 +205,6 @@ timeout_s = 60
 """
 
 
-class DaemonProcess:
-    """`sacmf serve` as a subprocess: its JSON log events, its admin URL, its processes' memory."""
-
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", str(config)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.events: deque[dict] = deque(maxlen=500)
-        self.event_counts: Counter[str] = Counter()
-        self.admin = ""
-        self._reader = threading.Thread(target=self._read_logs, daemon=True)
-        self._reader.start()
-
-    def _read_logs(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with contextlib.suppress(ValueError):
-                self.log_file.write(line)
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "_text", "line": line.rstrip()}
-            self.events.append(event)
-            self.event_counts[str(event.get("event"))] += 1
-
-    def wait_event(self, name: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in list(self.events):
-                if e.get("event") == name:
-                    return e
-            if self.proc.poll() is not None:
-                time.sleep(0.3)  # let the reader catch the last lines
-                raise RuntimeError(f"daemon exited ({self.proc.returncode}) before {name!r}: {list(self.events)[-5:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"no {name!r} from the daemon within {timeout:g} s: {list(self.events)[-5:]}")
-
-    def start(self, timeout: float) -> None:
-        self.admin = f"http://127.0.0.1:{self.wait_event('admin_listening', timeout)['port']}"
-        self.wait_event("ready", timeout)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.admin + path, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except (OSError, urllib.error.URLError) as exc:
-            return 0, str(exc)
-
-    def metrics(self) -> dict[str, dict[tuple, float]]:
-        """Sample name -> {sorted label items: value}, parsed by client_python's own parser."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        status, text = self.get("/metrics")
-        if status != 200:
-            raise RuntimeError(f"/metrics answered {status}: {text[:200]}")
-        out: dict[str, dict[tuple, float]] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-        return out
-
-    def cpu_s(self) -> dict[str, float]:
-        """CPU seconds (user + system) so far of the daemon's main process and of its ingest process."""
-        out = {}
-        tick = os.sysconf("SC_CLK_TCK")
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            name = "main" if pid == self.proc.pid else _child_name(pid)
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
-            except (OSError, ValueError, IndexError):
-                continue
-        return out
-
-    def rss_mb(self) -> dict[str, float]:
-        """Resident memory (and its peak, ``*_peak``) of the daemon's main process and its children: the
-        ingest process and multiprocessing's resource tracker."""
-        out = {}
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            name = "main" if pid == self.proc.pid else _child_name(pid)
-            for key, suffix in (("VmRSS", ""), ("VmHWM", "_peak")):
-                kb = _status_kb(pid, key)
-                if kb is not None:
-                    out[name + suffix] = round(kb / 1024, 1)
-        return out
-
-    def stop(self, timeout: float) -> int | None:
-        """SIGTERM, then the exit status (None if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return None
-        return self.proc.returncode
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(5)
-        self.log_file.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _child_name(pid: int) -> str:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return f"pid{pid}"
-    if b"resource_tracker" in cmdline:
-        return "resource_tracker"
-    return "ingest" if b"spawn_main" in cmdline else f"pid{pid}"
-
-
-def _status_kb(pid: int, key: str) -> int | None:
-    """A ``kB`` field of /proc/PID/status (VmRSS: resident now, VmHWM: peak resident)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _metric_sum(m: dict, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for key, v in m.get(name, {}).items() if want <= set(key))
-
-
-# ---------------------------------------------------------------- the run
-
-
 class _Health:
     """Polls /healthz in the background for the whole flood: a stall or a crash shows up as it happens."""
 
@@ -478,8 +320,10 @@ def _settle(daemon: DaemonProcess, report: LoadReport, stream: ValidStream, stal
     last, last_change = (-1, -1), time.monotonic()
     while True:
         m = daemon.metrics()
-        rejected = int(_metric_sum(m, "sacmf_ingest_rejected_messages_total"))
-        valid = int(_metric_sum(m, "sacmf_ingest_messages_total"))
+        if m is None:
+            raise RuntimeError("/metrics did not answer")
+        rejected = int(metric(m, "sacmf_ingest_rejected_messages_total"))
+        valid = int(metric(m, "sacmf_ingest_messages_total"))
         if (rejected, valid) == (report.malformed_sent, want_valid):
             return m
         if (rejected, valid) != last:
@@ -490,7 +334,7 @@ def _settle(daemon: DaemonProcess, report: LoadReport, stream: ValidStream, stal
                 f"valid={valid}/{want_valid}"
             )
         if not daemon.alive():
-            raise RuntimeError(f"daemon exited ({daemon.proc.returncode}) during the run")
+            raise RuntimeError(f"daemon exited ({daemon.returncode}) during the run")
         time.sleep(0.25)
 
 
@@ -520,7 +364,7 @@ def run(opts: LoadOptions) -> LoadReport:
     config.write_text(_config(endpoint, results_ep, checkpoint))
     daemon = DaemonProcess(config, workdir / "daemon.log")
     try:
-        daemon.start(opts.start_timeout_s)
+        daemon.start().wait_ready(opts.start_timeout_s)
         report.rss_before_mb = daemon.rss_mb()
         cpu_before = daemon.cpu_s()
         with _Health(daemon, opts.health_interval_s) as health:
@@ -532,7 +376,7 @@ def run(opts: LoadOptions) -> LoadReport:
                 report.check("no_stall", True)
             except (TimeoutError, RuntimeError) as exc:
                 report.check("no_stall", False, str(exc))
-                m = daemon.metrics() if daemon.alive() else {}
+                m = (daemon.metrics() if daemon.alive() else None) or {}
             report.processed_s = time.perf_counter() - t0
             report.msgs_per_s = report.sent_total / report.processed_s if report.processed_s else 0.0
             _wait_results(daemon, results, flood_end_tick, opts.stall_s)
@@ -540,7 +384,7 @@ def run(opts: LoadOptions) -> LoadReport:
         _evaluate(report, daemon, m, stream, results, flood_end_tick, health)
         report.rss_after_mb = daemon.rss_mb()
         cpu_after = daemon.cpu_s()
-        spent = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in ("main", "ingest") if k in cpu_after}
+        spent = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in ("serve", "ingest") if k in cpu_after}
         report.cpu_s = {k: round(v, 2) for k, v in spent.items()}
         report.exit_code = daemon.stop(timeout=90)
         report.check("clean_shutdown", report.exit_code == 0, f"exit status {report.exit_code}")
@@ -580,12 +424,12 @@ def _evaluate(
     flood_end_tick: int,
     health: _Health,
 ) -> None:
-    report.check("daemon_alive", daemon.alive(), f"exit status {daemon.proc.returncode}")
+    report.check("daemon_alive", daemon.alive(), f"exit status {daemon.returncode}")
     status, body = daemon.get("/healthz")
     report.check("healthz_ok", status == 200, f"{status} {body[:200]}")
     report.check("healthz_ok_throughout", health.failures == 0, f"{health.failures} failures: {health.last_failure}")
     reasons = protocol.REJECT_REASONS
-    rejected = {r: int(_metric_sum(m, "sacmf_ingest_rejected_messages_total", reason=r)) for r in reasons}
+    rejected = {r: int(metric(m, "sacmf_ingest_rejected_messages_total", reason=r)) for r in reasons}
     report.rejected = {r: v for r, v in rejected.items() if v}
     total = sum(rejected.values())
     report.check("rejected_sum", total == report.malformed_sent, f"{total} counted, {report.malformed_sent} sent")
@@ -595,21 +439,21 @@ def _evaluate(
     delivered = {}
     for key in stream.sent:
         sensor, kind = key.split("/")
-        delivered[key] = int(_metric_sum(m, "sacmf_ingest_messages_total", group=GROUP, sensor=sensor, kind=kind))
+        delivered[key] = int(metric(m, "sacmf_ingest_messages_total", group=GROUP, sensor=sensor, kind=kind))
     report.valid_expected = dict(sorted(stream.sent.items()))
     report.valid_delivered = dict(sorted(delivered.items()))
     report.check("valid_delivered", delivered == dict(stream.sent), f"{delivered} of {dict(stream.sent)}")
-    report.gaps = int(_metric_sum(m, "sacmf_ingest_gap_messages_total"))
-    report.duplicates = int(_metric_sum(m, "sacmf_ingest_duplicate_messages_total"))
+    report.gaps = int(metric(m, "sacmf_ingest_gap_messages_total"))
+    report.duplicates = int(metric(m, "sacmf_ingest_duplicate_messages_total"))
     loss = f"gaps {report.gaps}, duplicates {report.duplicates}"
     report.check("no_loss", report.gaps == 0 and report.duplicates == 0, loss)
-    report.internal_errors = int(_metric_sum(m, "sacmf_ingest_callback_errors_total"))
+    report.internal_errors = int(metric(m, "sacmf_ingest_callback_errors_total"))
     report.check("no_internal_errors", report.internal_errors == 0, f"{report.internal_errors} callback errors")
-    report.windows_emitted = int(_metric_sum(m, "sacmf_windows_emitted_total", group=GROUP))
-    report.windows_dropped = int(_metric_sum(m, "sacmf_windows_dropped_total", group=GROUP)) + int(
-        _metric_sum(m, "sacmf_inference_windows_dropped_total")
+    report.windows_emitted = int(metric(m, "sacmf_windows_emitted_total", group=GROUP))
+    report.windows_dropped = int(metric(m, "sacmf_windows_dropped_total", group=GROUP)) + int(
+        metric(m, "sacmf_inference_windows_dropped_total")
     )
-    failed = int(_metric_sum(m, "sacmf_inference_requests_total", result="failure"))
+    failed = int(metric(m, "sacmf_inference_requests_total", result="failure"))
     report.check("no_window_lost", report.windows_dropped == 0 and failed == 0,
                  f"{report.windows_dropped} dropped, {failed} failed in the model")  # fmt: skip
     last_window = (T0 + (flood_end_tick - 1) * TICK_NS) // (WINDOW_MS * 1_000_000) * WINDOW_MS * 1_000_000

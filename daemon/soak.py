@@ -35,17 +35,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,12 +50,20 @@ from typing import Any
 import structlog
 import zmq
 
+from daemon.serve_process import (
+    DaemonProcess,
+    ServeError,
+    fd_count,
+    metric,
+    process_name,
+    process_tree,
+    rss_kib,
+)
 from daemon.simulate import SceneSource, SimSettings
 from ingest.publisher import SensorPublisher
 
 log = structlog.get_logger("sacmf.soak")
 
-ROOT = Path(__file__).resolve().parents[1]
 CAMERAS = ("cam_vis", "cam_ir")
 RADIOMETERS = ("rad_vis", "rad_ir")
 SENSORS = {"cam_vis": "img", "cam_ir": "img", "rad_vis": "rad", "rad_ir": "rad"}
@@ -75,7 +79,7 @@ FIRST_CONTACT_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 30.0
 
 
-class SoakError(RuntimeError):
+class SoakError(ServeError):
     """The soak could not start or run (no checkpoint, the daemon never got ready): exit status 2."""
 
 
@@ -222,179 +226,6 @@ class _Group:
 
 
 # ---------------------------------------------------------------- the daemon's processes
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc), root first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()  # the name may hold spaces and parentheses
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, [])))
-    return out
-
-
-def rss_kib(pid: int) -> int | None:
-    """VmRSS of a process in KiB, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return 0  # a zombie has no VmRSS line
-
-
-def fd_count(pid: int) -> int | None:
-    """Open file descriptors of a process, None when it is gone."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def process_name(pid: int, root: int) -> str:
-    """serve, ingest, or the multiprocessing helper it is: the daemon's processes all run python."""
-    if pid == root:
-        return "serve"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
-    if "resource_tracker" in cmd:
-        return "resource_tracker"
-    if "forkserver" in cmd:
-        return "forkserver"
-    if "spawn_main" in cmd:
-        return "ingest"
-    return cmd.split(" ", 1)[0].rsplit("/", 1)[-1] or "?"
-
-
-def parse_metrics(text: str) -> dict[str, dict[tuple, float]]:
-    """Sample name -> {sorted label items: value}, with client_python's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, dict[tuple, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def metric(m: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when there are none)."""
-    want = set(labels.items())
-    return sum(v for k, v in m.get(name, {}).items() if want <= set(k))
-
-
-def _http(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
-class DaemonProcess:
-    """`sacmf serve` in a subprocess of its own session; its JSON log goes to a file and is watched."""
-
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.events: dict[str, dict] = {}  # first event of each name
-        self.errors: list[dict] = []
-        self.proc: subprocess.Popen | None = None
-        self.admin = ""
-        self._lock = threading.Lock()
-
-    def start(self) -> DaemonProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", str(self.config)],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # the operator's Ctrl-C reaches the soak, which then stops the daemon
-        )
-        threading.Thread(target=self._read_log, name="soak-daemon-log", daemon=True).start()
-        return self
-
-    def _read_log(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        with open(self.log_path, "w") as out:
-            for line in self.proc.stderr:
-                out.write(line)
-                out.flush()
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    event = {"event": "_text", "line": line.rstrip()[:500]}
-                if not isinstance(event, dict):
-                    continue
-                with self._lock:
-                    self.events.setdefault(str(event.get("event")), event)
-                    if event.get("level") in ("error", "critical") and len(self.errors) < 100:
-                        self.errors.append(event)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_event(self, name: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if name in self.events:
-                    return self.events[name]
-            if not self.alive():
-                time.sleep(0.3)  # the last lines may still be on their way
-                with self._lock:
-                    if name in self.events:
-                        return self.events[name]
-                raise SoakError(f"the daemon exited ({self.proc.returncode}) before {name!r}; log: {self.log_path}")
-            time.sleep(0.05)
-        raise SoakError(f"no {name!r} from the daemon within {timeout:.0f} s; log: {self.log_path}")
-
-    def metrics(self) -> dict[str, dict[tuple, float]] | None:
-        status, text = _http(f"{self.admin}/metrics")
-        return parse_metrics(text) if status == 200 else None
-
-    def healthy(self) -> bool:
-        return _http(f"{self.admin}/healthz")[0] == 200
-
-    def stop(self, timeout: float) -> int | None:
-        """SIGTERM, then wait; SIGKILL past the timeout (returns None then)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return None
-        return self.proc.returncode
 
 
 def daemon_config(opts: SoakOptions, results_endpoint: str) -> str:
@@ -774,9 +605,7 @@ def run_soak(opts: SoakOptions, stop: threading.Event | None = None) -> dict:
     exit_code: int | None = None
     try:
         daemon.start()
-        admin = daemon.wait_event("admin_listening", READY_TIMEOUT_S)
-        daemon.admin = f"http://127.0.0.1:{admin['port']}"
-        ready = daemon.wait_event("ready", READY_TIMEOUT_S)
+        ready = daemon.wait_ready(READY_TIMEOUT_S)
         endpoint = ready["ingest"][0]
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"det/")
@@ -1020,7 +849,7 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
         report = run_soak(opts, stop)
-    except SoakError as exc:
+    except ServeError as exc:  # SoakError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(report))
