@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -465,31 +466,31 @@ def decode_detections(
     an object there, which is what a consumer ranking alternative labels needs.
     """
     heat = torch.sigmoid(out["det_logits"])  # [B, C, H, W]
-    size, offset = out["det_size"], out["det_offset"]  # [B, 2, H, W]
     stride = float(out["det_stride"])
     b, c, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat).to(heat.dtype)
     k = min(k, c * h * w)
-    scores, idx = peaks.view(b, -1).topk(k, dim=1)  # [B, k]
-    cls = idx // (h * w)
+    scores, idx = peaks.view(b, -1).topk(k, dim=1)  # [B, k], descending
+    # Gather everything for the B*k candidates at once and leave tensors before the Python loop: this
+    # runs on the serving path once per batch, where per-element tensor indexing cost more than the model.
     cell = idx % (h * w)
-    ys, xs = (cell // w), (cell % w)
+    ys, xs = cell // w, cell % w  # [B, k]
+    bi = torch.arange(b).unsqueeze(1)  # [B, 1]
+    off = out["det_offset"][bi, :, ys, xs].double().numpy()  # [B, k, 2]
+    wh = out["det_size"][bi, :, ys, xs].double().numpy()  # [B, k, 2]
+    cell_heat = heat[bi, :, ys, xs].double().numpy()  # [B, k, C]
+    probs = cell_heat / cell_heat.sum(axis=2, keepdims=True)
+    cx = (xs.double().numpy() + off[..., 0]) * stride
+    cy = (ys.double().numpy() + off[..., 1]) * stride
+    bw, bh = wh[..., 0] * stride, wh[..., 1] * stride
+    div = np.ones(b) if scale is None else scale.double().reshape(b).numpy()
+    boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=2) / div[:, None, None]  # [B, k, 4]
+    score_np = scores.double().numpy()
+    cls_l = (idx // (h * w)).tolist()
     results: list[list[Detection]] = []
     for i in range(b):
-        div = 1.0 if scale is None else float(scale[i])
-        dets: list[Detection] = []
-        for j in range(k):
-            score = float(scores[i, j])
-            if score < threshold:
-                break
-            y, x = int(ys[i, j]), int(xs[i, j])
-            cx = (x + float(offset[i, 0, y, x])) * stride
-            cy = (y + float(offset[i, 1, y, x])) * stride
-            bw = float(size[i, 0, y, x]) * stride
-            bh = float(size[i, 1, y, x]) * stride
-            box = ((cx - bw / 2) / div, (cy - bh / 2) / div, (cx + bw / 2) / div, (cy + bh / 2) / div)
-            cell_heat = heat[i, :, y, x].double()  # [C]
-            probs = tuple(float(p) for p in cell_heat / cell_heat.sum())
-            dets.append((*box, int(cls[i, j]), score, probs))
-        results.append(dets)
+        n = int(np.count_nonzero(score_np[i] >= threshold))  # scores are sorted: the first n pass
+        results.append(
+            [(*boxes[i, j].tolist(), cls_l[i][j], float(score_np[i, j]), tuple(probs[i, j].tolist())) for j in range(n)]
+        )
     return results
