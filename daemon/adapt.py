@@ -87,6 +87,12 @@ def window_to_raw(
     )
 
 
+def prepare_window(window: Window, cfg: PreprocessConfig, method: str = "mean") -> dict[str, Tensor]:
+    """One window's model inputs (uncollated). The daemon runs this in the ingest process by default
+    (``[inference] prepare_in``), so the items it sends on are ready for :func:`collate`."""
+    return preprocess(window_to_raw(window, cfg.seq_len, method=method), cfg)
+
+
 def windows_to_batch(windows: Sequence[Window], cfg: PreprocessConfig, *, method: str = "mean") -> dict[str, Tensor]:
     """Collated model batch for ``windows`` (in order): what ``SACMF.forward`` takes.
 
@@ -95,4 +101,4 @@ def windows_to_batch(windows: Sequence[Window], cfg: PreprocessConfig, *, method
     """
     if not windows:
         raise ValueError("windows_to_batch needs at least one window")
-    return collate([preprocess(window_to_raw(w, cfg.seq_len, method=method), cfg) for w in windows])
+    return collate([prepare_window(w, cfg, method) for w in windows])

@@ -116,6 +116,7 @@ INFERENCE = {
     "queue_size": Key(int, 64, _positive),
     "policy": Key(str, "auto", allowed=("auto", "drop_oldest", "block")),
     "latency_buckets_s": Key(list, [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0], _buckets),
+    "prepare_in": Key(str, "ingest", allowed=("ingest", "main")),
 }
 SINKS = {
     "zmq_endpoint": Key(str, "tcp://127.0.0.1:5556", _endpoint_or_empty),
@@ -206,6 +207,7 @@ class InferenceSettings:
     queue_size: int = 64
     policy: str = "drop_oldest"  # resolved: "auto" follows the ingest mode (live -> drop_oldest)
     latency_buckets_s: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    prepare_in: str = "ingest"  # where the model's preprocessing runs: "ingest" (its own process) or "main"
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,7 @@ def _inference(i: dict[str, Any], mode: str) -> InferenceSettings:
         queue_size=i["queue_size"],
         policy=policy,
         latency_buckets_s=tuple(sorted(float(b) for b in i["latency_buckets_s"])),
+        prepare_in=i["prepare_in"],
     )
 
 

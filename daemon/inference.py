@@ -32,11 +32,12 @@ import structlog
 import torch
 from torch import Tensor
 
-from daemon.adapt import pick_frame, windows_to_batch
+from daemon.adapt import pick_frame, prepare_window, windows_to_batch
 from ingest.windowing import Frame, Samples, Window
 from model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, CheckpointError, save_checkpoint
 from model.checkpoint import load_checkpoint as _load_checkpoint
 from model.infer import tidy_box  # the one rule for ordering and clipping decoded boxes
+from model.preprocess import PreprocessConfig, collate
 from model.sacmf import SACMF, SACMFConfig, decode_detections
 from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
 
@@ -107,18 +108,23 @@ def synthetic_window(cfg: SACMFConfig, seed: int = 0, group: str = "warmup") -> 
 # ---------------------------------------------------------------- decoding
 
 
-def _token_stats(weights: Tensor) -> TokenStats | None:
-    """Summary of the weights of valid tokens (the model sets invalid and absent tokens to exactly 0)."""
-    w = weights[weights > 0].double()
-    if w.numel() == 0:
-        return None
-    lo, hi = float(w.min()), float(w.max())
-    mean = min(max(float(w.mean()), lo), hi)  # float rounding must not break min <= mean <= max
-    return TokenStats(mean, lo, hi, int(w.numel()))
+def _token_stats(weights: np.ndarray) -> list[TokenStats | None]:
+    """Per window, a summary of the weights of valid tokens (the model sets invalid and absent tokens
+    to exactly 0); ``weights`` is [B, N] float64. None for a window with no valid token."""
+    valid = weights > 0
+    n = valid.sum(axis=1)
+    lo = np.where(valid, weights, np.inf).min(axis=1)
+    hi = np.where(valid, weights, -np.inf).max(axis=1)
+    mean = np.where(valid, weights, 0.0).sum(axis=1) / np.maximum(n, 1)
+    mean = np.minimum(np.maximum(mean, lo), hi)  # float rounding must not break min <= mean <= max
+    return [
+        TokenStats(float(m), float(a), float(z), int(c)) if c else None
+        for m, a, z, c in zip(mean.tolist(), lo.tolist(), hi.tolist(), n.tolist(), strict=True)
+    ]
 
 
-def _probs(p: Tensor) -> list[float]:
-    return [min(max(float(v), 0.0), 1.0) for v in p.double()]
+def _probs(p: Sequence[float]) -> list[float]:
+    return [min(max(v, 0.0), 1.0) for v in p]
 
 
 # ---------------------------------------------------------------- runner
@@ -244,15 +250,31 @@ class InferenceRunner:
             return []
         return self.run_prepared(windows, self.prepare(windows))
 
-    def prepare(self, windows: Sequence[Window]) -> PreparedBatch:
+    @property
+    def preprocess_key(self) -> tuple[PreprocessConfig, str]:
+        """What a window's prepared inputs depend on: inputs made under another key must be made again."""
+        return self.current.config.preprocess_config(), self.resample_method
+
+    def prepare(
+        self, windows: Sequence[Window], ready: Sequence[dict[str, Tensor] | None] | None = None
+    ) -> PreparedBatch:
         """The model inputs for ``windows``, made with the current model's preprocessing.
 
         Split from :meth:`run_prepared` so that the daemon can prepare the next batch on another thread
-        while this one is in the model (preprocessing is numpy work that overlaps the forward pass).
+        while this one is in the model. ``ready[i]``, when given, is window i's inputs already made by
+        :func:`daemon.adapt.prepare_window` under :attr:`preprocess_key` (the caller checks the key),
+        as tensors or as numpy arrays (how they arrive from the ingest process): only the missing ones
+        are made here.
         """
         loaded = self.current
-        batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
-        return PreparedBatch(loaded, batch)
+        cfg = loaded.config.preprocess_config()
+        if ready is None:
+            ready = [None] * len(windows)
+        inputs = [
+            _as_tensors(r) if r is not None else prepare_window(w, cfg, self.resample_method)
+            for w, r in zip(windows, ready, strict=True)
+        ]
+        return PreparedBatch(loaded, collate(inputs))
 
     def run_prepared(self, windows: Sequence[Window], prepared: PreparedBatch) -> list[ResultRecord]:
         """Records for a batch from :meth:`prepare`; prepared again if a reload swapped the model since."""
@@ -274,27 +296,28 @@ class InferenceRunner:
         logits = out["logits"]  # [B, C]
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("model produced non-finite logits")
-        probs = torch.softmax(logits.double(), dim=1)
+        probs = torch.softmax(logits.double(), dim=1).numpy().tolist()  # [B][C]
         dets = decode_detections(out, k=self.det_max_detections, threshold=self.det_threshold, scale=batch["scale_a"])
         mi = float(out["mi"])
         mi_nats = max(0.0, mi) if math.isfinite(mi) else None
         names = list(loaded.class_names)
+        tokens = {
+            modality: _token_stats(out[key].double().numpy())
+            for modality, key in (("image", "token_weights_img"), ("sequence", "token_weights_seq"))
+        }
+        omega = out["modality_weights"].double().numpy().tolist()  # [B][2]
+        image_a_present = batch["presence"][:, 0].tolist()
         records = []
         now = self.clock()
         for i, w in enumerate(windows):
             detections = []
             frame = _image_a(w)
-            if frame is not None and bool(batch["presence"][i, 0]):
+            if frame is not None and image_a_present[i]:
                 height, width = frame.image.shape[:2]
                 for x0, y0, x1, y1, cls, score, class_probs in dets[i]:
                     box = tidy_box((x0, y0, x1, y1), width, height)
-                    detections.append(Detection(box, names[cls], score, _probs(torch.tensor(class_probs))))
-            tokens = {}
-            for modality, key in (("image", "token_weights_img"), ("sequence", "token_weights_seq")):
-                stats = _token_stats(out[key][i])
-                if stats is not None:
-                    tokens[modality] = stats
-            omega = out["modality_weights"][i].double()
+                    detections.append(Detection(box, names[cls], score, _probs(class_probs)))
+            window_tokens = {m: stats[i] for m, stats in tokens.items() if stats[i] is not None}
             records.append(
                 ResultRecord(
                     group=w.group,
@@ -303,7 +326,7 @@ class InferenceRunner:
                     presence=dict(w.presence),
                     class_names=names,
                     target_probs=_probs(probs[i]),
-                    fusion=FusionWeights(float(omega[0]), float(omega[1]), tokens),
+                    fusion=FusionWeights(omega[i][0], omega[i][1], window_tokens),
                     detections=detections,
                     mi_nats=mi_nats,
                     latency_s=(now - w.end_ns) / 1e9,
@@ -313,6 +336,14 @@ class InferenceRunner:
                 )
             )
         return records
+
+
+def _as_tensors(inputs: dict) -> dict[str, Tensor]:
+    """Prepared inputs as tensors; arrays received on the pipe are read-only views, so those are copied."""
+    return {
+        k: torch.from_numpy(v if v.flags.writeable else v.copy()) if isinstance(v, np.ndarray) else v
+        for k, v in inputs.items()
+    }
 
 
 def _image_a(window: Window) -> Frame | None:

@@ -7,11 +7,14 @@ Layout, so that inference can never starve ingest:
   main process over a private ZeroMQ PUSH -> PULL ``ipc`` pipe, pickled with protocol 5 and
   out-of-band buffers, so frame arrays travel as their own ZeroMQ frames without extra copies. Every
   ``STATS_INTERVAL_S`` it also sends a snapshot of its Prometheus collector. It holds its own GIL, so
-  a long forward pass or a burst of preprocessing in the main process cannot delay a ``recv`` (a
-  delayed ``recv`` on PUB/SUB means silent loss at the high-water mark). It never imports torch.
+  a long forward pass in the main process cannot delay a ``recv`` (a delayed ``recv`` on PUB/SUB means
+  silent loss at the high-water mark). By default (``[inference] prepare_in = "ingest"``) it also runs
+  the model's preprocessing on each closed window, so that work does not share the main process's
+  GIL with the model; only then does it import torch.
 * **main process** threads: the *receiver* (pipe -> scheduler queue, late records -> late sinks,
-  snapshots -> the metrics registry), the *prepare* thread (scheduler batches -> pixel fusion and the model's
-  preprocessing, one batch ahead), the *inference* thread (prepared batch -> model -> sinks),
+  snapshots -> the metrics registry), the *prepare* thread (scheduler batches -> collation, or pixel
+  fusion and the model's preprocessing when they run here; one batch ahead), the *inference* thread
+  (prepared batch -> model -> sinks),
   the sink supervisors' workers, the admin HTTP server, and the main thread (signals, reloads,
   lifecycle). PyTorch gets ``torch_threads`` intra-op threads (default cores - 1), leaving a core to
   ingest.
@@ -85,6 +88,24 @@ def decode_message(frames: list[Any]) -> tuple[bytes, object]:
 
     kind = bytes(buf(frames[0]))
     return kind, pickle.loads(buf(frames[1]), buffers=[buf(f) for f in frames[2:]])
+
+
+@dataclass
+class PreparedWindow:
+    """A window and its model inputs, made in the ingest process (``[inference] prepare_in = "ingest"``).
+
+    ``key`` is the (preprocessing config, resample method) they were made under; the main process uses
+    ``inputs`` only while that is still its model's key (a reload may change it) and makes them again
+    otherwise.
+    """
+
+    window: Window
+    key: Any
+    inputs: dict  # name -> numpy array: arrays cross the pipe out-of-band, without a copy (tensors would not)
+
+
+def window_of(item: Window | PreparedWindow) -> Window:
+    return item.window if isinstance(item, PreparedWindow) else item
 
 
 @dataclass
@@ -211,8 +232,16 @@ def ingest_process_main(
     parent_pid: int,
     linger_ms: int,
     inputs_endpoint: str | None = None,  # the input-recording pipe, or None when inputs are not recorded
+    prepare_key: Any = None,  # (PreprocessConfig, resample method): prepare windows here; None: the main process does
+    control: Any = None,  # multiprocessing Queue: a new prepare_key after a reload changed it
 ) -> None:
-    """Entry point of the ingest process (spawned; everything it needs comes in as arguments)."""
+    """Entry point of the ingest process (spawned; everything it needs comes in as arguments).
+
+    With ``prepare_key`` this process also runs the model's preprocessing on each closed window (numpy
+    and small torch ops, one thread), so the main process's GIL and core are left to the model. A
+    window whose preprocessing raises is sent on unprepared: the main process then fails it with the
+    usual accounting instead of this process losing it.
+    """
     # The process group gets the operator's Ctrl-C / systemd's SIGTERM too; only the parent decides
     # when ingest stops, so that it can flush in order.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -227,10 +256,28 @@ def ingest_process_main(
     ctx = zmq.Context()  # created here, after the start: never inherit a context across processes
     pipe = _PipeSender(ctx, pipe_endpoint, parent_pid, linger_ms)
     inputs = _InputSender(ctx, inputs_endpoint, linger_ms) if inputs_endpoint else None
-    counts = {"windows": 0, "late": 0}
+    counts = {"windows": 0, "late": 0, "prepare_failed": 0}
+    prep: dict[str, Any] = {"key": prepare_key, "fn": None}
+    if prepare_key is not None:
+        import torch  # only now: an ingest process that does not prepare never loads torch
+
+        from daemon.adapt import prepare_window
+
+        torch.set_num_threads(1)  # 64-px frames: more threads only contend with the main process
+        prep["fn"] = prepare_window
 
     def on_window(w: Window) -> None:
-        pipe.send(WINDOW, w)
+        item: Window | PreparedWindow = w
+        if prep["fn"] is not None:
+            cfg, method = prep["key"]
+            try:
+                inputs = {k: t.numpy() for k, t in prep["fn"](w, cfg, method).items()}
+                item = PreparedWindow(w, prep["key"], inputs)
+            except Exception as exc:  # the main process retries it and accounts a failure there
+                counts["prepare_failed"] += 1
+                if counts["prepare_failed"] <= 10 or counts["prepare_failed"] % 1000 == 0:
+                    log.warning("ingest_prepare_failed", group=w.group, start_ns=w.start_ns, error=repr(exc)[:300])
+        pipe.send(WINDOW, item)
         counts["windows"] += 1
 
     def on_late(group: str, sensor: str, item: object, reason: str) -> None:
@@ -268,6 +315,10 @@ def ingest_process_main(
         if now - last_stats >= STATS_INTERVAL_S:
             last_stats = now
             pipe.send(STATS, snapshot())
+            while control is not None and prep["fn"] is not None and not control.empty():
+                with contextlib.suppress(queue.Empty):
+                    prep["key"] = control.get_nowait()
+                    log.info("ingest_prepare_key_changed")
             if inputs is not None and inputs.dropped > drops_logged and now - drops_log_at >= 10.0:
                 log.warning("input_recording_dropped", dropped=inputs.dropped - drops_logged, total=inputs.dropped)
                 drops_logged, drops_log_at = inputs.dropped, now
@@ -353,7 +404,9 @@ class Service:
         self.cfg = cfg
         inf = cfg.inference
         self.state = _State()
-        self.queue: BatchQueue[Window] = BatchQueue(inf.max_batch_size, inf.max_delay_s, inf.queue_size, inf.policy)
+        self.queue: BatchQueue[Window | PreparedWindow] = BatchQueue(
+            inf.max_batch_size, inf.max_delay_s, inf.queue_size, inf.policy
+        )
         runner_cls = _pinned_runner(InferenceRunner, cfg.model.sha256) if cfg.model.sha256 else InferenceRunner
         self.runner = runner_cls(
             cfg.model.checkpoint,
@@ -383,6 +436,7 @@ class Service:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self._child_stop = None
+        self._child_control: Any = None  # new preprocessing keys for the ingest process
         self._child: Any = None
         self._pipe_dir: str | None = None
         self._ctx: zmq.Context | None = None
@@ -450,9 +504,14 @@ class Service:
         """Reload the configured checkpoint (SIGHUP or POST /reload); the old model serves on failure."""
         if self.state.draining:
             return 503, {"result": "refused", "error": "draining"}
+        key = self.runner.preprocess_key
         outcome = self.runner.reload()
         if outcome.ok:
             self.metrics.set_model(outcome.version, outcome.sha256)
+            if self._child_control is not None and self.runner.preprocess_key != key:
+                # until the ingest process takes it (<= STATS_INTERVAL_S), windows prepared under the old
+                # key are made again here: correct, only slower
+                self._child_control.put(self.runner.preprocess_key)
             return 200, {"result": "success", "version": outcome.version, "sha256": outcome.sha256}
         return 422, {"result": "failure", "error": outcome.error[:1000], "version": outcome.version}
 
@@ -635,6 +694,10 @@ class Service:
             inputs_pull.bind(inputs_endpoint)
         spawn = mp.get_context("spawn")
         self._child_stop = spawn.Event()
+        prepare_key = None
+        if self.cfg.inference.prepare_in == "ingest" and self.fusion is None:  # fusion must come first: main
+            prepare_key = self.runner.preprocess_key
+            self._child_control = spawn.Queue()
         linger_ms = int(self.cfg.shutdown_timeout_s * 1000)
         self._child = spawn.Process(
             target=ingest_process_main,
@@ -647,6 +710,8 @@ class Service:
                 os.getpid(),
                 linger_ms,
                 inputs_endpoint,
+                prepare_key,
+                self._child_control,
             ),
             name="sacmf-ingest",
         )
@@ -747,11 +812,12 @@ class Service:
             st.windows_received += 1
             self.metrics.windows_received.inc()
             timeout = None if not st.draining else max(0.0, self._drain_deadline - time.monotonic())
+            w = window_of(obj)
             try:
                 if not self.queue.put(obj, timeout=timeout):
-                    log.error("window_lost_at_shutdown", group=obj.group, start_ns=obj.start_ns)
+                    log.error("window_lost_at_shutdown", group=w.group, start_ns=w.start_ns)
             except QueueClosed:
-                log.error("window_lost_at_shutdown", group=obj.group, start_ns=obj.start_ns)
+                log.error("window_lost_at_shutdown", group=w.group, start_ns=w.start_ns)
         elif kind == LATE:
             self.metrics.late_records.inc()
             if self.late is not None:
@@ -803,14 +869,21 @@ class Service:
                     break
                 if not batch:
                     continue
-                windows = [q.item for q in batch]
+                windows = [window_of(q.item) for q in batch]
                 started = time.monotonic()
                 waits = [started - q.enqueued_s for q in batch]
                 prepared: Any = None
                 try:
                     if self.fusion is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
                         windows = self.fusion.process(windows, self.metrics.observe_fusion_quality)
-                    prepared = self.runner.prepare(windows)
+                        prepared = self.runner.prepare(windows)
+                    else:  # inputs the ingest process made under the current model's key are used as they are
+                        key = self.runner.preprocess_key
+                        ready = [
+                            q.item.inputs if isinstance(q.item, PreparedWindow) and q.item.key == key else None
+                            for q in batch
+                        ]
+                        prepared = self.runner.prepare(windows, ready)
                 except Exception as exc:  # the inference thread isolates the bad window(s)
                     prepared = exc
                 item = _Prepared(windows, prepared, time.monotonic() - started, waits)

@@ -185,7 +185,7 @@ timeout_s = 30
             if len(got) >= n:
                 return got
             time.sleep(0.05)
-        raise AssertionError(f"fewer than {n} matching results within {timeout} s")
+        raise AssertionError(f"fewer than {n} matching results within {timeout} s; last log events: {self.events[-8:]}")
 
     def metrics_text(self) -> str:
         status, text = http(f"{self.admin}/metrics")

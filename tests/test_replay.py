@@ -166,6 +166,26 @@ def test_replay_gives_identical_results_at_two_speeds(recording: Recording, tmp_
     assert all(b - a == WINDOW_NS for a, b in zip(starts, starts[1:], strict=False))
 
 
+def test_the_live_daemon_and_a_replay_agree_on_every_complete_window(recording: Recording):
+    """The live daemon prepared each window in its ingest process ([inference] prepare_in = "ingest", the
+    default); the replay prepares in-process. Same inputs, same model: the same results, up to the
+    float rounding of different batch compositions. A window prepared with other settings, or paired
+    with another window's inputs, would differ by far more."""
+    live = {r["start_ns"]: from_wire(r) for r in read_jsonl(recording.jsonl) if not r["flushed"]}
+    replayed = {r.start_ns: r for r in replay(recording.mcap, config_mod.load(recording.config)).results}
+    both = [t for t in live if t in replayed and live[t].presence == replayed[t].presence]
+    assert len(both) >= 4, (sorted(live), sorted(replayed))
+    for t in both:
+        a, b = comparable(live[t]), comparable(replayed[t])
+        assert np.allclose(a["target_probs"], b["target_probs"], atol=1e-5), t
+        assert np.allclose(
+            [a["fusion"]["image"], a["fusion"]["sequence"]], [b["fusion"]["image"], b["fusion"]["sequence"]], atol=1e-5
+        )
+        assert [d["class"] for d in a["detections"]] == [d["class"] for d in b["detections"]]
+        for da, db in zip(a["detections"], b["detections"], strict=True):
+            assert np.allclose(da["box"], db["box"], atol=1e-3) and abs(da["score"] - db["score"]) < 1e-5
+
+
 def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recording, tmp_path: Path):
     out = tmp_path / "eval"
     run = cli("evaluate-stream", str(recording.mcap), "--config", str(recording.config), "--out", str(out))
@@ -183,7 +203,9 @@ def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recor
     assert sum(map(sum, cls["confusion"])) == len(results) and 0.0 <= cls["macro_f1"] <= 1.0
     assert report["truth_targets"] == {t: sum(x.target == t for x in truths) for t in {x.target for x in truths}}
     det = report["detection"]
-    assert det["objects"] == sum(len(t.classes) for t in truths)
+    # boxes count where the window had an Image-A frame to find them in (under load a live window can
+    # close without one; the recording replays it that way)
+    assert det["objects"] == sum(len(t.classes) for r, t in zip(results, truths, strict=True) if r.presence["image_a"])
     assert det["detections"] == sum(len(r.detections) for r in results)
     for key in ("class_agnostic", "class_aware"):
         assert all(0.0 <= det[key][m] <= 1.0 for m in ("precision", "recall", "f1"))

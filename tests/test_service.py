@@ -428,6 +428,26 @@ def test_hot_reload_keeps_the_old_model_on_a_corrupt_file_then_swaps(daemon: Dae
     assert m["sacmf_model_info"] == {(("sha256", sha), ("version", "tiny-v2")): 1}
 
 
+def test_a_reload_that_changes_the_preprocessing_reaches_the_ingest_process(daemon: Daemon):
+    """The ingest process prepares windows with the served model's preprocessing; a model with another
+    sequence length changes it. Windows it prepared under the old settings in the meantime are made
+    again in the main process: none fails, and the ingest process takes the new settings."""
+    import dataclasses
+
+    from daemon.inference import save_checkpoint
+    from model.sacmf import build_model
+
+    failed = daemon.metrics().get("sacmf_inference_requests_total", {}).get((("result", "failure"),), 0)
+    torch.manual_seed(12)
+    save_checkpoint(build_model(dataclasses.replace(TINY, seq_len=2 * TINY.seq_len)), daemon.checkpoint, "tiny-v3")
+    status, body = http(f"{daemon.admin}/reload", "POST", {"Authorization": f"Bearer {daemon.token}"})
+    assert status == 200, body
+    daemon.event("ingest_prepare_key_changed", timeout=30)
+    daemon.wait_results(lambda r: r["model_version"] == "tiny-v3", n=3)
+    m = daemon.metrics()
+    assert m["sacmf_inference_requests_total"].get((("result", "failure"),), 0) == failed
+
+
 def test_sigterm_under_load_exits_0_and_loses_no_window(daemon: Daemon):
     daemon.wait_results(lambda r: True, n=1)
     assert daemon.sim.is_alive()  # the simulator is still publishing
