@@ -15,8 +15,9 @@ back, with the same checkpoint and torch threads. Phases, in order:
    group's stream published as fast as the sockets take it with event time running ahead of the wall
    clock. Daemon windows/s = results per second after a warm-up tenth.
 4. **bare model**: the same checkpoint in this process, ``max_batch_size`` windows per call:
-   ``forward`` only (batches prepared once) and ``runner`` (the daemon's preprocessing + forward +
-   result records, what the inference thread does per batch).
+   ``forward`` only (batches prepared once) and ``runner`` (the model's preprocessing + forward +
+   result records in one thread: the whole window -> result path without the daemon). The daemon
+   under test preprocesses in its ingest process unless ``--prepare-in main``.
 
 The ratio reported is saturation windows/s over bare ``forward`` windows/s. Frames are the simulator's
 nominal 64x64 (the model's frame size), so no resize hides in either side.
@@ -63,12 +64,15 @@ class BenchOptions:
     torch_threads: int = 1
     max_batch_size: int = 8
     bare_repeats: int = 200  # model calls for the bare figures
+    prepare_in: str = "ingest"  # [inference] prepare_in of the daemon under test
 
     def __post_init__(self) -> None:
         if not self.groups or min(self.groups) < 1:
             raise ValueError("--groups needs positive counts")
         if self.seconds <= 0 or self.sat_seconds <= 0 or self.idle_s < 0:
             raise ValueError("--seconds and --sat-seconds must be > 0, --idle-s >= 0")
+        if self.prepare_in not in ("ingest", "main"):
+            raise ValueError("--prepare-in must be ingest or main")
 
 
 def group_name(i: int) -> str:
@@ -86,7 +90,11 @@ def bench_config(opts: BenchOptions, mode: str, results_ep: str) -> str:
         torch_threads=opts.torch_threads,
         results_endpoint=results_ep,
         shutdown_s=60,
-        inference={"max_batch_size": opts.max_batch_size, "queue_size": max(64, 4 * opts.max_batch_size)},
+        inference={
+            "max_batch_size": opts.max_batch_size,
+            "queue_size": max(64, 4 * opts.max_batch_size),
+            "prepare_in": opts.prepare_in,
+        },
     )
 
 
@@ -351,7 +359,10 @@ def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="sacmf-bench-daemon-"))
     ctx = zmq.Context.instance()
     report: dict[str, Any] = {"options": {k: str(v) for k, v in opts.__dict__.items()}, "workdir": str(workdir)}
-    say(f"bench-daemon: checkpoint {opts.checkpoint}, torch threads {opts.torch_threads}, batch {opts.max_batch_size}")
+    say(
+        f"bench-daemon: checkpoint {opts.checkpoint}, torch threads {opts.torch_threads}, batch {opts.max_batch_size}, "
+        f"preprocessing in the {opts.prepare_in} process"
+    )
     pool = make_pool()
 
     daemon, endpoint, res = _start(opts, "live", workdir, ctx)
@@ -413,6 +424,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-s", type=float, default=30.0, help="idle CPU phase (0 skips it)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--prepare-in", default="ingest", help="the daemon's [inference] prepare_in: ingest or main")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     p.set_defaults(func=main)
 
@@ -427,6 +439,7 @@ def main(args: argparse.Namespace) -> int:
             idle_s=args.idle_s,
             torch_threads=args.torch_threads,
             max_batch_size=args.max_batch_size,
+            prepare_in=args.prepare_in,
         )
     except ValueError as exc:
         print(f"error: {exc}")

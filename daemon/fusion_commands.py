@@ -28,7 +28,8 @@ from typing import TextIO
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 GOLDEN = SHARED / "golden"
 BENCH_PAIR = SHARED / "fusion_testdata" / "TNO"
 NETWORKS = ("cddfuse", "crossfuse", "cmmdl")
@@ -619,6 +620,80 @@ def _cmd_bench_fusion(args: argparse.Namespace) -> int:
     return 1 if any(r.result is None for r in rows) else 0
 
 
+def bench_stage(
+    methods: Sequence[str], height: int, width: int, repeats: int, checkpoint: Path, threads: int | None
+) -> list[dict[str, object]]:
+    """The daemon's ``[image_fusion]`` stage, per window, next to the SA-CMF path it sits in front of.
+
+    Why: the stage runs in the prepare thread, one window after another, before the model's
+    preprocessing; its time per window adds to every window's latency and bounds the daemon's
+    throughput. Measured on one window of ``height`` x ``width`` uint16 frames (TNO pair 10, cropped),
+    with the golden weights (time does not depend on trained values), against
+    ``InferenceRunner.run`` on the same window (preprocessing + forward + result record, batch 1).
+    """
+    import torch
+
+    from daemon.fusion_stage import FusionStage
+    from daemon.inference import InferenceRunner
+    from ingest.windowing import Frame, Samples, Window
+
+    _set_threads(threads)
+    ir, vi, source = bench_inputs(height, width)
+    frames = {
+        role: [Frame(role, 0, 400_000_000, 20_000_000, (img * 65535).astype(np.uint16))]
+        for role, img in (("image_a", vi), ("image_b", ir))
+    }
+    rng = np.random.default_rng(0)
+    samples = {
+        role: Samples(None, (1 + 0.1 * rng.standard_normal(1000)).astype(np.float32), 1_000_000, t0=0)
+        for role in ("seq_a", "seq_b")
+    }
+    window = Window("bench", 0, 1_000_000_000, frames, samples, dict.fromkeys((*frames, *samples), True), "full", "x")
+
+    def median_ms(fn: object) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    runner = InferenceRunner(checkpoint, max_batch_size=1)
+    runner.load()
+    model_ms = median_ms(lambda: runner.run([window]))
+    rows: list[dict[str, object]] = [{"method": "none (SA-CMF path alone)", "ms": model_ms, "ratio": 1.0}]
+    for name in methods:
+        ckpt = GOLDEN / name / "weights.safetensors"
+        stage = FusionStage(name, ckpt if name != "mean" else None)
+        with torch.inference_mode():
+            ms = median_ms(lambda stage=stage: stage.process([window]))
+        rows.append({"method": name, "ms": ms, "ratio": (ms + model_ms) / model_ms})
+    for r in rows:
+        r.update(size=f"{width}x{height}", input=source, threads=torch.get_num_threads())
+    return rows
+
+
+def _cmd_bench_stage(args: argparse.Namespace) -> int:
+    height, width = args.size
+    if not Path(args.checkpoint).is_file():
+        print(f"error: no SA-CMF checkpoint at {args.checkpoint}", file=sys.stderr)
+        return 2
+    rows = bench_stage(args.methods.split(","), height, width, args.repeats, Path(args.checkpoint), args.threads)
+    print(
+        f"bench-fusion-stage: one window, {width}x{height} frames, median of {args.repeats}, "
+        f"{rows[0]['threads']} thread(s)"
+    )
+    print("| [image_fusion] method | fusion ms per window | window -> result, x the SA-CMF path alone |")
+    print("|---|---|---|")
+    model_ms = float(rows[0]["ms"])
+    for r in rows:
+        fusion_ms = "–" if r is rows[0] else f"{float(r['ms']):.1f}"
+        total = model_ms + (0.0 if r is rows[0] else float(r["ms"]))
+        print(f"| {r['method']} | {fusion_ms} | {total:.1f} ms ({float(r['ratio']):.1f}x) |")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 # argparse wiring
 
@@ -715,6 +790,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     b.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     b.set_defaults(func=_cmd_bench_fusion)
+
+    st = sub.add_parser(
+        "bench-fusion-stage",
+        help="per-window latency the daemon's [image_fusion] stage adds, next to the SA-CMF path",
+    )
+    st.add_argument("--size", type=_parse_size, default=(64, 64), help="frame WIDTHxHEIGHT (default 64x64)")
+    st.add_argument("--repeats", type=int, default=5)
+    st.add_argument("--methods", default="mean," + ",".join(NETWORKS))
+    st.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    st.add_argument("--checkpoint", default=str(ROOT / "model" / "weights" / "default.pt"), help="SA-CMF checkpoint")
+    st.set_defaults(func=_cmd_bench_stage)
 
 
 def _worker_main(argv: Sequence[str]) -> int:

@@ -22,6 +22,7 @@ def test_bench_daemon_short_run(tmp_path: Path) -> None:
     ckpt = tmp_path / "tiny.pt"
     tiny_checkpoint(ckpt, "bench-test")
     opts = BenchOptions(checkpoint=ckpt, groups=(2,), seconds=4.0, sat_seconds=3.0, idle_s=1.0, bare_repeats=5)
+    assert opts.prepare_in == "ingest"  # the daemon's default: what the published figures measure
     lines: list[str] = []
     report = run_bench(opts, say=lines.append)
     assert report["live_exit"] == 0 and report["replay_exit"] == 0
@@ -32,3 +33,14 @@ def test_bench_daemon_short_run(tmp_path: Path) -> None:
     (sat,) = report["saturation"]
     assert sat["windows"] > 0 and sat["windows_per_s"] > 0 and sat["ratio_to_forward"] > 0
     assert any(line.startswith("ratio") for line in lines)
+
+
+def test_bench_fusion_stage_times_the_stage_next_to_the_model(tmp_path: Path) -> None:
+    from daemon.fusion_commands import bench_stage
+
+    ckpt = tmp_path / "tiny.pt"
+    tiny_checkpoint(ckpt, "bench-test")
+    rows = bench_stage(["mean", "crossfuse"], 48, 64, repeats=1, checkpoint=ckpt, threads=1)
+    assert [r["method"] for r in rows][1:] == ["mean", "crossfuse"]
+    assert all(r["ms"] > 0 and r["size"] == "64x48" for r in rows)
+    assert rows[2]["ratio"] > rows[1]["ratio"] >= 1.0  # a network costs more than averaging two frames
