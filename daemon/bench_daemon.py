@@ -273,15 +273,23 @@ def _saturate(endpoint: str, names: list[str], pool: _Pool, stop: threading.Even
             pub.close()
 
 
-def measure_saturation(endpoint: str, res: _Results, g: int, seconds: float, pool: _Pool) -> dict[str, Any]:
+def measure_saturation(
+    daemon: DaemonProcess, endpoint: str, res: _Results, g: int, seconds: float, pool: _Pool
+) -> dict[str, Any]:
+    """Windows/s at saturation, and where the CPU went: the daemon's main process, its other processes
+    (ingest), and this process (the load generator and the result subscriber) share the machine."""
     stop = threading.Event()
     sent = [0]
     res.take()
     names = [group_name(i) for i in range(g)]
     threads = [threading.Thread(target=_saturate, args=(endpoint, names, pool, stop, sent), daemon=True)]
+    pids = process_tree(daemon.pid)
     for t in threads:
         t.start()
-    time.sleep(seconds)
+    time.sleep(min(2.0, seconds / 4))  # CPU is counted after the warm-up, like the windows below
+    n0, main0, rest0, own0 = len(res.rows), cpu_seconds(pids[:1]), cpu_seconds(pids[1:]), time.process_time()
+    time.sleep(seconds - min(2.0, seconds / 4))
+    n1, main1, rest1, own1 = len(res.rows), cpu_seconds(pids[:1]), cpu_seconds(pids[1:]), time.process_time()
     rows = res.take()
     stop.set()
     for t in threads:
@@ -293,11 +301,17 @@ def measure_saturation(endpoint: str, res: _Results, g: int, seconds: float, poo
     if len(times) - skip < 2:
         return {"groups": g, "windows": len(times), "windows_per_s": 0.0}
     span = (times[-1] - times[skip]) / 1e9
+    counted = max(1, n1 - n0)
     return {
         "groups": g,
         "windows": len(times),
         "windows_per_s": round((len(times) - 1 - skip) / span, 1),
         "windows_sent": sent[0],
+        "cpu_ms_per_window": {
+            "daemon_main": round(1e3 * (main1 - main0) / counted, 3),
+            "daemon_other": round(1e3 * (rest1 - rest0) / counted, 3),
+            "load_generator": round(1e3 * (own1 - own0) / counted, 3),
+        },
     }
 
 
@@ -391,9 +405,14 @@ def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
         report["bare_before"] = measure_bare(opts, pool)
         report["saturation"] = []
         for g in opts.groups:
-            row = measure_saturation(endpoint, res, g, opts.sat_seconds, pool)
+            row = measure_saturation(daemon, endpoint, res, g, opts.sat_seconds, pool)
             report["saturation"].append(row)
-            say(f"saturation, {g:2d} group(s): {row['windows_per_s']:7.1f} windows/s")
+            cpu = row.get("cpu_ms_per_window", {})
+            say(
+                f"saturation, {g:2d} group(s): {row['windows_per_s']:7.1f} windows/s; CPU ms per window: "
+                f"daemon main {cpu.get('daemon_main')}, ingest {cpu.get('daemon_other')}, "
+                f"load generator {cpu.get('load_generator')}"
+            )
         report["bare_after"] = measure_bare(opts, pool)
     finally:
         res.close()
