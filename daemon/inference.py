@@ -139,6 +139,15 @@ class PreparedBatch:
 
 
 @dataclass(frozen=True)
+class ForwardedBatch:
+    """A batch's model outputs (on the CPU) with the model and inputs that made them."""
+
+    loaded: LoadedModel
+    batch: dict[str, Tensor]
+    out: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
 class ReloadOutcome:
     ok: bool
     version: str
@@ -278,6 +287,13 @@ class InferenceRunner:
 
     def run_prepared(self, windows: Sequence[Window], prepared: PreparedBatch) -> list[ResultRecord]:
         """Records for a batch from :meth:`prepare`; prepared again if a reload swapped the model since."""
+        return self.records(windows, self.forward(windows, prepared))
+
+    def forward(self, windows: Sequence[Window], prepared: PreparedBatch) -> ForwardedBatch:
+        """The model pass alone, under the swap lock (a reload waits for it); :meth:`records` finishes.
+
+        Split so that the daemon can decode one batch's outputs into records on another thread while
+        the next batch is in the model."""
         with self._lock:
             loaded = self.current
             batch = prepared.batch
@@ -285,14 +301,22 @@ class InferenceRunner:
                 prepared.loaded.config.preprocess_config() != loaded.config.preprocess_config()
             ):
                 batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
-            return self._infer(loaded, windows, batch)
+            return self._forward(loaded, batch)
 
     def _infer(self, loaded: LoadedModel, windows: Sequence[Window], batch: dict[str, Tensor]) -> list[ResultRecord]:
+        return self.records(windows, self._forward(loaded, batch))
+
+    def _forward(self, loaded: LoadedModel, batch: dict[str, Tensor]) -> ForwardedBatch:
         dev = torch.device(self.device)
         inputs = {k: v.to(dev) for k, v in batch.items()}
         with torch.inference_mode():
             out = loaded.model(inputs)
             out = {k: v.detach().to("cpu") for k, v in out.items()}
+        return ForwardedBatch(loaded, batch, out)
+
+    def records(self, windows: Sequence[Window], fwd: ForwardedBatch) -> list[ResultRecord]:
+        """Result records (same order as ``windows``) from a :meth:`forward`; raises on non-finite logits."""
+        loaded, batch, out = fwd.loaded, fwd.batch, fwd.out
         logits = out["logits"]  # [B, C]
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("model produced non-finite logits")

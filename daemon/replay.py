@@ -125,13 +125,18 @@ class HeatmapTap:
         """[n, H_d, W_d] object-centre probabilities (max over classes), or None if not captured."""
         if self.last is None or self.last.shape[0] != n:
             return None
-        return self.last.float().sigmoid().amax(dim=1).cpu().numpy()
+        return heatmaps(self.last)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._hooked.clear()
+
+
+def heatmaps(det_logits: Any) -> Any:
+    """[B, C, H_d, W_d] detection logits -> [B, H_d, W_d] object-centre probabilities (max over classes)."""
+    return det_logits.float().sigmoid().amax(dim=1).cpu().numpy()
 
 
 def png_frames(records: Sequence[ResultRecord], windows: Sequence[Window], heat: Any = None) -> list[PngFrame]:

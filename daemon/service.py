@@ -14,7 +14,8 @@ Layout, so that inference can never starve ingest:
 * **main process** threads: the *receiver* (pipe -> scheduler queue, late records -> late sinks,
   snapshots -> the metrics registry), the *prepare* thread (scheduler batches -> collation, or pixel
   fusion and the model's preprocessing when they run here; one batch ahead), the *inference* thread
-  (prepared batch -> model -> sinks),
+  (prepared batch -> model, nothing else), the *finish* thread (model outputs -> result records ->
+  sinks, while the next batch is in the model),
   the sink supervisors' workers, the admin HTTP server, and the main thread (signals, reloads,
   lifecycle). PyTorch gets ``torch_threads`` intra-op threads (default cores - 1), leaving a core to
   ingest.
@@ -372,6 +373,15 @@ class _Prepared:
 
 
 @dataclass
+class _Forwarded:
+    """A batch on its way from the inference thread to the finish thread."""
+
+    prep: _Prepared
+    forwarded: Any  # the runner's ForwardedBatch, or the exception preparing or the model raised
+    forward_s: float
+
+
+@dataclass
 class _State:
     ingest_up: threading.Event = field(default_factory=threading.Event)
     ingest_error: str | None = None
@@ -431,7 +441,6 @@ class Service:
         self.late = None
         self.inputs = None  # input-recording supervisor ([sinks] mcap_inputs)
         self.png = None  # picture supervisor ([sinks] png_dir)
-        self._tap: Any = None  # HeatmapTap when pictures are drawn
         self.admin = None
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
@@ -442,6 +451,7 @@ class Service:
         self._ctx: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
         self._handoff: queue.Queue[_Prepared | None] = queue.Queue(maxsize=1)  # prepare -> inference
+        self._finish: queue.Queue[_Forwarded | None] = queue.Queue(maxsize=1)  # inference -> finish
         self._zmq_sink: Any = None
         self._drain_deadline = float("inf")  # monotonic
         self._fail_log_at = 0.0
@@ -615,7 +625,6 @@ class Service:
         return status if clean else 1
 
     def _open_sinks(self) -> None:
-        from daemon.replay import HeatmapTap
         from sinks.jsonl import JsonlSink
         from sinks.late import LateSink
         from sinks.mcap_recorder import McapRecorder
@@ -666,7 +675,6 @@ class Service:
             self.inputs = SinkSupervisor(inputs, queue_size=s.queue_size)
         if pictures:
             self.png = SinkSupervisor(pictures, queue_size=PNG_QUEUE)
-            self._tap = HeatmapTap()
 
     def _close_sinks(self, timeout: float) -> bool:
         clean = True
@@ -720,6 +728,7 @@ class Service:
             threading.Thread(target=self._receiver_loop, args=(pull,), name="receiver", daemon=True),
             threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
             threading.Thread(target=self._inference_loop, name="inference", daemon=True),
+            threading.Thread(target=self._finish_loop, name="finish", daemon=True),
         ]
         if inputs_endpoint is not None:
             self._threads.append(
@@ -884,7 +893,7 @@ class Service:
                             for q in batch
                         ]
                         prepared = self.runner.prepare(windows, ready)
-                except Exception as exc:  # the inference thread isolates the bad window(s)
+                except Exception as exc:  # the finish thread isolates the bad window(s)
                     prepared = exc
                 item = _Prepared(windows, prepared, time.monotonic() - started, waits)
                 while True:  # a bounded hand-off: the model, not this thread, sets the pace
@@ -899,6 +908,8 @@ class Service:
             self._handoff.put(None)
 
     def _inference_loop(self) -> None:
+        """Prepared batches -> the model, nothing else: decoding and publishing happen on the finish thread
+        while the next batch is in the model."""
         st = self.state
         try:
             while True:
@@ -909,26 +920,56 @@ class Service:
                     continue
                 if item is None:
                     break
-                self._infer(item)
+                forwarded = self._forward(item)
+                while True:  # bounded like the hand-off above it
+                    try:
+                        self._finish.put(forwarded, timeout=0.25)
+                        break
+                    except queue.Full:
+                        st.ticks["inference"] = time.monotonic()
         except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
             log.exception("inference_loop_failed")
+        finally:
+            self._finish.put(None)
 
-    def _infer(self, item: _Prepared) -> None:
-        windows = item.windows
+    def _forward(self, item: _Prepared) -> _Forwarded:
         started = time.monotonic()
-        heat = None
-        if self._tap is not None:
-            self._tap.arm(self.runner)
         try:
             if isinstance(item.prepared, Exception):
                 raise item.prepared
-            records = list(self.runner.run_prepared(windows, item.prepared))
-            if self._tap is not None:
-                heat = self._tap.heatmaps(len(windows))
+            forwarded: Any = self.runner.forward(item.windows, item.prepared)
+        except Exception as exc:  # the finish thread isolates the bad window(s)
+            forwarded = exc
+        return _Forwarded(item, forwarded, time.monotonic() - started)
+
+    def _finish_loop(self) -> None:
+        st = self.state
+        try:
+            while True:
+                st.ticks["finish"] = time.monotonic()
+                try:
+                    item = self._finish.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                self._publish(item)
+        except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
+            log.exception("finish_loop_failed")
+
+    def _publish(self, item: _Forwarded) -> None:
+        """Model outputs -> records -> sinks; a failed batch is retried window by window."""
+        windows = item.prep.windows
+        started = time.monotonic()
+        try:
+            if isinstance(item.forwarded, Exception):
+                raise item.forwarded
+            records = list(self.runner.records(windows, item.forwarded))
         except Exception as exc:
             records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
-        # inference duration: this batch's own work (preparation + model), not the hand-off wait
-        self.metrics.observe_batch(len(windows), item.prepare_s + time.monotonic() - started, item.waits)
+        # inference duration: this batch's own work (preparation, model, decoding), not the hand-off waits
+        duration = item.prep.prepare_s + item.forward_s + time.monotonic() - started
+        self.metrics.observe_batch(len(windows), duration, item.prep.waits)
         for record in records:
             if record is None:
                 continue
@@ -937,8 +978,10 @@ class Service:
             self.state.results_published += 1
             self.metrics.observe_published(record)
         if self.png is not None:
-            from daemon.replay import png_frames
+            from daemon.replay import heatmaps, png_frames
 
+            # the batch's own heatmaps; windows retried one by one after a failure get pictures without
+            heat = None if isinstance(item.forwarded, Exception) else heatmaps(item.forwarded.out["det_logits"])
             for item_png in png_frames([r for r in records if r is not None], windows, heat):
                 self.png.submit(item_png)
 
