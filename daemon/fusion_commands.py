@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -384,6 +385,10 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
             progress.label = f"{args.method} epoch {info.epoch + 1}/{info.epochs} stage {info.stage}"
         progress.update(info.batch, f"loss {info.losses['total']:.5g} lr {info.lr:.2g} {info.seconds:.2f} s/step")
 
+    def on_term(signum: int, frame: object) -> None:  # a batch scheduler's or systemd's stop: like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         result = fusion_train.train(args.method, args.ir, args.vi, args.out, options, on_step=on_step)
     except KeyboardInterrupt:
@@ -392,6 +397,8 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
     except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     where = ", ".join(str(p) for p in result.checkpoints) or "(none yet: no epoch completed)"
     status = "stopped early; continue with --resume" if result.stopped_early else "done"
     progress.close(

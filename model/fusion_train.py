@@ -876,49 +876,53 @@ def train(
         log = csv.writer(log_file)
         if new_log:
             log.writerow(["global_step", "epoch", "stage", "batch", "lr", "seconds", "losses"])
-        while epoch < recipe.epochs:
-            ir_all, vi_all = data.epoch(epoch, recipe.seed)
-            bs = min(trainer.batch_size(epoch), ir_all.shape[0])
-            order = torch.randperm(
-                ir_all.shape[0], generator=torch.Generator().manual_seed(recipe.seed * 100003 + epoch)
-            )
-            batches = ir_all.shape[0] // bs  # drop the ragged tail (BatchNorm cannot train on one sample)
-            for b in range(start_batch, batches):
-                if step >= max_steps or time.monotonic() - started >= budget_s:
-                    _save_state(state_path, recipe, trainer, epoch, b, step)
-                    return TrainResult(epoch, step, True, checkpoints, state_path, last)
-                idx = order[b * bs : (b + 1) * bs]
-                t0 = time.perf_counter()
-                try:
+        resume_at = (epoch, start_batch)  # the next batch to run: where an interrupted run continues
+        try:
+            while epoch < recipe.epochs:
+                ir_all, vi_all = data.epoch(epoch, recipe.seed)
+                bs = min(trainer.batch_size(epoch), ir_all.shape[0])
+                order = torch.randperm(
+                    ir_all.shape[0], generator=torch.Generator().manual_seed(recipe.seed * 100003 + epoch)
+                )
+                batches = ir_all.shape[0] // bs  # drop the ragged tail (BatchNorm cannot train on one sample)
+                for b in range(start_batch, batches):
+                    if step >= max_steps or time.monotonic() - started >= budget_s:
+                        _save_state(state_path, recipe, trainer, epoch, b, step)
+                        return TrainResult(epoch, step, True, checkpoints, state_path, last)
+                    idx = order[b * bs : (b + 1) * bs]
+                    t0 = time.perf_counter()
                     last = trainer.step(ir_all[idx], vi_all[idx], epoch)
-                except KeyboardInterrupt:
-                    _save_state(state_path, recipe, trainer, epoch, b, step)
-                    raise
-                if not all(math.isfinite(v) for v in last.values()):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}: {last}")
-                step += 1
-                info = StepInfo(
-                    epoch,
-                    recipe.epochs,
-                    trainer.stage(epoch),
-                    b + 1,
-                    batches,
-                    step,
-                    last,
-                    trainer.lr(epoch),
-                    time.perf_counter() - t0,
-                )
-                log.writerow(
-                    [step, epoch, info.stage, b + 1, f"{info.lr:.3g}", f"{info.seconds:.3f}"]
-                    + [";".join(f"{k}={v:.6g}" for k, v in last.items())]
-                )
-                if on_step is not None:
-                    on_step(info)
-            trainer.end_epoch(epoch)
-            epoch += 1
-            start_batch = 0
-            checkpoints = _release(trainer, out, epoch)
-            _save_state(state_path, recipe, trainer, epoch, 0, step)
+                    if not all(math.isfinite(v) for v in last.values()):
+                        raise FloatingPointError(f"non-finite loss at step {step + 1}: {last}")
+                    step += 1
+                    resume_at = (epoch, b + 1)
+                    info = StepInfo(
+                        epoch,
+                        recipe.epochs,
+                        trainer.stage(epoch),
+                        b + 1,
+                        batches,
+                        step,
+                        last,
+                        trainer.lr(epoch),
+                        time.perf_counter() - t0,
+                    )
+                    log.writerow(
+                        [step, epoch, info.stage, b + 1, f"{info.lr:.3g}", f"{info.seconds:.3f}"]
+                        + [";".join(f"{k}={v:.6g}" for k, v in last.items())]
+                    )
+                    log_file.flush()  # a run of hours is watched (tail -f) and may be killed: rows must be on disk
+                    if on_step is not None:
+                        on_step(info)
+                trainer.end_epoch(epoch)
+                epoch += 1
+                start_batch = 0
+                resume_at = (epoch, 0)
+                checkpoints = _release(trainer, out, epoch)
+                _save_state(state_path, recipe, trainer, epoch, 0, step)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the CLI: wherever it lands
+            _save_state(state_path, recipe, trainer, *resume_at, step)
+            raise
     if not checkpoints:  # resumed a finished run: report the files it already wrote
         folder = out / MODELS_DIR
         checkpoints = sorted(p for p in folder.glob("*") if p.suffix in (".pth", ".model")) if folder.is_dir() else []

@@ -215,3 +215,37 @@ def test_fuse_train_cli_then_fuse_with_the_checkpoint(tmp_path: Path, capsys) ->
     rc = cli.main(["fuse", "--method", "cmmdl", "--ckpt", str(ckpt), "--ir", str(ir_dir), "--vi", str(vi_dir)]
                   + ["--out", str(fused)])  # fmt: skip
     assert rc == 0 and np.asarray(Image.open(fused / "p.png")).shape == (32, 64)
+
+
+@needs_data
+def test_fuse_train_saves_its_state_on_sigterm_and_resumes(tmp_path: Path) -> None:
+    """A batch scheduler or systemd stops a run with SIGTERM: the state is saved like on Ctrl-C, the
+    per-step log is on disk while it runs, and --resume continues from where it stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(100, 228), slice(100, 228))})
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "daemon.cli", "fuse-train", "--method", "cmmdl", "--ir", str(ir_dir)]
+    args += ["--vi", str(vi_dir), "--out", str(out), "--patch", "32", "--stride", "0", "--crops-per-image", "4"]
+    args += ["--batch-size", "2", "--epochs", "100", "--threads", "1", "--min-contrast", "0"]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    log = out / ft.LOG_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; state saved" in stderr
+    state = torch.load(out / ft.STATE_FILE, weights_only=False)
+    done = state["global_step"]
+    assert done >= 2 and len(log.read_text().splitlines()) == done + 1  # header + one row per step
+    resumed = subprocess.run(
+        [*args, "--resume", "--max-steps", str(done + 2)], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(out / ft.STATE_FILE, weights_only=False)["global_step"] == done + 2
