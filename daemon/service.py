@@ -895,42 +895,48 @@ class Service:
                         prepared = self.runner.prepare(windows, ready)
                 except Exception as exc:  # the finish thread isolates the bad window(s)
                     prepared = exc
-                item = _Prepared(windows, prepared, time.monotonic() - started, waits)
-                while True:  # a bounded hand-off: the model, not this thread, sets the pace
-                    try:
-                        self._handoff.put(item, timeout=0.25)
-                        break
-                    except queue.Full:
-                        st.ticks["prepare"] = time.monotonic()
+                self._hand_on("prepare", self._handoff, _Prepared(windows, prepared, time.monotonic() - started, waits))
         except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
             log.exception("prepare_loop_failed")
         finally:
             self._handoff.put(None)
 
-    def _inference_loop(self) -> None:
-        """Prepared batches -> the model, nothing else: decoding and publishing happen on the finish thread
-        while the next batch is in the model."""
+    def _hand_on(self, name: str, q: queue.Queue, item: Any) -> None:
+        """A bounded hand-off to the next stage: the slower stage sets the pace, and the waiting loop keeps
+        ticking so /healthz does not take backpressure for a hang."""
+        while True:
+            try:
+                q.put(item, timeout=0.25)
+                return
+            except queue.Full:
+                self.state.ticks[name] = time.monotonic()
+
+    def _stage_loop(self, name: str, source: queue.Queue, handle: Any, sink: queue.Queue | None = None) -> None:
+        """Items from ``source`` through ``handle`` (its result to ``sink``) until the None that ends it;
+        the None is passed on, so shutdown runs down the stages in order."""
         st = self.state
         try:
             while True:
-                st.ticks["inference"] = time.monotonic()
+                st.ticks[name] = time.monotonic()
                 try:
-                    item = self._handoff.get(timeout=0.25)
+                    item = source.get(timeout=0.25)
                 except queue.Empty:
                     continue
                 if item is None:
                     break
-                forwarded = self._forward(item)
-                while True:  # bounded like the hand-off above it
-                    try:
-                        self._finish.put(forwarded, timeout=0.25)
-                        break
-                    except queue.Full:
-                        st.ticks["inference"] = time.monotonic()
+                result = handle(item)
+                if sink is not None:
+                    self._hand_on(name, sink, result)
         except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
-            log.exception("inference_loop_failed")
+            log.exception(f"{name}_loop_failed")
         finally:
-            self._finish.put(None)
+            if sink is not None:
+                sink.put(None)
+
+    def _inference_loop(self) -> None:
+        """Prepared batches -> the model, nothing else: decoding and publishing happen on the finish thread
+        while the next batch is in the model."""
+        self._stage_loop("inference", self._handoff, self._forward, self._finish)
 
     def _forward(self, item: _Prepared) -> _Forwarded:
         started = time.monotonic()
@@ -943,19 +949,7 @@ class Service:
         return _Forwarded(item, forwarded, time.monotonic() - started)
 
     def _finish_loop(self) -> None:
-        st = self.state
-        try:
-            while True:
-                st.ticks["finish"] = time.monotonic()
-                try:
-                    item = self._finish.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    break
-                self._publish(item)
-        except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
-            log.exception("finish_loop_failed")
+        self._stage_loop("finish", self._finish, self._publish)
 
     def _publish(self, item: _Forwarded) -> None:
         """Model outputs -> records -> sinks; a failed batch is retried window by window."""
