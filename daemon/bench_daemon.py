@@ -288,8 +288,10 @@ def measure_saturation(
         t.start()
     time.sleep(min(2.0, seconds / 4))  # CPU is counted after the warm-up, like the windows below
     n0, main0, rest0, own0 = len(res.rows), cpu_seconds(pids[:1]), cpu_seconds(pids[1:]), time.process_time()
+    m0 = daemon.metrics() or {}
     time.sleep(seconds - min(2.0, seconds / 4))
     n1, main1, rest1, own1 = len(res.rows), cpu_seconds(pids[:1]), cpu_seconds(pids[1:]), time.process_time()
+    m1 = daemon.metrics() or {}
     rows = res.take()
     stop.set()
     for t in threads:
@@ -312,6 +314,26 @@ def measure_saturation(
             "daemon_other": round(1e3 * (rest1 - rest0) / counted, 3),
             "load_generator": round(1e3 * (own1 - own0) / counted, 3),
         },
+        "pipeline": _pipeline_counts(m0, m1),
+    }
+
+
+def _pipeline_counts(m0: dict[str, dict[tuple, float]], m1: dict[str, dict[tuple, float]]) -> dict[str, float]:
+    """What the daemon did in the measured span, from its own counters: where a per-window cost comes from
+    (small batches, incomplete or dropped windows, late data) is then visible next to the CPU figures."""
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(m1, name, **labels) - metric(m0, name, **labels)
+
+    calls = delta("sacmf_inference_batch_size_count")
+    return {
+        "model_calls": calls,
+        "mean_batch": round(delta("sacmf_inference_batch_size_sum") / calls, 2) if calls else 0.0,
+        "windows_full": delta("sacmf_windows_emitted_total", completeness="full"),
+        "windows_emitted": delta("sacmf_windows_emitted_total"),
+        "windows_dropped": delta("sacmf_windows_dropped_total") + delta("sacmf_inference_windows_dropped_total"),
+        "late_messages": delta("sacmf_ingest_late_messages_total"),
+        "messages": delta("sacmf_ingest_messages_total"),
     }
 
 
@@ -413,6 +435,13 @@ def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
                 f"daemon main {cpu.get('daemon_main')}, ingest {cpu.get('daemon_other')}, "
                 f"load generator {cpu.get('load_generator')}"
             )
+            p = row.get("pipeline", {})
+            if p:
+                say(
+                    f"    in that span: {p['model_calls']:.0f} model calls, mean batch {p['mean_batch']}, windows "
+                    f"emitted {p['windows_emitted']:.0f} (full {p['windows_full']:.0f}), dropped "
+                    f"{p['windows_dropped']:.0f}, late messages {p['late_messages']:.0f}, messages {p['messages']:.0f}"
+                )
         report["bare_after"] = measure_bare(opts, pool)
     finally:
         res.close()
