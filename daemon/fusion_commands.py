@@ -371,6 +371,7 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         init=args.init,
+        lr_decay=not args.no_lr_decay,
     )
     progress = Progress(0, f"fuse-train {args.method}")
     last_epoch = [-1]
@@ -383,6 +384,10 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
             progress.total = info.batches
             progress.started = time.monotonic() - info.seconds * (info.batch - 1)
             progress.label = f"{args.method} epoch {info.epoch + 1}/{info.epochs} stage {info.stage}"
+        if info.note:
+            if progress.tty:
+                progress.stream.write("\n")
+            progress.stream.write(f"warning: {info.note}\n")
         progress.update(info.batch, f"loss {info.losses['total']:.5g} lr {info.lr:.2g} {info.seconds:.2f} s/step")
 
     def on_term(signum: int, frame: object) -> None:  # a batch scheduler's or systemd's stop: like Ctrl-C
@@ -764,12 +769,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--patch", type=int, default=None, help="patch side (default 128; CrossFuse 256)")
     t.add_argument("--stride", type=int, default=None, help="grid stride (default 200); 0: random crops per epoch")
-    t.add_argument("--crops-per-image", type=int, default=6, help="random crops per image and epoch (stride 0)")
+    t.add_argument(
+        "--crops-per-image", type=int, default=None, help="random crops per image and epoch (stride 0; default 6)"
+    )
     t.add_argument(
         "--min-contrast",
         type=float,
         default=None,
         help="drop patches with (p90-p10)/p90 below this (default: the recipe's 0.1, none for CrossFuse; 0: keep all)",
+    )
+    t.add_argument(
+        "--no-lr-decay",
+        action="store_true",
+        help="keep each stage's base lr for the whole run: the authors' decay milestones are epochs of their "
+        "large sets, which a small set reaches after a few dozen steps (see docs/FUSION.md)",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--init", default=None, help="start from these weights instead of a random init")

@@ -445,6 +445,46 @@ def _shallow_skip(x: Tensor, ir_sh: Tensor, vi_sh: Tensor, gain: float) -> Tenso
     return x.addcdiv_(numerator, denominator)
 
 
+@dataclass(frozen=True)
+class DeepSkipHealth:
+    """How well-conditioned the decoder's fixed deep-skip weights are for a pair of encoders.
+
+    w_ir = A / (A + B + eps) with A, B the box-filtered channel sums of the two deep features. The
+    encoders have no activations, so A and B can have either sign; where they differ in sign A + B
+    crosses zero and w explodes. Those few pixels then own the per-image min-max stretch and the
+    output is flat grey with dipoles. Nothing in the authors' design prevents it; it depends on how
+    stage 1 left the encoders, and stage 2 (encoders frozen) cannot repair it.
+    """
+
+    opposite_sign: float  # fraction of deep positions where A and B differ in sign
+    weight_p999: float  # 99.9th percentile of |w_ir| (well-conditioned: <= 1)
+    weight_max: float
+
+    @property
+    def ill_conditioned(self) -> bool:
+        # Same-sign sums keep every weight in [0, 1]; a weight of 10 needs A + B to cancel to a tenth of A.
+        return self.weight_p999 > 10.0
+
+    def describe(self) -> str:
+        return (
+            f"A and B differ in sign at {100 * self.opposite_sign:.0f} % of positions; "
+            f"|w_ir| p99.9 {self.weight_p999:.3g}, max {self.weight_max:.3g}"
+        )
+
+
+def deep_skip_health(encoder_ir: nn.Module, encoder_vi: nn.Module, ir: Tensor, vi: Tensor) -> DeepSkipHealth:
+    """Measure :class:`DeepSkipHealth` on a batch of (B,1,H,W) [0, 1] pairs (no gradients)."""
+    with torch.no_grad():
+        a = _box_all_channels(encoder_ir(ir)[1])
+        b = _box_all_channels(encoder_vi(vi)[1])
+        w = _ratio(a, b)[0].abs().flatten()
+        return DeepSkipHealth(
+            opposite_sign=float((torch.sign(a) != torch.sign(b)).float().mean()),
+            weight_p999=float(torch.quantile(w, 0.999)) if w.numel() <= 16_000_000 else float(w.max()),
+            weight_max=float(w.max()),
+        )
+
+
 class FusionDecoder(nn.Module):
     """1/8 -> full resolution with nearest x2 upsampling; conv + BatchNorm units without activations."""
 

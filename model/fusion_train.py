@@ -102,6 +102,7 @@ class Recipe:
     gamma: float = 0.5
     lr_floor: float = 1e-6
     clip_grad: float | None = None
+    crops_per_image: int = 6  # random crops per image and epoch when stride == 0 (ours: the authors use grids)
     seed: int = 42
     notes: str = ""
 
@@ -161,17 +162,22 @@ class TrainOptions:
     patch: int | None = None
     stride: int | None = None
     min_contrast: float | None | str = "recipe"  # "recipe": the recipe's rule; None: keep every patch
-    crops_per_image: int = 6  # random crops per image and epoch when stride == 0
+    crops_per_image: int | None = None  # random crops per image and epoch when stride == 0 (None: 6)
     max_minutes: float | None = None
     max_steps: int | None = None  # total optimiser steps of the run (counting those before a resume)
     seed: int | None = None
     device: str = "cpu"
     resume: bool = False
     init: str | None = None  # start from these weights (any layout the loaders read) instead of random
+    # False: every stage keeps its base lr for the whole run. The authors' decay milestones are in epochs of
+    # *their* data (CrossFuse: after 40,000 stage-1 and 5,000 stage-2 steps; CDDFuse, CMMDL: after 20
+    # epochs of MSRS patches); on a small set the same epoch count arrives after a few dozen steps and the
+    # lr drops 10x before anything is learnt. Without decay a short run follows the authors' own first steps.
+    lr_decay: bool = True
 
     def apply(self, recipe: Recipe) -> Recipe:
         changes: dict[str, Any] = {}
-        for name in ("epochs", "batch_size", "lr", "patch", "stride", "seed"):
+        for name in ("epochs", "batch_size", "lr", "patch", "stride", "crops_per_image", "seed"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -183,6 +189,8 @@ class TrainOptions:
             changes["stage1_lr"] = self.lr
         if self.epochs is not None and recipe.stage1_epochs:
             changes["stage1_epochs"] = recipe.split(self.epochs)
+        if not self.lr_decay:
+            changes["gamma"] = 1.0
         return replace(recipe, **changes)
 
 
@@ -374,6 +382,10 @@ class Trainer:
 
     def save_release(self, folder: Path, epoch: int) -> list[Path]:
         raise NotImplementedError
+
+    def stage_report(self, ir: Tensor, vi: Tensor, epoch: int) -> str | None:
+        """A warning about the state a stage starts from (checked on its first batch), or None."""
+        return None
 
 
 def _floats(terms: dict[str, Tensor]) -> dict[str, float]:
@@ -618,6 +630,22 @@ class CrossFuseTrainer(Trainer):
     def end_epoch(self, epoch: int) -> None:
         self._set_lr(epoch + 1)
 
+    def stage_report(self, ir: Tensor, vi: Tensor, epoch: int) -> str | None:
+        from model.crossfuse import deep_skip_health
+
+        if self.stage(epoch) != 2:
+            return None
+        self.model.encoder_ir.eval()
+        self.model.encoder_vi.eval()
+        health = deep_skip_health(self.model.encoder_ir, self.model.encoder_vi, ir.to(self.device), vi.to(self.device))
+        if not health.ill_conditioned:
+            return None
+        return (
+            f"CrossFuse stage 2 starts from encoders with ill-conditioned deep-skip weights ({health.describe()}): "
+            "the fused output will be flat grey with a few extreme pixels, and stage 2 cannot repair it because "
+            "the encoders are frozen. Retrain stage 1 with another --seed (see docs/FUSION.md, CrossFuse training)."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -775,6 +803,7 @@ class StepInfo:
     losses: dict[str, float]
     lr: float
     seconds: float  # this step's wall time
+    note: str | None = None  # a trainer's warning about the stage this step started (first step of a stage)
 
 
 @dataclass(frozen=True)
@@ -785,6 +814,7 @@ class TrainResult:
     checkpoints: list[Path]
     state_file: Path
     last_losses: dict[str, float]
+    notes: list[str] = field(default_factory=list)  # trainers' warnings (``StepInfo.note``), in order
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -803,6 +833,22 @@ def _release(trainer: Trainer, out: Path, epoch: int) -> list[Path]:
         if p.is_file() and p.suffix in (".pth", ".model"):
             p.unlink()
     return written
+
+
+def _check_resume_options(opts: TrainOptions, saved: Recipe, state_path: Path) -> None:
+    """A resumed run continues the saved recipe; an option that would change it is refused, not ignored
+    (a silently ignored --epochs or --crops-per-image would make the user believe in a run that is not)."""
+    changed = opts.apply(saved)
+    diffs = [
+        f"{name}={getattr(changed, name)!r} (the run has {getattr(saved, name)!r})"
+        for name in saved.__dataclass_fields__
+        if getattr(changed, name) != getattr(saved, name)
+    ]
+    if diffs:
+        raise ValueError(
+            f"--resume continues the run saved in {state_path} with its own settings; these options would "
+            f"change it: {', '.join(diffs)}. Drop them, or start a new run in another --out folder."
+        )
 
 
 def _save_state(path: Path, recipe: Recipe, trainer: Trainer, epoch: int, batch: int, step: int) -> None:
@@ -851,6 +897,7 @@ def train(
         recipe = Recipe(**saved["recipe"])
         if recipe.method != method:
             raise ValueError(f"{state_path} is a {recipe.method} run, not {method}")
+        _check_resume_options(opts, recipe, state_path)
     trainer, recipe = make_trainer(method, opts, recipe=recipe)
     epoch, start_batch, step = 0, 0, 0
     if saved is not None:
@@ -863,13 +910,15 @@ def train(
         patch=recipe.patch,
         stride=recipe.stride,
         min_contrast=recipe.min_contrast,
-        crops=opts.crops_per_image,
+        crops=recipe.crops_per_image,
     )
     started = time.monotonic()
     budget_s = math.inf if opts.max_minutes is None else opts.max_minutes * 60
     max_steps = math.inf if opts.max_steps is None else opts.max_steps
     checkpoints: list[Path] = []
     last: dict[str, float] = {}
+    notes: list[str] = []
+    reported_stage: int | None = None
     log_path = out / LOG_FILE
     new_log = not log_path.exists() or not opts.resume
     with log_path.open("w" if new_log else "a", newline="") as log_file:
@@ -888,8 +937,14 @@ def train(
                 for b in range(start_batch, batches):
                     if step >= max_steps or time.monotonic() - started >= budget_s:
                         _save_state(state_path, recipe, trainer, epoch, b, step)
-                        return TrainResult(epoch, step, True, checkpoints, state_path, last)
+                        return TrainResult(epoch, step, True, checkpoints, state_path, last, notes)
                     idx = order[b * bs : (b + 1) * bs]
+                    note = None
+                    if trainer.stage(epoch) != reported_stage:
+                        reported_stage = trainer.stage(epoch)
+                        note = trainer.stage_report(ir_all[idx], vi_all[idx], epoch)
+                        if note:
+                            notes.append(note)
                     t0 = time.perf_counter()
                     last = trainer.step(ir_all[idx], vi_all[idx], epoch)
                     if not all(math.isfinite(v) for v in last.values()):
@@ -906,6 +961,7 @@ def train(
                         last,
                         trainer.lr(epoch),
                         time.perf_counter() - t0,
+                        note,
                     )
                     log.writerow(
                         [step, epoch, info.stage, b + 1, f"{info.lr:.3g}", f"{info.seconds:.3f}"]
@@ -926,4 +982,4 @@ def train(
     if not checkpoints:  # resumed a finished run: report the files it already wrote
         folder = out / MODELS_DIR
         checkpoints = sorted(p for p in folder.glob("*") if p.suffix in (".pth", ".model")) if folder.is_dir() else []
-    return TrainResult(epoch, step, False, checkpoints, state_path, last)
+    return TrainResult(epoch, step, False, checkpoints, state_path, last, notes)

@@ -4,6 +4,7 @@ checkpoints that the networks' own loaders read back (smoke scale: tiny patches 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +86,23 @@ def test_epoch_split_keeps_the_authors_proportion() -> None:
         ft.TrainOptions(epochs=1).apply(cdd)
 
 
+@pytest.mark.parametrize("method", ["cddfuse", "crossfuse", "cmmdl"])
+def test_no_lr_decay_keeps_each_stage_at_its_base_lr(method: str) -> None:
+    """With the authors' schedule the lr has dropped by the last epoch; without decay it has not, and
+    the recipe is otherwise unchanged (a short run on a small set follows the authors' first steps)."""
+    epochs = 40  # past the first milestone of every recipe (CDDFuse/CMMDL: 20 epochs; CrossFuse: 2)
+    decayed, recipe = ft.make_trainer(method, ft.TrainOptions(epochs=epochs))
+    flat, flat_recipe = ft.make_trainer(method, ft.TrainOptions(epochs=epochs, lr_decay=False))
+    assert replace(flat_recipe, gamma=recipe.gamma) == recipe and flat_recipe.gamma == 1.0
+    for epoch in range(epochs - 1):
+        decayed.end_epoch(epoch)
+        flat.end_epoch(epoch)
+    last = epochs - 1
+    base = recipe.lr  # the last epoch is in the fusion stage of the two-stage recipes
+    assert flat.lr(last) == pytest.approx(base)
+    assert decayed.lr(last) <= 0.5 * base  # CDDFuse, CMMDL: x0.5 at epoch 20; CrossFuse: x0.1 from 2
+
+
 # ------------------------------------------------------------------------------------------------
 # each recipe learns
 
@@ -133,6 +151,9 @@ def test_resume_continues_exactly_and_checkpoints_load(tmp_path: Path) -> None:
     assert (part.epochs_done, part.global_step, part.stopped_early) == (1, 3, True)
     saved = torch.load(part.state_file, weights_only=True)
     assert (saved["epoch"], saved["batch"], saved["global_step"]) == (1, 1, 3)
+    for change, shown in ((dict(epochs=3), "epochs=3 (the run has 2)"), (dict(crops_per_image=8), "crops_per_image=8")):
+        with pytest.raises(ValueError, match=re.escape(shown)):  # refused, not silently ignored
+            ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True, **change))
     rest = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True))
     assert (rest.epochs_done, rest.global_step, rest.stopped_early) == (2, 4, False)
 
@@ -249,3 +270,38 @@ def test_fuse_train_saves_its_state_on_sigterm_and_resumes(tmp_path: Path) -> No
     )
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(out / ft.STATE_FILE, weights_only=False)["global_step"] == done + 2
+
+
+# ------------------------------------------------------------------------------------------------
+# CrossFuse: the stage-2 start check
+
+
+@needs_data
+def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned() -> None:
+    """The decoder's fixed weights A / (A + B) blow up where A + B (box-filtered channel sums of the two
+    deep features) crosses zero. Twin encoders are healthy (every weight 1/2); shifting the VI
+    encoder's last bias so that B = A - 2 median(A) makes A + B cross zero, and the check must say so
+    before stage 2 spends hours on encoders it cannot change."""
+    import copy
+
+    from model.crossfuse import _box_all_channels, deep_skip_health
+
+    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
+    stage2 = recipe.stage1_epochs
+    ir_img, _ = _tno("01")
+    ir = torch.from_numpy(ir_img[100:356, 200:456] / 255).float()[None, None]  # (1,1,256,256)
+    m = trainer.model
+    m.encoder_vi = copy.deepcopy(m.encoder_ir)
+    twins = deep_skip_health(m.encoder_ir, m.encoder_vi, ir, ir)
+    assert twins.opposite_sign == 0.0 and twins.weight_max == pytest.approx(0.5, abs=1e-3)
+    assert not twins.ill_conditioned
+    assert trainer.stage_report(ir, ir, stage2) is None
+    with torch.no_grad():
+        a = _box_all_channels(m.encoder_ir(ir)[1])
+        fuse = m.encoder_vi.block2.fuse.conv
+        fuse.bias -= 2 * a.median() / fuse.bias.numel()  # a bias shifts the max-pooled channel sum exactly
+    shifted = deep_skip_health(m.encoder_ir, m.encoder_vi, ir, ir)
+    assert shifted.ill_conditioned and shifted.opposite_sign > 0.1 and shifted.weight_p999 > 10
+    note = trainer.stage_report(ir, ir, stage2)
+    assert note is not None and "ill-conditioned" in note and "--seed" in note
+    assert trainer.stage_report(ir, ir, 0) is None  # stage 1 trains the encoders: nothing to check yet
