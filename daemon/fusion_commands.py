@@ -372,6 +372,7 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         init=args.init,
         lr_decay=not args.no_lr_decay,
+        deep_sign_weight=args.deep_sign_weight,
     )
     progress = Progress(0, f"fuse-train {args.method}")
     last_epoch = [-1]
@@ -783,6 +784,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep each stage's base lr for the whole run: the authors' decay milestones are epochs of their "
         "large sets, which a small set reaches after a few dozen steps (see docs/FUSION.md)",
+    )
+    t.add_argument(
+        "--deep-sign-weight",
+        type=float,
+        default=None,
+        help="CrossFuse only, not the authors': stage-1 penalty W * mean(relu(-A)) on each encoder's deep "
+        "activity A, so that the decoder's fixed deep-skip weights stay bounded (see docs/FUSION.md)",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--init", default=None, help="start from these weights instead of a random init")

@@ -445,6 +445,11 @@ def _shallow_skip(x: Tensor, ir_sh: Tensor, vi_sh: Tensor, gain: float) -> Tenso
     return x.addcdiv_(numerator, denominator)
 
 
+def deep_activity(deep: Tensor) -> Tensor:
+    """(B,128,h,w) deep feature -> (B,1,h,w) activity the decoder's deep skip weights by (A or B below)."""
+    return _box_all_channels(deep)
+
+
 @dataclass(frozen=True)
 class DeepSkipHealth:
     """How well-conditioned the decoder's fixed deep-skip weights are for a pair of encoders.
@@ -475,8 +480,8 @@ class DeepSkipHealth:
 def deep_skip_health(encoder_ir: nn.Module, encoder_vi: nn.Module, ir: Tensor, vi: Tensor) -> DeepSkipHealth:
     """Measure :class:`DeepSkipHealth` on a batch of (B,1,H,W) [0, 1] pairs (no gradients)."""
     with torch.no_grad():
-        a = _box_all_channels(encoder_ir(ir)[1])
-        b = _box_all_channels(encoder_vi(vi)[1])
+        a = deep_activity(encoder_ir(ir)[1])
+        b = deep_activity(encoder_vi(vi)[1])
         w = _ratio(a, b)[0].abs().flatten()
         return DeepSkipHealth(
             opposite_sign=float((torch.sign(a) != torch.sign(b)).float().mean()),

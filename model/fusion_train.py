@@ -103,6 +103,7 @@ class Recipe:
     lr_floor: float = 1e-6
     clip_grad: float | None = None
     crops_per_image: int = 6  # random crops per image and epoch when stride == 0 (ours: the authors use grids)
+    deep_sign_weight: float = 0.0  # CrossFuse stage 1, ours (0 = the authors' loss): see CrossFuseTrainer
     seed: int = 42
     notes: str = ""
 
@@ -163,6 +164,7 @@ class TrainOptions:
     stride: int | None = None
     min_contrast: float | None | str = "recipe"  # "recipe": the recipe's rule; None: keep every patch
     crops_per_image: int | None = None  # random crops per image and epoch when stride == 0 (None: 6)
+    deep_sign_weight: float | None = None  # CrossFuse only: stage-1 penalty on negative deep channel sums
     max_minutes: float | None = None
     max_steps: int | None = None  # total optimiser steps of the run (counting those before a resume)
     seed: int | None = None
@@ -177,7 +179,7 @@ class TrainOptions:
 
     def apply(self, recipe: Recipe) -> Recipe:
         changes: dict[str, Any] = {}
-        for name in ("epochs", "batch_size", "lr", "patch", "stride", "crops_per_image", "seed"):
+        for name in ("epochs", "batch_size", "lr", "patch", "stride", "crops_per_image", "deep_sign_weight", "seed"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -594,7 +596,7 @@ class CrossFuseTrainer(Trainer):
             self.model.decoder.train()
 
     def _terms(self, ir: Tensor, vi: Tensor, epoch: int) -> dict[str, Tensor]:
-        from model.crossfuse import CrossFuse_autoencoder_loss, CrossFuse_loss
+        from model.crossfuse import CrossFuse_autoencoder_loss, CrossFuse_loss, deep_activity
 
         ir, vi = ir.to(self.device), vi.to(self.device)
         self._modes(epoch)
@@ -603,6 +605,9 @@ class CrossFuseTrainer(Trainer):
             for m, img in (("ir", ir), ("vi", vi)):
                 shallow, deep = getattr(self.model, f"encoder_{m}")(img)
                 terms = CrossFuse_autoencoder_loss(self.recon[m](shallow, deep), img)
+                if self.recipe.deep_sign_weight:
+                    terms["sign"] = self.recipe.deep_sign_weight * F.relu(-deep_activity(deep)).mean()
+                    terms["total"] = terms["total"] + terms["sign"]
                 out.update({f"{m}_{k}": v for k, v in terms.items()})
             out["total"] = out["ir_total"] + out["vi_total"]  # independent parameters: same as two runs
             return out
@@ -781,6 +786,8 @@ def make_trainer(
         raise ValueError(f"no training recipe for {method!r}; known: {', '.join(RECIPES)}")
     opts = options or TrainOptions()
     rec = recipe or opts.apply(RECIPES[method])
+    if rec.deep_sign_weight and method != "crossfuse":
+        raise ValueError(f"--deep-sign-weight is a CrossFuse stage-1 term; {method} has no such encoders")
     torch.manual_seed(rec.seed)  # the authors seed before building (CMMDL: 42); makes the init reproducible
     trainer = _TRAINERS[method](rec, torch.device(opts.device), opts.init)  # type: ignore[call-arg]
     return trainer, rec

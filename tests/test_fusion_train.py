@@ -284,7 +284,7 @@ def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned()
     before stage 2 spends hours on encoders it cannot change."""
     import copy
 
-    from model.crossfuse import _box_all_channels, deep_skip_health
+    from model.crossfuse import deep_activity, deep_skip_health
 
     trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
     stage2 = recipe.stage1_epochs
@@ -297,7 +297,7 @@ def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned()
     assert not twins.ill_conditioned
     assert trainer.stage_report(ir, ir, stage2) is None
     with torch.no_grad():
-        a = _box_all_channels(m.encoder_ir(ir)[1])
+        a = deep_activity(m.encoder_ir(ir)[1])
         fuse = m.encoder_vi.block2.fuse.conv
         fuse.bias -= 2 * a.median() / fuse.bias.numel()  # a bias shifts the max-pooled channel sum exactly
     shifted = deep_skip_health(m.encoder_ir, m.encoder_vi, ir, ir)
@@ -305,3 +305,26 @@ def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned()
     note = trainer.stage_report(ir, ir, stage2)
     assert note is not None and "ill-conditioned" in note and "--seed" in note
     assert trainer.stage_report(ir, ir, 0) is None  # stage 1 trains the encoders: nothing to check yet
+
+
+def test_crossfuse_deep_sign_penalty_pushes_negative_activity_up(batch) -> None:
+    """The opt-in stage-1 term (ours) is zero where the deep activity is positive, and steps on it raise
+    an activity that was made negative; it is refused for networks without CrossFuse's encoders."""
+    from model.crossfuse import deep_activity
+
+    ir, vi = batch
+    plain, _ = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
+    assert not any(k.endswith("_sign") for k in plain.losses(ir, vi, 0))  # the authors' loss by default
+    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4, deep_sign_weight=1000.0))
+    assert recipe.deep_sign_weight == 1000.0
+    enc = trainer.model.encoder_ir
+    with torch.no_grad():
+        enc.block2.fuse.conv.bias -= 1.0 + deep_activity(enc(ir)[1]).abs().max() / enc.block2.fuse.conv.bias.numel()
+        assert (deep_activity(enc(ir)[1]) < 0).all()
+    before = trainer.losses(ir, vi, 0)
+    assert before["ir_sign"] > 0 and before["ir_total"] > before["ir_pixel"] + before["ir_ssim"]
+    for _ in range(5):
+        trainer.step(ir, vi, 0)
+    assert trainer.losses(ir, vi, 0)["ir_sign"] < before["ir_sign"]
+    with pytest.raises(ValueError, match="CrossFuse stage-1 term"):
+        ft.make_trainer("cddfuse", ft.TrainOptions(deep_sign_weight=1.0))
