@@ -25,9 +25,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -158,6 +161,7 @@ def fuse_folder(
     failed: list[tuple[Path, str]] = []
     seconds: list[float] = []
     gray16_note = False
+    checked = False
     if progress is not None:
         progress.total = len(pairs)
     for i, (ir_path, vi_path) in enumerate(pairs, 1):
@@ -165,6 +169,9 @@ def fuse_folder(
         try:
             pair = fusion_io.read_pair(ir_path, vi_path)
             ir, vi = pair.tensors()
+            if not checked:
+                checked = True
+                notes.extend(_weights_health(model, ir, vi))
             with torch.inference_mode():
                 raw = fusion.fuse_tensors(
                     method, model, ir, vi, tile=s.tile, overlap=s.overlap, device=s.device if s.tile else None
@@ -188,6 +195,31 @@ def fuse_folder(
     if gray16_note:
         notes.append("16-bit output is gray (Pillow cannot write 16-bit colour): colour pairs kept only the fused Y")
     return FuseOutcome(written, failed, seconds, notes)
+
+
+def _weights_health(model: object, ir: torch.Tensor, vi: torch.Tensor) -> list[str]:
+    """Warn about CrossFuse weights whose fixed deep-skip weights blow up (docs/FUSION.md, CrossFuse
+    training): checked once, on a central crop of at most 256 px of the first pair (cheap next to a fusion)."""
+    import torch
+
+    from model.crossfuse import CrossFuse, deep_skip_health
+
+    if not isinstance(model, CrossFuse):
+        return []
+    h, w = ir.shape[-2:]
+    top, left = max(0, (h - 256) // 2), max(0, (w - 256) // 2)
+    crop = (..., slice(top, top + 256), slice(left, left + 256))
+    param = next(model.parameters())
+    with torch.inference_mode():
+        health = deep_skip_health(
+            model.encoder_ir, model.encoder_vi, ir[crop].to(param.device), vi[crop].to(param.device)
+        )
+    if not health.ill_conditioned:
+        return []
+    return [
+        f"crossfuse: these weights make the decoder's fixed deep-skip weights blow up ({health.describe()} on the "
+        "first pair): expect flat grey output with a few extreme pixels (docs/FUSION.md, CrossFuse training)"
+    ]
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:

@@ -648,7 +648,8 @@ class CrossFuseTrainer(Trainer):
         return (
             f"CrossFuse stage 2 starts from encoders with ill-conditioned deep-skip weights ({health.describe()}): "
             "the fused output will be flat grey with a few extreme pixels, and stage 2 cannot repair it because "
-            "the encoders are frozen. Retrain stage 1 with another --seed (see docs/FUSION.md, CrossFuse training)."
+            "the encoders are frozen. Retrain stage 1 with --deep-sign-weight 1000 (ours) or another --seed "
+            "(see docs/FUSION.md, CrossFuse training)."
         )
 
     def state_dict(self) -> dict[str, Any]:

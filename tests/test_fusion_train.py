@@ -307,6 +307,31 @@ def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned()
     assert trainer.stage_report(ir, ir, 0) is None  # stage 1 trains the encoders: nothing to check yet
 
 
+@needs_data
+def test_fuse_notes_crossfuse_weights_with_ill_conditioned_deep_skip(tmp_path: Path) -> None:
+    """`sacmf fuse` with such weights says why the output will be grey; healthy weights get no note."""
+    import copy
+
+    from daemon.fusion_commands import fuse_folder
+    from model.crossfuse import deep_activity
+
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(100, 356), slice(200, 456))})
+    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
+    m = trainer.model
+    m.encoder_vi = copy.deepcopy(m.encoder_ir)
+    for folder in ("twins", "shifted"):
+        (tmp_path / folder).mkdir()
+    trainer.save_release(tmp_path / "twins", recipe.epochs)
+    with torch.no_grad():
+        ir = torch.from_numpy(_tno("01")[0][100:356, 200:456] / 255).float()[None, None]
+        m.encoder_vi.block2.fuse.conv.bias -= 2 * deep_activity(m.encoder_ir(ir)[1]).median() / 128
+    trainer.save_release(tmp_path / "shifted", recipe.epochs)
+    healthy = fuse_folder("crossfuse", tmp_path / "twins", ir_dir, vi_dir, tmp_path / "out1")
+    assert len(healthy.written) == 1 and not any("deep-skip" in n for n in healthy.notes)
+    sick = fuse_folder("crossfuse", tmp_path / "shifted", ir_dir, vi_dir, tmp_path / "out2")
+    assert len(sick.written) == 1 and any("deep-skip weights blow up" in n for n in sick.notes)
+
+
 def test_crossfuse_deep_sign_penalty_pushes_negative_activity_up(batch) -> None:
     """The opt-in stage-1 term (ours) is zero where the deep activity is positive, and steps on it raise
     an activity that was made negative; it is refused for networks without CrossFuse's encoders."""
