@@ -241,11 +241,17 @@ def make_pool(sim: SimSettings = NOMINAL, n: int = POOL_WINDOWS) -> _Pool:
     return _Pool(frames, chunks, frame_ns, chunk_ns, src.dt_ns)
 
 
-def _saturate(endpoint: str, names: list[str], pool: _Pool, stop: threading.Event, sent: list[int]) -> None:
+def _saturate(
+    endpoint: str, names: list[str], pool: _Pool, stop: threading.Event, sent: list[int], window: list[int]
+) -> None:
     """Every group's stream, window after window and group after group, as fast as PUSH takes it (each
     socket blocks at its HWM). One thread for all groups: on two cores, one sender thread per group
-    would spend the CPU the daemon needs on contending for this process's GIL."""
-    now = [T0_NS]  # heartbeats carry event time, so they never run ahead of the data
+    would spend the CPU the daemon needs on contending for this process's GIL.
+
+    ``window[0]`` is the first window index (event time T0 + index * window) and is left at the next
+    unused one: a later phase that reuses a group must continue its event time, or all of that group's
+    data would be late (work the daemon does without producing a window)."""
+    now = [T0_NS + window[0] * WINDOW_MS * 1_000_000]  # heartbeats carry event time: never ahead of the data
     ctx = zmq.Context.instance()
     pubs = [
         SensorPublisher(endpoint, name, SENSORS, bind=False, socket_type="push", context=ctx, clock=lambda: now[0])
@@ -253,7 +259,7 @@ def _saturate(endpoint: str, names: list[str], pool: _Pool, stop: threading.Even
     ]
     cams, rads = ("cam_vis", "cam_ir"), ("rad_vis", "rad_ir")
     win_ns = WINDOW_MS * 1_000_000
-    w = 0
+    w = window[0]
     try:
         while not stop.is_set():
             k = w % len(pool.frames)
@@ -269,12 +275,19 @@ def _saturate(endpoint: str, names: list[str], pool: _Pool, stop: threading.Even
                 sent[0] += 1
             w += 1
     finally:
+        window[0] = w + 1
         for pub in pubs:
             pub.close()
 
 
 def measure_saturation(
-    daemon: DaemonProcess, endpoint: str, res: _Results, g: int, seconds: float, pool: _Pool
+    daemon: DaemonProcess,
+    endpoint: str,
+    res: _Results,
+    g: int,
+    seconds: float,
+    pool: _Pool,
+    window: list[int] | None = None,
 ) -> dict[str, Any]:
     """Windows/s at saturation, and where the CPU went: the daemon's main process, its other processes
     (ingest), and this process (the load generator and the result subscriber) share the machine."""
@@ -282,7 +295,8 @@ def measure_saturation(
     sent = [0]
     res.take()
     names = [group_name(i) for i in range(g)]
-    threads = [threading.Thread(target=_saturate, args=(endpoint, names, pool, stop, sent), daemon=True)]
+    window = [0] if window is None else window
+    threads = [threading.Thread(target=_saturate, args=(endpoint, names, pool, stop, sent, window), daemon=True)]
     pids = process_tree(daemon.pid)
     for t in threads:
         t.start()
@@ -426,8 +440,9 @@ def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
     try:
         report["bare_before"] = measure_bare(opts, pool)
         report["saturation"] = []
+        window = [0]  # event time continues across phases (the groups of one phase are reused by the next)
         for g in opts.groups:
-            row = measure_saturation(daemon, endpoint, res, g, opts.sat_seconds, pool)
+            row = measure_saturation(daemon, endpoint, res, g, opts.sat_seconds, pool, window)
             report["saturation"].append(row)
             cpu = row.get("cpu_ms_per_window", {})
             say(
