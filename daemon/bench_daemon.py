@@ -52,6 +52,7 @@ POOL_WINDOWS = 8  # distinct windows of content replayed cyclically by the satur
 T0_NS = 1_900_000_000 * 1_000_000_000  # event time of the saturation streams (far from any real clock)
 READY_TIMEOUT_S = 180.0
 WARMUP_WINDOWS = 2  # per latency phase, not counted
+END_MARGIN_NS = 600_000_000  # > the default allowed lateness (200 ms) plus transport: see measure_latency
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,9 @@ def measure_latency(daemon: DaemonProcess, endpoint: str, res: _Results, g: int,
     win = WINDOW_MS * 1_000_000
     # the windows the publishers covered in full, after a warm-up of WARMUP_WINDOWS (a sensor's first
     # messages set its watermark; until every sensor of a group has spoken, a window may wait for
-    # max_wait_ms instead)
-    lo, hi = -(-t_start // win) * win + WARMUP_WINDOWS * win, t_stop // win * win
+    # max_wait_ms instead), and before the last END_MARGIN_NS (a window ending less than the allowed
+    # lateness before the publishers stop is never closed by their data, only by max_wait_ms after it)
+    lo, hi = -(-t_start // win) * win + WARMUP_WINDOWS * win, (t_stop - END_MARGIN_NS) // win * win
     kept = [r for r in rows if lo <= r[1] - win and r[1] <= hi]
     return {
         "groups": g,
