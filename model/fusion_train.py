@@ -640,8 +640,6 @@ class CrossFuseTrainer(Trainer):
 
         if self.stage(epoch) != 2:
             return None
-        self.model.encoder_ir.eval()
-        self.model.encoder_vi.eval()
         health = deep_skip_health(self.model.encoder_ir, self.model.encoder_vi, ir.to(self.device), vi.to(self.device))
         if not health.ill_conditioned:
             return None
