@@ -312,8 +312,7 @@ def measure_saturation(
     stop.set()
     for t in threads:
         t.join(30)
-    time.sleep(3.0)
-    res.take()  # the tail of this phase must not count in the next
+    _drain(res)
     times = sorted(r[0] for r in rows)
     skip = len(times) // 10
     if len(times) - skip < 2:
@@ -332,6 +331,23 @@ def measure_saturation(
         },
         "pipeline": _pipeline_counts(m0, m1),
     }
+
+
+def _drain(res: _Results, quiet_s: float = 1.5, limit_s: float = 120.0) -> None:
+    """Wait until the daemon has worked off this phase's backlog (no result for ``quiet_s``), and drop it.
+
+    At 16 groups the sockets buffer hundreds of windows. A next phase started on top of that backlog
+    interleaves its newer streams with the old ones of the same groups: the windows then jump ahead
+    and the backlog arrives late (seen as thousands of late messages). A fixed pause was not enough."""
+    deadline = time.monotonic() + limit_s
+    seen = -1
+    while time.monotonic() < deadline:
+        n = len(res.rows)
+        if n == seen:
+            break
+        seen = n
+        time.sleep(quiet_s)
+    res.take()  # the tail of this phase must not count in the next
 
 
 def _pipeline_counts(m0: dict[str, dict[tuple, float]], m1: dict[str, dict[tuple, float]]) -> dict[str, float]:
