@@ -276,30 +276,47 @@ def test_fuse_train_saves_its_state_on_sigterm_and_resumes(tmp_path: Path) -> No
 # CrossFuse: the stage-2 start check
 
 
+CROP = (slice(100, 356), slice(200, 456))  # 256x256 of TNO pair 01: a 32x32 deep map
+
+
+def _twin_encoders() -> tuple[ft.Trainer, ft.Recipe, torch.Tensor]:
+    """A CrossFuse trainer whose VI encoder is a copy of its IR encoder (healthy: every weight 1/2), and
+    the TNO crop (1,1,256,256) in [0, 1] to check it on."""
+    import copy
+
+    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
+    trainer.model.encoder_vi = copy.deepcopy(trainer.model.encoder_ir)
+    ir = torch.from_numpy(_tno("01")[0][CROP] / 255).float()[None, None]
+    return trainer, recipe, ir
+
+
+def _shift_vi_activity(trainer: ft.Trainer, ir: torch.Tensor) -> None:
+    """Shift the VI encoder's last bias so that B = A - 2 median(A) on ``ir``: A + B crosses zero."""
+    from model.crossfuse import deep_activity
+
+    m = trainer.model
+    with torch.no_grad():
+        a = deep_activity(m.encoder_ir(ir)[1])
+        fuse = m.encoder_vi.block2.fuse.conv
+        fuse.bias -= 2 * a.median() / fuse.bias.numel()  # a bias shifts the max-pooled channel sum exactly
+
+
 @needs_data
 def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned() -> None:
     """The decoder's fixed weights A / (A + B) blow up where A + B (box-filtered channel sums of the two
     deep features) crosses zero. Twin encoders are healthy (every weight 1/2); shifting the VI
     encoder's last bias so that B = A - 2 median(A) makes A + B cross zero, and the check must say so
     before stage 2 spends hours on encoders it cannot change."""
-    import copy
+    from model.crossfuse import deep_skip_health
 
-    from model.crossfuse import deep_activity, deep_skip_health
-
-    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
+    trainer, recipe, ir = _twin_encoders()
     stage2 = recipe.stage1_epochs
-    ir_img, _ = _tno("01")
-    ir = torch.from_numpy(ir_img[100:356, 200:456] / 255).float()[None, None]  # (1,1,256,256)
     m = trainer.model
-    m.encoder_vi = copy.deepcopy(m.encoder_ir)
     twins = deep_skip_health(m.encoder_ir, m.encoder_vi, ir, ir)
     assert twins.opposite_sign == 0.0 and twins.weight_max == pytest.approx(0.5, abs=1e-3)
     assert not twins.ill_conditioned
     assert trainer.stage_report(ir, ir, stage2) is None
-    with torch.no_grad():
-        a = deep_activity(m.encoder_ir(ir)[1])
-        fuse = m.encoder_vi.block2.fuse.conv
-        fuse.bias -= 2 * a.median() / fuse.bias.numel()  # a bias shifts the max-pooled channel sum exactly
+    _shift_vi_activity(trainer, ir)
     shifted = deep_skip_health(m.encoder_ir, m.encoder_vi, ir, ir)
     assert shifted.ill_conditioned and shifted.opposite_sign > 0.1 and shifted.weight_p999 > 10
     note = trainer.stage_report(ir, ir, stage2)
@@ -310,21 +327,14 @@ def test_crossfuse_stage2_warns_when_the_deep_skip_weights_are_ill_conditioned()
 @needs_data
 def test_fuse_notes_crossfuse_weights_with_ill_conditioned_deep_skip(tmp_path: Path) -> None:
     """`sacmf fuse` with such weights says why the output will be grey; healthy weights get no note."""
-    import copy
-
     from daemon.fusion_commands import fuse_folder
-    from model.crossfuse import deep_activity
 
-    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(100, 356), slice(200, 456))})
-    trainer, recipe = ft.make_trainer("crossfuse", ft.TrainOptions(epochs=4))
-    m = trainer.model
-    m.encoder_vi = copy.deepcopy(m.encoder_ir)
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", *CROP)})
+    trainer, recipe, ir = _twin_encoders()
     for folder in ("twins", "shifted"):
         (tmp_path / folder).mkdir()
     trainer.save_release(tmp_path / "twins", recipe.epochs)
-    with torch.no_grad():
-        ir = torch.from_numpy(_tno("01")[0][100:356, 200:456] / 255).float()[None, None]
-        m.encoder_vi.block2.fuse.conv.bias -= 2 * deep_activity(m.encoder_ir(ir)[1]).median() / 128
+    _shift_vi_activity(trainer, ir)
     trainer.save_release(tmp_path / "shifted", recipe.epochs)
     healthy = fuse_folder("crossfuse", tmp_path / "twins", ir_dir, vi_dir, tmp_path / "out1")
     assert len(healthy.written) == 1 and not any("deep-skip" in n for n in healthy.notes)
