@@ -21,7 +21,8 @@ def test_bench_model_times_every_backbone_and_batch() -> None:
 def test_bench_daemon_short_run(tmp_path: Path) -> None:
     ckpt = tmp_path / "tiny.pt"
     tiny_checkpoint(ckpt, "bench-test")
-    opts = BenchOptions(checkpoint=ckpt, groups=(1, 2), seconds=4.0, sat_seconds=3.0, idle_s=1.0, bare_repeats=5)
+    # 6 s per latency phase: 2 warm-up windows and the 0.6 s end margin leave >= 2 counted windows per group
+    opts = BenchOptions(checkpoint=ckpt, groups=(1, 2), seconds=6.0, sat_seconds=3.0, idle_s=1.0, bare_repeats=5)
     assert opts.prepare_in == "ingest"  # the daemon's default: what the published figures measure
     lines: list[str] = []
     report = run_bench(opts, say=lines.append)
