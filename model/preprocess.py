@@ -128,31 +128,80 @@ class RawSample:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _sorted_values(img: np.ndarray) -> np.ndarray:
+    """The finite pixel values, ascending, as float64. Sensor frames of up to 16 bits sort by radix
+    (``kind="stable"``), about five times faster than a float sort; converting afterwards keeps every
+    value exact, so the order is the same."""
+    a = np.asarray(img)
+    if a.dtype.kind in "ub" or (a.dtype.kind == "i" and a.dtype.itemsize <= 2):
+        return np.sort(a, axis=None, kind="stable").astype(np.float64)
+    data = np.asarray(a, dtype=np.float64).ravel()
+    finite = np.isfinite(data)
+    return np.sort(data if finite.all() else data[finite])
+
+
+def _median_of_sorted(s: np.ndarray, lo: int, hi: int) -> float:
+    """np.median of ``s[lo:hi]`` for ascending ``s``, to the bit (even counts average the middle two)."""
+    n = hi - lo
+    mid = lo + n // 2
+    return float(s[mid]) if n % 2 else float((s[mid - 1] + s[mid]) / 2)
+
+
+def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """The k-th smallest (0-based) of the union of two ascending arrays, by bisection: O(log n)."""
+    lo, hi = max(0, k + 1 - len(b)), min(k + 1, len(a))  # how many of the k+1 smallest come from a
+    while True:
+        i = (lo + hi) // 2
+        j = k + 1 - i
+        if i < len(a) and j > 0 and b[j - 1] > a[i]:
+            lo = i + 1
+        elif i > 0 and j < len(b) and a[i - 1] > b[j]:
+            hi = i - 1
+        else:
+            return float(max(a[i - 1] if i > 0 else -np.inf, b[j - 1] if j > 0 else -np.inf))
+
+
 def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> tuple[float, float]:
     """Sky level and per-pixel noise from a sigma-clipped median and MAD.
 
     Stars, streaks and hot pixels occupy a small fraction of a deep-space frame, so clipping them away
     leaves the sky; the median/MAD pair tolerates whatever clipping misses. Frames are small (64-128 px),
     so one global level is used: a mesh would have too few pixels per cell to be reliable.
+
+    The values are sorted once: every clipped set is then a contiguous slice (``|x - sky| <= t`` is an
+    interval), its median an index and its MAD a bisection over the two sides of the sky. This gives
+    the same numbers, to the bit, as repeated ``np.median`` calls on the clipped pixels, at a fraction of
+    the cost (it runs for every camera frame of every window).
     """
-    data = img[np.isfinite(img)].ravel()
+    data = _sorted_values(img)
     if data.size == 0:
         return 0.0, 1.0
-    keep = data
-    sky, noise = float(np.median(data)), 0.0
+    lo, hi = 0, data.size  # the kept pixels are data[lo:hi]
+    sky, noise = _median_of_sorted(data, lo, hi), 0.0
     for _ in range(iters):
-        sky = float(np.median(keep))
-        noise = MAD_TO_SIGMA * float(np.median(np.abs(keep - sky)))
+        sky = _median_of_sorted(data, lo, hi)
+        dev = data[lo:hi] - sky  # ascending; the absolute deviations are -dev[:m] and dev[m:]
+        m = int(np.searchsorted(dev, 0.0))
+        below, above = -dev[:m][::-1], dev[m:]
+        n = hi - lo
+        mad = _kth_of_two(below, above, n // 2)
+        if n % 2 == 0:
+            mad = (_kth_of_two(below, above, n // 2 - 1) + mad) / 2
+        noise = MAD_TO_SIGMA * mad
         if noise <= 0:
             break
-        new = data[np.abs(data - sky) <= clip_sigma * noise]
-        if new.size == keep.size or new.size < 8:
+        dev_all = data - sky
+        limit = clip_sigma * noise
+        new_lo, new_hi = int(np.searchsorted(dev_all, -limit)), int(np.searchsorted(dev_all, limit, "right"))
+        if new_hi - new_lo == hi - lo or new_hi - new_lo < 8:
             break
-        keep = new
+        lo, hi = new_lo, new_hi
     if noise <= 0:
         # quantised or constant sky (e.g. a uint8 frame with most pixels equal): fall back to the std
-        # of the unclipped data, then to one unit, so the frame still scales sanely
-        std = float(np.std(data))
+        # of the unclipped data (in pixel order, as np.std sums it), then to one unit, so the frame still
+        # scales sanely
+        flat = np.asarray(img, dtype=np.float64).ravel()
+        std = float(np.std(flat[np.isfinite(flat)]))
         noise = std if std > 0 else 1.0
     return sky, noise
 
@@ -172,19 +221,25 @@ def _resize(img: Tensor, scale: float) -> Tensor:
 
 
 def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[Tensor, float]:
-    """Raw 2-D frame -> ([1, S, S] float32 stretched frame, scale model-px per raw-px)."""
-    x = np.asarray(img, dtype=np.float64)
+    """Raw 2-D frame -> ([1, S, S] float32 stretched frame, scale model-px per raw-px).
+
+    Float64 throughout (it keeps the resize exact enough to be reproducible), in numpy rather than torch
+    except for the resize: on 64-px frames torch's per-op overhead and its scalar float64 asinh cost
+    more than the arithmetic.
+    """
+    sky, noise = sky_and_noise(img, cfg.clip_sigma, cfg.clip_iters)
+    x = (np.asarray(img, dtype=np.float64) - sky) / noise  # noise sigmas above the sky
     finite = np.isfinite(x)
-    sky, noise = sky_and_noise(x, cfg.clip_sigma, cfg.clip_iters)
-    x = np.where(finite, (x - sky) / noise, 0.0)  # noise sigmas above the sky
+    if not finite.all():
+        x[~finite] = 0.0  # a dead pixel reads as sky
     h, w = x.shape
     scale = cfg.frame_size / max(h, w)
-    t = _resize(torch.from_numpy(x), scale)  # float64 keeps the resize exact enough to be reproducible
-    out = torch.zeros(cfg.frame_size, cfg.frame_size, dtype=torch.float64)
+    t = _resize(torch.from_numpy(x), scale).numpy()
+    out = np.zeros((cfg.frame_size, cfg.frame_size))
     out[: t.shape[0], : t.shape[1]] = t[: cfg.frame_size, : cfg.frame_size]
-    out = out.clamp(cfg.stretch_min, cfg.stretch_max)
-    out = torch.asinh(out / cfg.stretch_knee) / np.arcsinh(cfg.stretch_max / cfg.stretch_knee)
-    return out.to(torch.float32).unsqueeze(0), float(scale)
+    np.clip(out, cfg.stretch_min, cfg.stretch_max, out=out)
+    out = np.arcsinh(out / cfg.stretch_knee) / np.arcsinh(cfg.stretch_max / cfg.stretch_knee)
+    return torch.from_numpy(out.astype(np.float32)).unsqueeze(0), float(scale)
 
 
 # ----------------------------------------------------------------------------------------------------
