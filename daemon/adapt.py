@@ -8,12 +8,14 @@ trained on.
 
 Choices, and why:
 
-* **One frame per camera: the one whose exposure mid-point is nearest the window centre.** The model
-  takes one frame per camera, while the radiation sequences are resampled over the whole window; the
-  centre frame is the one that best represents the span those sequences cover. The latest frame would
-  bias the image towards the window's end (and after a flush that may be a frame from a much later
-  time than most samples). Each camera picks its own centre frame, which also keeps the A/B pair close
-  in time. Ties go to the earlier frame (the window's frame order is deterministic).
+* **One frame per camera: the one whose exposure mid-point is nearest the window centre**
+  (:func:`daemon.window_view.pick_frame`; the ingest process sends only these frames on, see
+  :func:`daemon.window_view.model_view`). The model takes one frame per camera, while the radiation
+  sequences are resampled over the whole window; the centre frame is the one that best represents the
+  span those sequences cover. The latest frame would bias the image towards the window's end (and after
+  a flush that may be a frame from a much later time than most samples). Each camera picks its own
+  centre frame, which also keeps the A/B pair close in time. Ties go to the earlier frame (the window's
+  frame order is deterministic).
 * **Multi-channel frames are averaged to one channel**: SA-CMF's image branch is single-channel.
 * **Sequences** go through ``ingest.resample.resample`` over ``[start_ns, end_ns)`` to the model's
   sequence length, with its validity mask (bins without a sample stay invalid: gaps look like "no
@@ -28,17 +30,10 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from daemon.window_view import pick_frame
 from ingest.resample import resample
-from ingest.windowing import IMAGE_ROLES, SEQ_ROLES, Frame, Window
+from ingest.windowing import IMAGE_ROLES, SEQ_ROLES, Window
 from model.preprocess import PreprocessConfig, RawSample, collate, preprocess
-
-
-def pick_frame(frames: Sequence[Frame], start_ns: int, end_ns: int) -> Frame | None:
-    """The frame whose exposure mid-point is nearest the window centre (earliest on ties)."""
-    if not frames:
-        return None
-    centre2 = start_ns + end_ns  # compare doubled times: exact integers, no rounding
-    return min(frames, key=lambda f: abs(2 * f.t_ns + f.exp_ns - centre2))
 
 
 def _mono(image: np.ndarray) -> np.ndarray:

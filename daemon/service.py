@@ -53,6 +53,7 @@ import zmq
 from daemon import logs
 from daemon.config import Config
 from daemon.scheduler import BatchQueue, QueueClosed
+from daemon.window_view import model_view
 from ingest.settings import IngestSettings
 from ingest.windowing import Window
 
@@ -268,6 +269,7 @@ def ingest_process_main(
         prep["fn"] = prepare_window
 
     def on_window(w: Window) -> None:
+        w = model_view(w)  # one frame per camera: the rest is never used and costs pickling
         item: Window | PreparedWindow = w
         if prep["fn"] is not None:
             cfg, method = prep["key"]

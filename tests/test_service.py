@@ -23,10 +23,11 @@ import pytest
 import torch
 import zmq
 
-from daemon.adapt import pick_frame, window_to_raw, windows_to_batch
+from daemon.adapt import pick_frame, prepare_window, window_to_raw, windows_to_batch
 from daemon.admin import AdminHandlers, AdminServer, parse_listen
 from daemon.inference import CheckpointError, InferenceRunner, load_checkpoint
 from daemon.service import WINDOW, decode_message, encode_message
+from daemon.window_view import model_view
 from ingest.resample import resample
 from ingest.windowing import Frame, Samples, Window
 from sinks.jsonl import read_jsonl
@@ -89,6 +90,25 @@ def test_the_frame_nearest_the_window_centre_is_picked():
     tie = [frame(0.4, 0.0, 1), frame(0.6, 0.0, 2)]  # equidistant: the earlier one
     assert pick_frame(tie, T0, T0 + SEC).seq == 1
     assert pick_frame([], T0, T0 + SEC) is None
+
+
+def test_the_model_view_keeps_the_picked_frames_and_gives_the_same_inputs():
+    """The ingest process sends only the frame per camera the model uses; nothing downstream may
+    see a difference in what it computes from the window."""
+    w = make_window(seed=3, roles=("image_a", "seq_a", "seq_b"))  # image_b configured but silent
+    view = model_view(w)
+    assert len(w.frames["image_a"]) == 5 and view.frames["image_a"] == [pick_frame(w.frames["image_a"], T0, T0 + SEC)]
+    assert view.frames["image_b"] == [] and w.frames["image_b"] == []
+    assert (view.group, view.start_ns, view.end_ns, view.presence, view.samples) == (
+        w.group,
+        w.start_ns,
+        w.end_ns,
+        w.presence,
+        w.samples,
+    )
+    full, slim = prepare_window(w, TINY.preprocess_config()), prepare_window(view, TINY.preprocess_config())
+    assert full.keys() == slim.keys() and all(torch.equal(full[k], slim[k]) for k in full)
+    assert model_view(view) == view
 
 
 def test_window_to_raw_resamples_with_validity_masks_and_keeps_presence():
