@@ -140,11 +140,10 @@ def _sorted_values(img: np.ndarray) -> np.ndarray:
     return np.sort(data if finite.all() else data[finite])
 
 
-def _median_of_sorted(s: np.ndarray, lo: int, hi: int) -> float:
-    """np.median of ``s[lo:hi]`` for ascending ``s``, to the bit (even counts average the middle two)."""
-    n = hi - lo
-    mid = lo + n // 2
-    return float(s[mid]) if n % 2 else float((s[mid - 1] + s[mid]) / 2)
+def _median_of_sorted(s: np.ndarray) -> float:
+    """np.median of ascending ``s``, to the bit (even counts average the middle two)."""
+    mid = s.size // 2
+    return float(s[mid]) if s.size % 2 else float((s[mid - 1] + s[mid]) / 2)
 
 
 def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -159,6 +158,21 @@ def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> float:
             hi = i - 1
         else:
             return float(max(a[i - 1] if i > 0 else -np.inf, b[j - 1] if j > 0 else -np.inf))
+
+
+def _median_and_mad(s: np.ndarray) -> tuple[float, float]:
+    """np.median of ascending ``s`` and of its absolute deviations from that median, to the bit: the
+    median is an index, and the deviations are two ascending runs (below and above it), so their
+    median is a bisection instead of a partition."""
+    med = _median_of_sorted(s)
+    dev = s - med
+    m = int(np.searchsorted(dev, 0.0))
+    below, above = -dev[:m][::-1], dev[m:]
+    n = s.size
+    mad = _kth_of_two(below, above, n // 2)
+    if n % 2 == 0:
+        mad = (_kth_of_two(below, above, n // 2 - 1) + mad) / 2
+    return med, mad
 
 
 def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> tuple[float, float]:
@@ -177,16 +191,9 @@ def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> t
     if data.size == 0:
         return 0.0, 1.0
     lo, hi = 0, data.size  # the kept pixels are data[lo:hi]
-    sky, noise = _median_of_sorted(data, lo, hi), 0.0
+    sky, noise = _median_of_sorted(data), 0.0
     for _ in range(iters):
-        sky = _median_of_sorted(data, lo, hi)
-        dev = data[lo:hi] - sky  # ascending; the absolute deviations are -dev[:m] and dev[m:]
-        m = int(np.searchsorted(dev, 0.0))
-        below, above = -dev[:m][::-1], dev[m:]
-        n = hi - lo
-        mad = _kth_of_two(below, above, n // 2)
-        if n % 2 == 0:
-            mad = (_kth_of_two(below, above, n // 2 - 1) + mad) / 2
+        sky, mad = _median_and_mad(data[lo:hi])
         noise = MAD_TO_SIGMA * mad
         if noise <= 0:
             break
@@ -283,9 +290,8 @@ def robust_normalise(values: np.ndarray, valid: np.ndarray, cfg: PreprocessConfi
     out = np.zeros_like(values, dtype=np.float64)
     if not valid.any():
         return out
-    v = values[valid]
-    med = float(np.median(v))
-    scale = MAD_TO_SIGMA * float(np.median(np.abs(v - med)))
+    med, mad = _median_and_mad(np.sort(values[valid]))  # valid samples are finite (preprocess_sequence)
+    scale = MAD_TO_SIGMA * mad
     scale = max(scale, cfg.seq_scale_floor * abs(med), 1e-12)
     z = np.clip((values - med) / scale, -cfg.seq_clip, cfg.seq_clip)
     out[valid] = np.arcsinh(z[valid])

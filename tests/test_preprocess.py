@@ -21,6 +21,7 @@ from model.preprocess import (
     preprocess,
     raw_from_dataset_item,
     raw_from_scene,
+    robust_normalise,
     sky_and_noise,
 )
 from model.synth import SynthConfig, generate_scene, scene_seed, write_dataset
@@ -110,6 +111,22 @@ def test_sky_estimate_matches_the_plain_definition_to_the_bit() -> None:
         for clip_sigma, iters in ((3.0, 5), (2.0, 10), (5.0, 1)):
             expected = _sky_and_noise_by_definition(img, clip_sigma, iters)
             assert sky_and_noise(img, clip_sigma, iters) == expected, (img.dtype, img.shape, clip_sigma)
+
+
+def test_sequence_normalisation_matches_the_plain_definition_to_the_bit() -> None:
+    rng = np.random.default_rng(13)
+    for n in (1, 2, 7, 256, 257, 1000):
+        for rounded in (False, True):  # rounding makes ties around the median, and MAD 0 when most are equal
+            values = rng.standard_cauchy(n) * 3.0 + 40.0
+            values = np.round(values / 10.0) if rounded else values
+            valid = rng.random(n) > 0.2
+            valid[0] = True
+            v = values[valid]
+            med = float(np.median(v))
+            scale = max(1.4826 * float(np.median(np.abs(v - med))), CFG.seq_scale_floor * abs(med), 1e-12)
+            expected = np.zeros(n)
+            expected[valid] = np.arcsinh(np.clip((v - med) / scale, -CFG.seq_clip, CFG.seq_clip))
+            assert np.array_equal(robust_normalise(values, valid, CFG), expected), (n, rounded)
 
 
 def test_image_invariant_to_sky_offset_and_gain() -> None:
