@@ -373,7 +373,7 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
     """The model alone, ``max_batch_size`` windows per call, like the daemon's inference thread."""
     import torch
 
-    from daemon.adapt import windows_to_batch
+    from daemon.adapt import prepare_window, windows_to_batch
     from daemon.inference import InferenceRunner
     from ingest.windowing import Frame, Samples, Window
 
@@ -387,7 +387,8 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
         t0 = T0_NS + b * win_ns
         frames = {
             role: [
-                Frame(f"cam{band}", i, t0 + i * pool.frame_ns, 20_000_000, img)
+                # own copies: frames decoded from messages are distinct buffers (the pool may repeat one)
+                Frame(f"cam{band}", i, t0 + i * pool.frame_ns, 20_000_000, img.copy())
                 for i, img in enumerate(pool.frames[k][band])
             ]
             for band, role in enumerate(("image_a", "image_b"))
@@ -413,6 +414,8 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
     with torch.inference_mode():
         fwd = timed(lambda: loaded.model(batch))
     run = timed(lambda: runner.run(windows))
+    cfg = loaded.config.preprocess_config()
+    prep = timed(lambda: [prepare_window(w, cfg) for w in windows])
     b = opts.max_batch_size
     return {
         "batch": b,
@@ -420,7 +423,42 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
         "forward_windows_per_s": round(b / fwd, 1),
         "runner_ms_per_batch": round(run * 1e3, 3),
         "runner_windows_per_s": round(b / run, 1),
+        "prepare_ms_per_window": round(prep / b * 1e3, 3),
+        "pipe_us_per_window": _pipe_costs(windows, cfg, timed),
     }
+
+
+def _pipe_costs(windows: list, cfg: Any, timed: Any) -> dict[str, float]:
+    """The ingest → main hand-off of one prepared window (pickle, ZeroMQ frames, unpickle; inproc, so
+    without the kernel copy of the real ipc pipe), as the daemon sends it (one frame per camera) and
+    with every frame of the window, which is what it sent before ``model_view``."""
+    from daemon.adapt import prepare_window
+    from daemon.service import WINDOW, PreparedWindow, decode_message, encode_message
+    from daemon.window_view import model_view
+
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://bench-pipe-{id(windows)}"
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind(endpoint)
+    push.connect(endpoint)
+
+    def round_trips(items: list) -> None:
+        for item in items:
+            push.send_multipart(encode_message(WINDOW, item), copy=False)
+            decode_message(pull.recv_multipart(copy=False))
+
+    out = {}
+    try:
+        for name, view in (("model_view", model_view), ("every_frame", lambda w: w)):
+            items = [
+                PreparedWindow(view(w), (cfg, "mean"), {k: t.numpy() for k, t in prepare_window(w, cfg).items()})
+                for w in windows
+            ]
+            out[name] = round(timed(lambda items=items: round_trips(items)) / len(items) * 1e6, 1)
+    finally:
+        push.close(0)
+        pull.close(0)
+    return out
 
 
 def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
@@ -486,6 +524,12 @@ def run_bench(opts: BenchOptions, say: Any = print) -> dict[str, Any]:
         [report["bare_before"]["runner_windows_per_s"], report["bare_after"]["runner_windows_per_s"]]
     )
     say(f"bare model (batch {opts.max_batch_size}): forward {bare:.1f} windows/s, preprocessing+forward {runner:.1f}")
+    after = report["bare_after"]
+    pipe = after["pipe_us_per_window"]
+    say(
+        f"per window (bare, after): model preprocessing {after['prepare_ms_per_window']} ms; ingest -> main hand-off "
+        f"{pipe['model_view']} us as sent (one frame per camera), {pipe['every_frame']} us with every frame"
+    )
     for row in report["saturation"]:
         row["ratio_to_forward"] = round(row["windows_per_s"] / bare, 3)
         row["ratio_to_runner"] = round(row["windows_per_s"] / runner, 3)

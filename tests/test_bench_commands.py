@@ -38,6 +38,10 @@ def test_bench_daemon_short_run(tmp_path: Path) -> None:
         # the second phase reuses group b1: its event time must go on, or all its data would be late
         assert p["late_messages"] == 0 and p["windows_dropped"] == 0
     assert any(line.startswith("ratio") for line in lines)
+    bare = report["bare_after"]
+    assert bare["prepare_ms_per_window"] > 0
+    assert set(bare["pipe_us_per_window"]) == {"model_view", "every_frame"}
+    assert all(v > 0 for v in bare["pipe_us_per_window"].values())
 
 
 def test_bench_fusion_stage_times_the_stage_next_to_the_model(tmp_path: Path) -> None:
