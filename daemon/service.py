@@ -127,6 +127,18 @@ class IngestSnapshot:
 # ---------------------------------------------------------------- the ingest process
 
 
+_NOBLOCK, _NOBLOCK_MORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def send_nowait(sock: zmq.Socket, frames: list[Any]) -> None:
+    """``sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)`` at half the cost for the pipe's
+    ~20-frame messages: pyzmq ORs its enum flags for every frame. Raises ``zmq.Again`` only on the
+    first frame; once that is queued, ZeroMQ takes the rest of the message (multipart is atomic)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=False)
+
+
 class _PipeSender:
     """PUSH end of the pipe. Blocks while the main process is behind (lossless), but never forever:
     if the parent process is gone it gives up and marks itself so the loop can exit."""
@@ -143,7 +155,7 @@ class _PipeSender:
         frames = encode_message(kind, obj)
         while not self.parent_gone:
             try:
-                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                send_nowait(self.sock, frames)
                 return
             except zmq.Again:
                 self.sock.poll(100, zmq.POLLOUT)
@@ -217,7 +229,7 @@ class _InputSender:
             return
         n = len(self._batch)
         try:
-            self.sock.send_multipart(encode_inputs(self._batch), flags=zmq.NOBLOCK, copy=False)
+            send_nowait(self.sock, encode_inputs(self._batch))
             self.sent += n
         except zmq.Again:
             self.dropped += n
