@@ -65,6 +65,7 @@ PIPE_HWM = 8  # windows in flight on the pipe: small, so a blocking queue pushes
 INPUTS_HWM = 16  # input batches in flight to the recorder on each side; beyond it they are dropped
 INPUTS_BATCH = 64  # input messages per batch (sent sooner when it holds INPUTS_BATCH_BYTES, or each poll)
 INPUTS_BATCH_BYTES = 4 * 2**20
+OUT_OF_BAND_BYTES = 4096  # pipe messages: smaller arrays ride inside the pickle (encode_message)
 PNG_QUEUE = 16  # picture items waiting for the PNG sink (each holds a frame): most are skipped anyway
 INGEST_START_TIMEOUT_S = 120.0
 
@@ -76,9 +77,18 @@ WINDOW, LATE, STATS, READY, DONE, ERROR = b"W", b"L", b"S", b"R", b"D", b"E"
 
 
 def encode_message(kind: bytes, obj: object) -> list[Any]:
-    """``[kind, pickle, *buffers]``: numpy arrays' memory goes out-of-band as separate frames."""
+    """``[kind, pickle, *buffers]``: numpy arrays of at least ``OUT_OF_BAND_BYTES`` go out-of-band as
+    separate frames (no copy); smaller ones (a window's scalars, masks and short series) are copied
+    into the pickle, where a ZeroMQ frame each would cost more than the copy."""
     buffers: list[pickle.PickleBuffer] = []
-    body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < OUT_OF_BAND_BYTES:
+            return True  # in-band
+        buffers.append(buf)
+        return False
+
+    body = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     return [kind, body, *(b.raw() for b in buffers)]
 
 

@@ -288,13 +288,25 @@ def test_pipe_messages_carry_windows_with_out_of_band_frames(ctx, tmp_path: Path
     push.close(0)
     pull.close(0)
     assert kind == WINDOW and isinstance(got, Window)
-    assert len(frames) > 2 + 10  # 10 images travel as their own frames, outside the pickle
-    assert len(frames[1].bytes) < 10_000  # the pickle itself holds no pixel data
+    assert len(frames) == 2 + 10  # the 10 images travel as their own frames; 4 kB series ride inside
+    assert len(frames[1].bytes) < 20_000  # the pickle itself holds no pixel data
     a, b = w.frames["image_a"][2].image, got.frames["image_a"][2].image
     assert np.array_equal(a, b) and not b.flags.owndata
     assert any(np.shares_memory(b, np.frombuffer(f.buffer, np.uint8)) for f in frames[2:])  # a view, not a copy
     assert np.array_equal(got.samples["seq_a"].t_ns, w.samples["seq_a"].t_ns)
     assert (got.group, got.start_ns, got.presence, got.completeness) == (w.group, w.start_ns, w.presence, "full")
+
+
+def test_pipe_messages_keep_small_arrays_inside_the_pickle():
+    """A ZeroMQ frame per 4-byte scalar costs more than copying it; large arrays still travel
+    out-of-band, as views of the received frames."""
+    msg = {"scale": np.float32([0.5]), "mask": np.ones(256, bool), "image": np.arange(64 * 64, dtype=np.float32)}
+    frames = encode_message(WINDOW, msg)
+    assert len(frames) == 3  # kind, pickle, the image
+    kind, got = decode_message([zmq.Frame(f) for f in frames])
+    assert kind == WINDOW and got.keys() == msg.keys()
+    assert all(np.array_equal(got[k], msg[k]) and got[k].dtype == msg[k].dtype for k in msg)
+    assert got["mask"].flags.writeable and not got["image"].flags.owndata
 
 
 # ----------------------------------------------------------------------------------------------------
