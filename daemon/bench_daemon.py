@@ -424,16 +424,16 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
         "runner_ms_per_batch": round(run * 1e3, 3),
         "runner_windows_per_s": round(b / run, 1),
         "prepare_ms_per_window": round(prep / b * 1e3, 3),
-        "pipe_us_per_window": _pipe_costs(windows, cfg, timed),
+        "pipe_us_per_window": _pipe_costs(windows, runner.preprocess_key, timed),
     }
 
 
-def _pipe_costs(windows: list, cfg: Any, timed: Any) -> dict[str, float]:
-    """The ingest → main hand-off of one prepared window (pickle, ZeroMQ frames, unpickle; inproc, so
-    without the kernel copy of the real ipc pipe), as the daemon sends it (one frame per camera) and
+def _pipe_costs(windows: list, key: Any, timed: Any) -> dict[str, float]:
+    """The ingest → main hand-off of one prepared window (pickle, the daemon's own send, unpickle; inproc,
+    so without the kernel copy of the real ipc pipe), as the daemon sends it (one frame per camera) and
     with every frame of the window, which is what it sent before ``model_view``."""
     from daemon.adapt import prepare_window
-    from daemon.service import WINDOW, PreparedWindow, decode_message, encode_message
+    from daemon.service import WINDOW, PreparedWindow, decode_message, encode_message, send_nowait
     from daemon.window_view import model_view
 
     ctx = zmq.Context.instance()
@@ -444,16 +444,15 @@ def _pipe_costs(windows: list, cfg: Any, timed: Any) -> dict[str, float]:
 
     def round_trips(items: list) -> None:
         for item in items:
-            push.send_multipart(encode_message(WINDOW, item), copy=False)
+            send_nowait(push, encode_message(WINDOW, item))  # one message in flight: never over the HWM
             decode_message(pull.recv_multipart(copy=False))
 
+    cfg, method = key
+    inputs = [{k: t.numpy() for k, t in prepare_window(w, cfg, method).items()} for w in windows]
     out = {}
     try:
         for name, view in (("model_view", model_view), ("every_frame", lambda w: w)):
-            items = [
-                PreparedWindow(view(w), (cfg, "mean"), {k: t.numpy() for k, t in prepare_window(w, cfg).items()})
-                for w in windows
-            ]
+            items = [PreparedWindow(view(w), key, x) for w, x in zip(windows, inputs, strict=True)]
             out[name] = round(timed(lambda items=items: round_trips(items)) / len(items) * 1e6, 1)
     finally:
         push.close(0)
