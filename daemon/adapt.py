@@ -26,14 +26,17 @@ Choices, and why:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import Tensor
 
 from daemon.window_view import pick_frame
 from ingest.resample import resample
 from ingest.windowing import IMAGE_ROLES, SEQ_ROLES, Window
-from model.preprocess import PreprocessConfig, RawSample, collate, preprocess
+from model.preprocess import PreprocessConfig, RawSample, collate, preprocess, preprocess_arrays
+
+if TYPE_CHECKING:  # torch is loaded by the functions that make tensors, not by importing this module
+    from torch import Tensor
 
 
 def _mono(image: np.ndarray) -> np.ndarray:
@@ -83,9 +86,15 @@ def window_to_raw(
 
 
 def prepare_window(window: Window, cfg: PreprocessConfig, method: str = "mean") -> dict[str, Tensor]:
-    """One window's model inputs (uncollated). The daemon runs this in the ingest process by default
-    (``[inference] prepare_in``), so the items it sends on are ready for :func:`collate`."""
+    """One window's model inputs (uncollated), ready for :func:`collate`."""
     return preprocess(window_to_raw(window, cfg.seq_len, method=method), cfg)
+
+
+def prepare_window_arrays(window: Window, cfg: PreprocessConfig, method: str = "mean") -> dict[str, np.ndarray]:
+    """:func:`prepare_window` as numpy arrays (the same values). The daemon runs this in the ingest
+    process by default (``[inference] prepare_in``): arrays are what it sends on, and making them there
+    does not load torch (see :mod:`model.preprocess`)."""
+    return preprocess_arrays(window_to_raw(window, cfg.seq_len, method=method), cfg)
 
 
 def windows_to_batch(windows: Sequence[Window], cfg: PreprocessConfig, *, method: str = "mean") -> dict[str, Tensor]:

@@ -373,7 +373,7 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
     """The model alone, ``max_batch_size`` windows per call, like the daemon's inference thread."""
     import torch
 
-    from daemon.adapt import prepare_window, windows_to_batch
+    from daemon.adapt import prepare_window_arrays, windows_to_batch
     from daemon.inference import InferenceRunner
     from ingest.windowing import Frame, Samples, Window
 
@@ -415,7 +415,7 @@ def measure_bare(opts: BenchOptions, pool: _Pool) -> dict[str, Any]:
         fwd = timed(lambda: loaded.model(batch))
     run = timed(lambda: runner.run(windows))
     cfg = loaded.config.preprocess_config()
-    prep = timed(lambda: [prepare_window(w, cfg) for w in windows])
+    prep = timed(lambda: [prepare_window_arrays(w, cfg) for w in windows])  # as the ingest process does
     b = opts.max_batch_size
     return {
         "batch": b,
@@ -432,7 +432,7 @@ def _pipe_costs(windows: list, key: Any, timed: Any) -> dict[str, float]:
     """The ingest → main hand-off of one prepared window (pickle, the daemon's own send, unpickle; inproc,
     so without the kernel copy of the real ipc pipe), as the daemon sends it (one frame per camera) and
     with every frame of the window, which is what it sent before ``model_view``."""
-    from daemon.adapt import prepare_window
+    from daemon.adapt import prepare_window_arrays
     from daemon.service import WINDOW, PreparedWindow, decode_message, encode_message, send_nowait
     from daemon.window_view import model_view
 
@@ -448,7 +448,7 @@ def _pipe_costs(windows: list, key: Any, timed: Any) -> dict[str, float]:
             decode_message(pull.recv_multipart(copy=False))
 
     cfg, method = key
-    inputs = [{k: t.numpy() for k, t in prepare_window(w, cfg, method).items()} for w in windows]
+    inputs = [prepare_window_arrays(w, cfg, method) for w in windows]
     out = {}
     try:
         for name, view in (("model_view", model_view), ("every_frame", lambda w: w)):

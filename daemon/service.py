@@ -261,8 +261,8 @@ def ingest_process_main(
 ) -> None:
     """Entry point of the ingest process (spawned; everything it needs comes in as arguments).
 
-    With ``prepare_key`` this process also runs the model's preprocessing on each closed window (numpy
-    and small torch ops, one thread), so the main process's GIL and core are left to the model. A
+    With ``prepare_key`` this process also runs the model's preprocessing on each closed window (numpy,
+    one thread), so the main process's GIL and core are left to the model. A
     window whose preprocessing raises is sent on unprepared: the main process then fails it with the
     usual accounting instead of this process losing it.
     """
@@ -283,12 +283,15 @@ def ingest_process_main(
     counts = {"windows": 0, "late": 0, "prepare_failed": 0}
     prep: dict[str, Any] = {"key": prepare_key, "fn": None}
     if prepare_key is not None:
-        import torch  # only now: an ingest process that does not prepare never loads torch
+        # The preprocessing is numpy, but a frame that is not at the model's size is resized by torch.
+        # Loading torch takes a second or more: done here, before the first message, not in the middle of
+        # a stream, where the stall would close windows on the data still queued behind it.
+        import torch
 
-        from daemon.adapt import prepare_window
+        from daemon.adapt import prepare_window_arrays
 
-        torch.set_num_threads(1)  # 64-px frames: more threads only contend with the main process
-        prep["fn"] = prepare_window
+        torch.set_num_threads(1)  # small frames: more threads only contend with the main process
+        prep["fn"] = prepare_window_arrays
 
     def on_window(w: Window) -> None:
         w = model_view(w)  # one frame per camera: the rest is never used and costs pickling
@@ -296,8 +299,7 @@ def ingest_process_main(
         if prep["fn"] is not None:
             cfg, method = prep["key"]
             try:
-                inputs = {k: t.numpy() for k, t in prep["fn"](w, cfg, method).items()}
-                item = PreparedWindow(w, prep["key"], inputs)
+                item = PreparedWindow(w, prep["key"], prep["fn"](w, cfg, method))
             except Exception as exc:  # the main process retries it and accounts a failure there
                 counts["prepare_failed"] += 1
                 if counts["prepare_failed"] <= 10 or counts["prepare_failed"] % 1000 == 0:

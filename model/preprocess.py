@@ -23,24 +23,28 @@ Sequences (per radiometer channel): non-finite samples become invalid; the serie
 to the model length (binning averages valid samples only; a bin without one stays invalid; padding is
 always invalid: values are never invented); it is normalised by a robust z-score over valid samples and
 compressed with asinh so glints cannot saturate the network; invalid samples are exactly 0.
+
+The contract is computed in numpy (:func:`preprocess_arrays`); :func:`preprocess` only wraps its arrays
+as tensors. The daemon's ingest process runs the numpy contract on every window and sends the arrays
+on: a dozen tiny tensors per window would cost more in torch's per-op overhead than the arithmetic.
+torch is imported where a tensor is made or a frame is resized, so this module loads without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ROLES: tuple[str, ...] = ("image_a", "image_b", "seq_a", "seq_b")
 IMAGE_ROLES: tuple[str, ...] = ("image_a", "image_b")
 SEQ_ROLES: tuple[str, ...] = ("seq_a", "seq_b")
 MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this is its standard deviation
 _Pair = tuple[np.ndarray, np.ndarray]
-_TPair = tuple[Tensor, Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,26 +217,31 @@ def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> t
     return sky, noise
 
 
-def _resize(img: Tensor, scale: float) -> Tensor:
-    """[H, W] -> [round(H*s), round(W*s)]; area averaging when shrinking keeps point-source flux."""
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    """[H, W] float64 -> [round(H*s), round(W*s)]; area averaging when shrinking keeps point-source flux.
+
+    torch's interpolation defines the resize (training and serving share it), so torch is loaded here,
+    on the first frame that is not already at the model's size."""
     h, w = img.shape
     out_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
     if out_hw == (h, w):
         return img
-    x = img[None, None]
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(img)[None, None]
     if scale < 1.0:
         x = F.interpolate(x, size=out_hw, mode="area")
     else:
         x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
-    return x[0, 0]
+    return x[0, 0].numpy()
 
 
-def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[Tensor, float]:
+def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, float]:
     """Raw 2-D frame -> ([1, S, S] float32 stretched frame, scale model-px per raw-px).
 
-    Float64 throughout (it keeps the resize exact enough to be reproducible), in numpy rather than torch
-    except for the resize: on 64-px frames torch's per-op overhead and its scalar float64 asinh cost
-    more than the arithmetic.
+    Float64 throughout (it keeps the resize exact enough to be reproducible), in numpy: on 64-px frames
+    torch's per-op overhead and its scalar float64 asinh cost more than the arithmetic.
     """
     sky, noise = sky_and_noise(img, cfg.clip_sigma, cfg.clip_iters)
     x = (np.asarray(img, dtype=np.float64) - sky) / noise  # noise sigmas above the sky
@@ -241,12 +250,12 @@ def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[Tensor, fl
         x[~finite] = 0.0  # a dead pixel reads as sky
     h, w = x.shape
     scale = cfg.frame_size / max(h, w)
-    t = _resize(torch.from_numpy(x), scale).numpy()
+    t = _resize(x, scale)
     out = np.zeros((cfg.frame_size, cfg.frame_size))
     out[: t.shape[0], : t.shape[1]] = t[: cfg.frame_size, : cfg.frame_size]
     np.clip(out, cfg.stretch_min, cfg.stretch_max, out=out)
     out = np.arcsinh(out / cfg.stretch_knee) / np.arcsinh(cfg.stretch_max / cfg.stretch_knee)
-    return torch.from_numpy(out.astype(np.float32)).unsqueeze(0), float(scale)
+    return out.astype(np.float32)[None], float(scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,13 +307,13 @@ def robust_normalise(values: np.ndarray, valid: np.ndarray, cfg: PreprocessConfi
     return out
 
 
-def preprocess_sequence(seq: np.ndarray, valid: np.ndarray | None, cfg: PreprocessConfig) -> _TPair:
+def preprocess_sequence(seq: np.ndarray, valid: np.ndarray | None, cfg: PreprocessConfig) -> _Pair:
     """Raw 1-D series and optional mask -> ([T] float32 normalised, [T] bool validity)."""
     x = np.asarray(seq, dtype=np.float64)
     ok = np.isfinite(x) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(x)
     x, ok = fit_length(np.where(ok, x, 0.0), ok, cfg.seq_len, cfg.seq_fit)
     x = robust_normalise(x, ok, cfg)
-    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(ok)
+    return x.astype(np.float32), ok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,7 +322,15 @@ def preprocess_sequence(seq: np.ndarray, valid: np.ndarray | None, cfg: Preproce
 
 
 def preprocess(raw: RawSample, cfg: PreprocessConfig) -> dict[str, Tensor]:
-    """RawSample -> model inputs (and targets when given). Deterministic, sample-local.
+    """RawSample -> model inputs (and targets when given) as tensors: :func:`preprocess_arrays`, wrapped
+    without a copy. Keys, shapes and dtypes as there."""
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in preprocess_arrays(raw, cfg).items()}
+
+
+def preprocess_arrays(raw: RawSample, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """RawSample -> model inputs (and targets when given) as numpy arrays. Deterministic, sample-local.
 
     Keys: ``image_a``/``image_b`` [1, S, S] float32; ``seq_a``/``seq_b`` [T] float32 and
     ``seq_a_valid``/``seq_b_valid`` [T] bool; ``presence`` [4] bool in :data:`ROLES` order (a series
@@ -324,39 +341,41 @@ def preprocess(raw: RawSample, cfg: PreprocessConfig) -> dict[str, Tensor]:
     """
     assert raw.presence is not None  # set by RawSample.__post_init__
     s, t = cfg.frame_size, cfg.seq_len
-    out: dict[str, Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     presence = dict(raw.presence)
     for role, key in (("image_a", "scale_a"), ("image_b", "scale_b")):
         img = getattr(raw, role)
         if presence[role] and img is not None:
             out[role], scale = preprocess_image(img, cfg)
         else:
-            out[role], scale = torch.zeros(1, s, s), 1.0
-        out[key] = torch.tensor(scale, dtype=torch.float32)
+            out[role], scale = np.zeros((1, s, s), np.float32), 1.0
+        out[key] = np.array(scale, np.float32)
     for role in SEQ_ROLES:
         seq = getattr(raw, role)
         if presence[role] and seq is not None:
             out[role], out[f"{role}_valid"] = preprocess_sequence(seq, getattr(raw, f"{role}_valid"), cfg)
             presence[role] = bool(out[f"{role}_valid"].any())
         else:
-            out[role], out[f"{role}_valid"] = torch.zeros(t), torch.zeros(t, dtype=torch.bool)
-    out["presence"] = torch.tensor([presence[r] for r in ROLES], dtype=torch.bool)
-    out["label"] = torch.tensor(-1 if raw.label is None else int(raw.label), dtype=torch.int64)
-    out["boxes_known"] = torch.tensor(raw.boxes is not None)
+            out[role], out[f"{role}_valid"] = np.zeros(t, np.float32), np.zeros(t, bool)
+    out["presence"] = np.array([presence[r] for r in ROLES], bool)
+    out["label"] = np.array(-1 if raw.label is None else int(raw.label), np.int64)
+    out["boxes_known"] = np.array(raw.boxes is not None)
     if raw.boxes is not None and raw.box_classes is not None:
         boxes = np.asarray(raw.boxes, dtype=np.float64).reshape(-1, 4)
         classes = np.asarray(raw.box_classes, dtype=np.int64).reshape(-1)
         keep = np.isfinite(boxes).all(1)
-        out["boxes"] = torch.from_numpy((boxes[keep] * float(out["scale_a"])).astype(np.float32))
-        out["box_classes"] = torch.from_numpy(classes[keep])
+        out["boxes"] = (boxes[keep] * float(out["scale_a"])).astype(np.float32)
+        out["box_classes"] = classes[keep]
     else:
-        out["boxes"] = torch.zeros(0, 4)
-        out["box_classes"] = torch.zeros(0, dtype=torch.int64)
+        out["boxes"] = np.zeros((0, 4), np.float32)
+        out["box_classes"] = np.zeros(0, np.int64)
     return out
 
 
 def collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Stack preprocessed samples; boxes are padded to the batch maximum with ``box_valid`` [B, N_max]."""
+    import torch
+
     if not samples:
         raise ValueError("cannot collate an empty list")
     batch: dict[str, Tensor] = {}
