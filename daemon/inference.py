@@ -307,11 +307,12 @@ class InferenceRunner:
         return self.records(windows, self._forward(loaded, batch))
 
     def _forward(self, loaded: LoadedModel, batch: dict[str, Tensor]) -> ForwardedBatch:
-        dev = torch.device(self.device)
-        inputs = {k: v.to(dev) for k, v in batch.items()}
+        on_cpu = torch.device(self.device).type == "cpu"  # then the copies below are a dozen no-op calls per batch
+        inputs = batch if on_cpu else {k: v.to(self.device) for k, v in batch.items()}
         with torch.inference_mode():
             out = loaded.model(inputs)
-            out = {k: v.detach().to("cpu") for k, v in out.items()}
+            if not on_cpu:
+                out = {k: v.to("cpu") for k, v in out.items()}
         return ForwardedBatch(loaded, batch, out)
 
     def records(self, windows: Sequence[Window], fwd: ForwardedBatch) -> list[ResultRecord]:
