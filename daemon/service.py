@@ -282,15 +282,9 @@ def ingest_process_main(
     inputs = _InputSender(ctx, inputs_endpoint, linger_ms) if inputs_endpoint else None
     counts = {"windows": 0, "late": 0, "prepare_failed": 0}
     prep: dict[str, Any] = {"key": prepare_key, "fn": None}
-    if prepare_key is not None:
-        # The preprocessing is numpy, but a frame that is not at the model's size is resized by torch.
-        # Loading torch takes a second or more: done here, before the first message, not in the middle of
-        # a stream, where the stall would close windows on the data still queued behind it.
-        import torch
-
+    if prepare_key is not None:  # numpy only: this process never loads torch (see model.preprocess)
         from daemon.adapt import prepare_window_arrays
 
-        torch.set_num_threads(1)  # small frames: more threads only contend with the main process
         prep["fn"] = prepare_window_arrays
 
     def on_window(w: Window) -> None:

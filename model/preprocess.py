@@ -24,10 +24,10 @@ to the model length (binning averages valid samples only; a bin without one stay
 always invalid: values are never invented); it is normalised by a robust z-score over valid samples and
 compressed with asinh so glints cannot saturate the network; invalid samples are exactly 0.
 
-The contract is computed in numpy (:func:`preprocess_arrays`); :func:`preprocess` only wraps its arrays
-as tensors. The daemon's ingest process runs the numpy contract on every window and sends the arrays
-on: a dozen tiny tensors per window would cost more in torch's per-op overhead than the arithmetic.
-torch is imported where a tensor is made or a frame is resized, so this module loads without it.
+The contract is computed in numpy (:func:`preprocess_arrays`) and needs no torch; :func:`preprocess`
+only wraps its arrays as tensors. The daemon's ingest process runs the numpy contract on every window
+and sends the arrays on: it never loads torch (about 470 MB resident), and a dozen tiny tensors per
+window would cost more in torch's per-op overhead than the arithmetic.
 """
 
 from __future__ import annotations
@@ -217,24 +217,40 @@ def sky_and_noise(img: np.ndarray, clip_sigma: float = 3.0, iters: int = 5) -> t
     return sky, noise
 
 
-def _resize(img: np.ndarray, scale: float) -> np.ndarray:
-    """[H, W] float64 -> [round(H*s), round(W*s)]; area averaging when shrinking keeps point-source flux.
+def _resize_matrix(n_in: int, n_out: int, shrink: bool) -> np.ndarray:
+    """[n_out, n_in] weights that resize one axis: ``out = M @ x``.
 
-    torch's interpolation defines the resize (training and serving share it), so torch is loaded here,
-    on the first frame that is not already at the model's size."""
+    The two interpolations are torch's ``F.interpolate`` modes, written out so that the preprocessing
+    runs without torch (the daemon's ingest process then never loads it). Shrinking is ``mode="area"``
+    (adaptive average pooling): output i averages inputs [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)).
+    Enlarging is ``mode="bilinear", align_corners=False``: output i samples the input at
+    ``(i + 0.5) * n_in/n_out - 0.5`` (clamped at 0), linearly between its two neighbours."""
+    m = np.zeros((n_out, n_in))
+    i = np.arange(n_out)
+    if shrink:
+        lo = (i * n_in) // n_out
+        hi = -((-(i + 1) * n_in) // n_out)  # ceil
+        for row, (a, b) in enumerate(zip(lo, hi, strict=True)):
+            m[row, a:b] = 1.0 / (b - a)
+        return m
+    src = np.maximum((i + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = src.astype(np.int64)  # floor: src >= 0
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    np.add.at(m, (i, i0), 1.0 - frac)
+    np.add.at(m, (i, i1), frac)
+    return m
+
+
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    """[H, W] float64 -> [round(H*s), round(W*s)]; area averaging when shrinking keeps point-source flux,
+    bilinear when enlarging. Separable: rows, then columns."""
     h, w = img.shape
     out_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
     if out_hw == (h, w):
         return img
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(img)[None, None]
-    if scale < 1.0:
-        x = F.interpolate(x, size=out_hw, mode="area")
-    else:
-        x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
-    return x[0, 0].numpy()
+    shrink = scale < 1.0
+    return _resize_matrix(h, out_hw[0], shrink) @ img @ _resize_matrix(w, out_hw[1], shrink).T
 
 
 def preprocess_image(img: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,8 @@ from model.preprocess import (
 )
 from model.synth import SynthConfig, generate_scene, scene_seed, write_dataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 CFG = PreprocessConfig(frame_size=64, seq_len=256)
 
 
@@ -152,6 +155,45 @@ def test_resize_pads_and_scales_boxes() -> None:
     assert torch.equal(out["image_a"][0, 48:], torch.zeros(16, 64))  # padding is sky (0)
     peak = int(out["image_a"][0].argmax())
     assert (peak // 64, peak % 64) in {(30, 10), (30, 11), (31, 10), (31, 11)}
+
+
+@pytest.mark.parametrize("hw", [(128, 128), (640, 480), (100, 70), (65, 64), (20, 31), (1, 50), (33, 97), (4000, 30)])
+def test_the_numpy_resize_is_torch_interpolate(hw: tuple[int, int]) -> None:
+    """The contract's resize is written in numpy so that the daemon's ingest process needs no torch; it
+    must stay torch's area (shrinking) and bilinear (enlarging) interpolation, which it replaced."""
+    import torch.nn.functional as F
+
+    from model.preprocess import _resize
+
+    rng = np.random.default_rng(hw[0] * 7 + hw[1])
+    x = rng.normal(0.0, 1.0, hw) * rng.choice([1.0, 1e4], hw)  # sky noise with bright sources
+    for size in (64, 48, 7, 100):
+        scale = size / max(hw)
+        out_hw = (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale)))
+        mode = {"mode": "area"} if scale < 1 else {"mode": "bilinear", "align_corners": False}
+        ref = F.interpolate(torch.from_numpy(x)[None, None], size=out_hw, **mode)[0, 0].numpy()
+        got = _resize(x, scale)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-13 * np.abs(x).max(), (hw, size)
+
+
+def test_preprocessing_runs_without_torch() -> None:
+    """The daemon's ingest process prepares every window with the numpy contract and must never load
+    torch (about 470 MB resident): checked in a fresh interpreter, for frames with and without a resize."""
+    script = """
+import sys
+import numpy as np
+from model.preprocess import PreprocessConfig, RawSample, preprocess_arrays
+rng = np.random.default_rng(0)
+for shape in ((64, 64), (48, 80), (20, 20)):
+    raw = RawSample(image_a=rng.integers(0, 4000, shape, dtype=np.uint16), seq_a=rng.normal(5, 1, 700))
+    out = preprocess_arrays(raw, PreprocessConfig(frame_size=64, seq_len=256))
+    assert out["image_a"].shape == (1, 64, 64)
+print("torch" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 def test_upscaling_small_frames() -> None:
