@@ -26,6 +26,7 @@ from PIL import Image
 
 from daemon import config as config_mod
 from daemon.replay import comparable, recorded_inputs, replay
+from daemon.serve_process import process_tree
 from daemon.service import decode_inputs, encode_inputs
 from daemon.simulate import SceneSource, SceneTruth, SimSettings
 from ingest import protocol
@@ -57,6 +58,7 @@ class Recording:
     jsonl: Path
     png_dir: Path
     shutdown: dict  # the daemon's shutdown_complete log event
+    processes_with_torch: dict[str, bool]  # "serve" / "ingest" -> whether libtorch was mapped while serving
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +73,24 @@ def recording(tmp_path_factory) -> Recording:
     try:
         d.start()
         d.wait_results(lambda r: not r["flushed"], n=5, timeout=60)
+        with_torch = _processes_with_torch(d.proc.pid)
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(60) == 0
         done = d.event("shutdown_complete", timeout=10)
     finally:
         d.close()
-    return Recording(tmp, d.config, d.mcap, d.jsonl, png_dir, done)
+    return Recording(tmp, d.config, d.mcap, d.jsonl, png_dir, done, with_torch)
+
+
+def _processes_with_torch(serve_pid: int) -> dict[str, bool]:
+    """Which of the daemon's processes have torch's library mapped (from /proc/<pid>/maps)."""
+    out = {}
+    for pid in process_tree(serve_pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        name = "serve" if pid == serve_pid else "ingest" if b"multiprocessing.spawn" in cmdline else None
+        if name is not None:
+            out[name] = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +178,12 @@ def test_replay_gives_identical_results_at_two_speeds(recording: Recording, tmp_
     assert fast[-1].flushed and not any(r.flushed for r in fast[:-1])  # the recording's end flushes once
     starts = [r.start_ns for r in fast]
     assert all(b - a == WINDOW_NS for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_the_ingest_process_prepares_windows_without_loading_torch(recording: Recording):
+    """The ingest process runs the model's preprocessing (here with a resize: 48x64 frames, a 32-px
+    model) in numpy; loading torch there would cost about 470 MB of resident memory per daemon."""
+    assert recording.processes_with_torch == {"serve": True, "ingest": False}
 
 
 def test_the_live_daemon_and_a_replay_agree_on_every_complete_window(recording: Recording):
