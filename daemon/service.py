@@ -272,6 +272,7 @@ def ingest_process_main(
         signal.signal(sig, signal.SIG_IGN)
     logs.configure(log_level, log_format)
     structlog.contextvars.bind_contextvars(process="ingest")
+    from daemon.adapt import prepare_window_arrays  # numpy only: this process never loads torch
     from ingest.metrics import IngestCollector
     from ingest.security import RateLimitCollector
     from ingest.subscriber import IngestWorker
@@ -281,19 +282,15 @@ def ingest_process_main(
     pipe = _PipeSender(ctx, pipe_endpoint, parent_pid, linger_ms)
     inputs = _InputSender(ctx, inputs_endpoint, linger_ms) if inputs_endpoint else None
     counts = {"windows": 0, "late": 0, "prepare_failed": 0}
-    prep: dict[str, Any] = {"key": prepare_key, "fn": None}
-    if prepare_key is not None:  # numpy only: this process never loads torch (see model.preprocess)
-        from daemon.adapt import prepare_window_arrays
-
-        prep["fn"] = prepare_window_arrays
+    prep: dict[str, Any] = {"key": prepare_key}  # None: the main process prepares; a reload may change it
 
     def on_window(w: Window) -> None:
         w = model_view(w)  # one frame per camera: the rest is never used and costs pickling
         item: Window | PreparedWindow = w
-        if prep["fn"] is not None:
+        if prep["key"] is not None:
             cfg, method = prep["key"]
             try:
-                item = PreparedWindow(w, prep["key"], prep["fn"](w, cfg, method))
+                item = PreparedWindow(w, prep["key"], prepare_window_arrays(w, cfg, method))
             except Exception as exc:  # the main process retries it and accounts a failure there
                 counts["prepare_failed"] += 1
                 if counts["prepare_failed"] <= 10 or counts["prepare_failed"] % 1000 == 0:
@@ -336,7 +333,7 @@ def ingest_process_main(
         if now - last_stats >= STATS_INTERVAL_S:
             last_stats = now
             pipe.send(STATS, snapshot())
-            while control is not None and prep["fn"] is not None and not control.empty():
+            while control is not None and prep["key"] is not None and not control.empty():
                 with contextlib.suppress(queue.Empty):
                     prep["key"] = control.get_nowait()
                     log.info("ingest_prepare_key_changed")

@@ -1,9 +1,9 @@
-"""Which frames of a window the model uses, without importing torch.
+"""Which frames of a window the model uses.
 
 Why a module of its own: the ingest process applies :func:`model_view` to every window before it
-sends it on, and it must not load torch when it does not prepare model inputs (``[inference]
-prepare_in = "main"``); :mod:`daemon.adapt` imports the model's preprocessing and therefore torch.
-The choice of frame is the adapter's (see :mod:`daemon.adapt`).
+sends it on, whether or not it also prepares the model's inputs (``[inference] prepare_in``), so the
+choice of frame stands apart from the model's preprocessing. Why this frame is the adapter's choice
+is explained in :mod:`daemon.adapt`.
 """
 
 from __future__ import annotations
