@@ -493,6 +493,7 @@ class Service:
             "reloads": dict(self.runner.reloads),
             "sinks": [s for s in (self.results, self.late, self.inputs, self.png) if s is not None],
             "snapshot_age_s": None if st.snapshot_at is None else time.monotonic() - st.snapshot_at,
+            "recording": None if self.inputs is None else (st.snapshot.inputs_dropped if st.snapshot else 0),
         }
 
     def health(self) -> tuple[bool, dict]:

@@ -58,6 +58,7 @@ class Recording:
     jsonl: Path
     png_dir: Path
     shutdown: dict  # the daemon's shutdown_complete log event
+    metrics: dict[str, dict]  # a /metrics scrape while serving
     processes_with_torch: dict[str, bool]  # "serve" / "ingest" -> whether libtorch was mapped while serving
 
 
@@ -74,12 +75,14 @@ def recording(tmp_path_factory) -> Recording:
         d.start()
         d.wait_results(lambda r: not r["flushed"], n=5, timeout=60)
         with_torch = _processes_with_torch(d.proc.pid)
+        time.sleep(0.6)  # one more ingest snapshot (every 0.5 s), so the scrape sees the recording counters
+        metrics = d.metrics()
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(60) == 0
         done = d.event("shutdown_complete", timeout=10)
     finally:
         d.close()
-    return Recording(tmp, d.config, d.mcap, d.jsonl, png_dir, done, with_torch)
+    return Recording(tmp, d.config, d.mcap, d.jsonl, png_dir, done, metrics, with_torch)
 
 
 def _processes_with_torch(serve_pid: int) -> dict[str, bool]:
@@ -104,6 +107,9 @@ def test_the_daemon_records_every_input_beside_its_results(recording: Recording)
         (inputs if isinstance(rec.body, list) else results).append(rec)
     assert recording.shutdown["clean"] is True and recording.shutdown["inputs_dropped"] == 0
     assert len(inputs) == recording.shutdown["inputs_recorded"] > 50
+    # what the recording lacks is exported while serving, not only logged at the end
+    assert recording.metrics["sacmf_recording_inputs_dropped_total"] == {(): 0.0}
+    assert recording.metrics["sacmf_sink_records_written_total"][(("sink", "mcap_inputs"),)] > 0
     seqs: dict[str, list[int]] = {}
     for rec in inputs:
         msg = protocol.decode(rec.body)  # the exact frames: they validate as protocol v1 again
