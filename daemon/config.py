@@ -65,6 +65,8 @@ WINDOW = {
     "required_roles": Key(list, []),
     "max_open_windows": Key(int, 64, _positive),
     "max_buffered_bytes": Key(int, 256 * 2**20, _positive),
+    "late_policy": Key(str, "sink", allowed=("sink", "update")),
+    "update_horizon_ms": Key(NUM, 5000, _positive),
 }
 GROUP = {
     "sensors": Key(dict, None),
@@ -317,6 +319,8 @@ def _window(raw: dict[str, Any], where: str, mode: str) -> WindowSpec:
             required_roles=tuple(raw["required_roles"]),
             max_open_windows=raw["max_open_windows"],
             max_buffered_bytes=raw["max_buffered_bytes"],
+            late_policy=raw["late_policy"],
+            update_horizon_ns=_ms(raw["update_horizon_ms"]),
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

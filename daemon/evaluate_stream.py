@@ -37,7 +37,7 @@ from daemon.replay import ReplayReport, recorded_inputs, recorded_results, repla
 from daemon.simulate import SceneTruth
 from model.evaluate import classification_scores, confusion_matrix, detection_scores
 from sinks.jsonl import JsonlSink
-from sinks.record import ResultRecord
+from sinks.record import ResultRecord, final_revisions
 
 PERCENTILES = (50, 90, 99)
 
@@ -187,7 +187,8 @@ def evaluate(
         rep = replay(path, cfg, speed=speed, batch_size=batch_size, sinks=[sink])
     finally:
         sink.close()
-    results = rep.results
+    results = final_revisions(rep.results)  # late_policy "update": score each window's last revision
+    live = [r for r in live if r.revision == 0]  # latency: a window's first result, not its late updates
     scenes = join(results, truth)
     scored = [(r, t) for r, t in zip(results, scenes, strict=True) if t is not None]
     class_names = list(results[0].class_names) if results else []
@@ -206,6 +207,7 @@ def evaluate(
         "recording": str(path),
         "model_version": rep.model_version,
         "windows": len(results),
+        "window_updates": len(rep.results) - len(results),
         "windows_with_truth": len(scored),
         "truth_targets": dict(Counter(t.target for _, t in scored)),
         "classification": cls,

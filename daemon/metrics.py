@@ -204,11 +204,17 @@ class DaemonMetrics:
             self.queue_wait.observe(max(0.0, wait))
 
     def observe_published(self, record: ResultRecord) -> None:
-        """One result left for the sinks: success, latency, detections, fusion weights."""
+        """One result left for the sinks: success, latency, detections, fusion weights.
+
+        A late-data update (revision >= 1) of an older window counts as a request and its detections as
+        published, but stays out of the latency histogram (the objective is about a window's first result)
+        and leaves the gauges, which show the newest window."""
         self.requests.labels("success").inc()
-        self.window_latency.observe(max(0.0, record.latency_s))  # a flushed window can end in the future
         for det in record.detections:
             self.detections.labels(det.cls).inc()
+        if record.revision:
+            return
+        self.window_latency.observe(max(0.0, record.latency_s))  # a flushed window can end in the future
         self.fusion_weight.labels(record.group, "image").set(record.fusion.image)
         self.fusion_weight.labels(record.group, "sequence").set(record.fusion.sequence)
         if record.mi_nats is not None:

@@ -145,10 +145,10 @@ def png_frames(records: Sequence[ResultRecord], windows: Sequence[Window], heat:
     The model frame is square and the preprocessing scaled the image by ``frame_size / max(H, W)`` and
     padded bottom/right, so the heatmap grid spans ``max(H, W)`` Image-A pixels in both directions.
     """
-    index = {w.id: (i, w) for i, w in enumerate(windows)}
+    index = {(*w.id, w.revision): (i, w) for i, w in enumerate(windows)}  # one batch may hold two revisions
     out = []
     for rec in records:
-        i, w = index[(rec.group, rec.start_ns)]
+        i, w = index[(rec.group, rec.start_ns, rec.revision)]
         frame = pick_frame(w.frames.get("image_a", ()), w.start_ns, w.end_ns) if w.presence.get("image_a") else None
         if frame is None:
             out.append(PngFrame(rec))

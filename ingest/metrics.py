@@ -80,11 +80,20 @@ class IngestCollector(Collector):
             "Samples (frames count 1) arriving after their window closed",
             labels=["group", "sensor"],
         )
+        late_used = c(
+            "sacmf_ingest_late_used_messages",
+            "Late messages whose data went into a window update (late_policy = update), not the late-data sink",
+            labels=["group", "sensor"],
+        )
         emitted = c("sacmf_windows_emitted", "Windows emitted, by completeness", labels=["group", "completeness"])
+        updated = c("sacmf_windows_updated", "Windows emitted again with late data (revision >= 1)", labels=["group"])
         triggers = c("sacmf_windows_triggered", "Windows closed, by what closed them", labels=["group", "trigger"])
         dropped = c("sacmf_windows_dropped", "Windows dropped, by reason", labels=["group", "reason"])
-        buffered = g("sacmf_ingest_buffered_bytes", "Payload bytes held in open windows", labels=["group"])
+        buffered = g(
+            "sacmf_ingest_buffered_bytes", "Payload bytes held in open windows and kept ones", labels=["group"]
+        )
         open_w = g("sacmf_ingest_open_windows", "Open windows", labels=["group"])
+        kept = g("sacmf_ingest_kept_windows", "Fired windows kept for late-data updates", labels=["group"])
         wm_lag = g("sacmf_watermark_lag_seconds", "Newest event time minus the watermark", labels=["group"])
         dead = c("sacmf_dead_letter_skipped_messages", "Rejected messages not written: dead-letter file full")
         cb_err = c("sacmf_ingest_callback_errors", "Exceptions raised by window/late consumers", labels=["callback"])
@@ -123,6 +132,10 @@ class IngestCollector(Collector):
                     late.add_metric([group, sensor], v)
                 for sensor, v in dict(wd.late_samples).items():
                     late_s.add_metric([group, sensor], v)
+                for sensor, v in dict(wd.late_used).items():
+                    late_used.add_metric([group, sensor], v)
+                updated.add_metric([group], wd.updated)
+                kept.add_metric([group], wd.kept_windows)
                 for k in COMPLETENESS:
                     emitted.add_metric([group, k], wd.emitted[k])
                 for k in TRIGGERS:
@@ -141,4 +154,5 @@ class IngestCollector(Collector):
         cb_err.add_metric(["late"], late_err)
         cb_err.add_metric(["internal"], internal)
         yield from (messages, nbytes, rejected, gaps, missing, dups, reord, stale, restarts, age, skew, late,
-                    late_s, emitted, triggers, dropped, buffered, open_w, wm_lag, dead, cb_err)  # fmt: skip
+                    late_s, late_used, emitted, updated, triggers, dropped, buffered, open_w, kept, wm_lag, dead,
+                    cb_err)  # fmt: skip

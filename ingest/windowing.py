@@ -28,6 +28,16 @@ Semantics, normative for the daemon:
   when that window never existed but the frontier has passed its end. A radiation chunk straddling the
   frontier is split by sample time; only the late prefix is reported (as a ``RadChunk`` view). With
   sliding windows a late sample is still added to those of its windows that are still open.
+* ``late_policy = "update"`` uses late data instead of only reporting it: a fired window stays
+  updatable while its end is within ``update_horizon`` of the frontier (event time; with its contents
+  kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open ones). Late data for
+  such a window is added to it and the window is emitted again with ``revision`` + 1 and
+  ``trigger="update"`` once every sensor that brought late data to it has moved past its end (one
+  update per lagging stream, not one per late message), or when it leaves the horizon, or on ``flush``.
+  A window that never opened, or was dropped as incomplete, can be emitted this way too: its first
+  emission has revision 0. Such late data is counted as late (``late_messages``, ``late_samples``) and
+  in ``late_used``, and is not handed to ``on_late``; late data older than the horizon still is. The
+  decisions use event time and the frontier only, so replays stay deterministic.
 * Contents are sorted by event time with ties broken by ``(sensor, seq)``, so any arrival order that
   stays within the lateness bound gives identical windows.
 * Each window lists frames per image role and samples per sequence role (keys for all roles; empty when
@@ -66,6 +76,7 @@ COMPLETENESS = ("full", "partial", "flushed")
 TRIGGERS = ("watermark", "max_wait", "flush", "overflow")
 DROP_REASONS = ("incomplete", "overflow")
 LATE_REASONS = ("closed", "expired")
+LATE_POLICIES = ("sink", "update")
 
 OnLate = Callable[[str, str, object, str], None]
 
@@ -97,6 +108,8 @@ class WindowSpec:
     required_roles: tuple[str, ...] = ()
     max_open_windows: int = 64
     max_buffered_bytes: int = 256 * 2**20
+    late_policy: str = "sink"  # "sink": late data goes to on_late only; "update": re-emit the window
+    update_horizon_ns: int = 0  # "update": how long past the frontier a fired window's end stays updatable
 
     def __post_init__(self) -> None:
         _check_int("size_ns", self.size_ns, 1)
@@ -130,6 +143,9 @@ class WindowSpec:
                 f"({self.windows_per_sample}), or every sample would overflow"
             )
         _check_int("max_buffered_bytes", self.max_buffered_bytes, 1)
+        if self.late_policy not in LATE_POLICIES:
+            raise ValueError(f"WindowSpec.late_policy must be one of {LATE_POLICIES}, got {self.late_policy!r}")
+        _check_int("update_horizon_ns", self.update_horizon_ns, 1 if self.late_policy == "update" else 0)
 
     @property
     def step_ns(self) -> int:
@@ -259,6 +275,17 @@ class _Open:
         self.own_bytes = 0
 
 
+class _Kept:
+    """A fired window kept for late-data updates (``late_policy = "update"``)."""
+
+    __slots__ = ("ow", "revision", "pending")
+
+    def __init__(self, ow: _Open, revision: int) -> None:
+        self.ow = ow  # its contents, late data added
+        self.revision = revision  # what its next emission is numbered (0: never emitted)
+        self.pending: set[str] = set()  # sensors whose late data it holds that no emission has carried yet
+
+
 def _frame_key(f: Frame) -> tuple[int, str, int]:
     return (f.t_ns, f.sensor, f.seq)
 
@@ -317,21 +344,34 @@ class GroupWindower:
         self._group_max: int | None = None
         self._now: int | None = None
         self._buffered = 0
+        self._update = spec.late_policy == "update"
+        self._horizon = spec.update_horizon_ns
+        self._kept: dict[int, _Kept] = {}  # start -> fired window still open for updates
+        self._kept_bytes = 0
+        self._kept_frontier: int | None = None  # the frontier the kept windows were last evicted for
 
         self.emitted: dict[str, int] = dict.fromkeys(COMPLETENESS, 0)
         self.triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.late_messages: dict[str, int] = dict.fromkeys(roles, 0)
         self.late_samples: dict[str, int] = dict.fromkeys(roles, 0)
+        self.late_used: dict[str, int] = dict.fromkeys(roles, 0)  # late messages that went into an update
+        self.updated = 0  # emissions of a window with revision >= 1
 
     # ---------------------------------------------------------------- gauges
     @property
     def buffered_bytes(self) -> int:
-        return self._buffered
+        """Payload held: open windows, and fired ones kept for updates."""
+        return self._buffered + self._kept_bytes
 
     @property
     def open_windows(self) -> int:
         return len(self._open)
+
+    @property
+    def kept_windows(self) -> int:
+        """Fired windows still open for late-data updates (``late_policy = "update"``)."""
+        return len(self._kept)
 
     @property
     def watermark_ns(self) -> int | None:
@@ -366,7 +406,7 @@ class GroupWindower:
             ow.own_bytes += nbytes
             self._buffered += nbytes
         else:
-            if t < self._late_bound:
+            if t < self._late_bound and not (self._update and self._absorb_frame(frame, cell)):
                 self._report_late(frame.sensor, frame, 1, cell - self._size + hop)
             frontier = self._frontier
             size = self._size
@@ -416,9 +456,15 @@ class GroupWindower:
         per_sample = values.nbytes // n
         if t0 < self._late_bound:
             k = min(n, -((t0 - self._late_bound) // step))  # samples with t < late_bound
-            item = chunk if k == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:k], chunk.meta)
-            t_k = t0 + (k - 1) * dt
-            self._report_late(chunk.sensor, item, k, t_k - t_k % hop - size + hop)
+            j = k  # of those, the first j are reported; the rest go into updates
+            if self._update:
+                j = min(k, max(0, -((t0 - self._horizon_start()) // step)))
+                if j < k:
+                    self._absorb_samples(chunk, j, k, step)
+            if j:
+                item = chunk if j == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:j], chunk.meta)
+                t_j = t0 + (j - 1) * dt
+                self._report_late(chunk.sensor, item, j, t_j - t_j % hop - size + hop)
         frontier = self._frontier
         # Windows from the first one holding t0 to the last one holding t_last, skipping closed ones and any
         # that hold no sample: the work follows the samples, never the time span (two samples a century
@@ -454,11 +500,19 @@ class GroupWindower:
             return []
         if self._now is None or now_ns > self._now:
             self._now = now_ns
-        return self._fire_ready()
+        out = self._fire_ready()
+        if self._kept:
+            self._service_kept(out)
+        return out
 
     def flush(self) -> list[Window]:
         """Fire every open window now (shutdown, end of replay); they come out as ``"flushed"``."""
         out: list[Window] = []
+        for start in sorted(self._kept):  # older than any open window: their updates go first
+            kw = self._kept.pop(start)
+            self._kept_bytes -= kw.ow.own_bytes
+            if kw.pending:
+                self._emit_update(kw, out)
         if self._heap:
             self._close_until(max(self._heap) + self._size, "flush", out)
         return out
@@ -495,6 +549,8 @@ class GroupWindower:
         out = self._fire_ready()
         if self._open and (len(self._open) > self._max_open or self._buffered > self._max_bytes):
             self._overflow(out)
+        if self._kept:
+            self._service_kept(out)
         return out
 
     def _compute_watermark(self) -> int | None:
@@ -567,6 +623,19 @@ class GroupWindower:
                 self.dropped["overflow"] += 1
 
     def _finish(self, ow: _Open, trigger: str) -> Window | None:
+        w = self._assemble(ow, trigger, 0)
+        if w is None:
+            self.dropped["incomplete"] += 1
+        else:
+            self.emitted[w.completeness] += 1
+            self.triggers[trigger] += 1
+        if self._update and trigger != "flush":
+            self._kept[ow.start] = _Kept(ow, 0 if w is None else 1)
+            self._kept_bytes += ow.own_bytes
+        return w
+
+    def _assemble(self, ow: _Open, trigger: str, revision: int) -> Window | None:
+        """The window ``ow`` holds, or None when it is not acceptable under the missing-data policy."""
         roles = self._roles
         frames: dict[str, list[Frame]] = {r: [] for r in IMAGE_ROLES}
         for f in ow.frames:
@@ -580,17 +649,112 @@ class GroupWindower:
         acceptable = n_present >= spec.min_roles and all(presence[r] for r in spec.required_roles)
         full = n_present == len(presence)
         if not acceptable or (not full and spec.missing_policy == "drop"):
-            self.dropped["incomplete"] += 1
             return None
         for lst in frames.values():
             if len(lst) > 1:
                 lst.sort(key=_frame_key)
         samples = {r: self._merge(by_role[r]) if r in by_role else Samples.empty() for r in SEQ_ROLES}
         completeness = "flushed" if trigger == "flush" else ("full" if full else "partial")
-        self.emitted[completeness] += 1
-        self.triggers[trigger] += 1
         start = ow.start
-        return Window(self.group, start, start + self._size, frames, samples, presence, completeness, trigger)
+        return Window(self.group, start, start + self._size, frames, samples, presence, completeness, trigger, revision)
+
+    # ---------------------------------------------------------------- late_policy = "update"
+    def _horizon_start(self) -> int:
+        """The oldest window start still open for updates: windows ending after frontier - horizon."""
+        x = self._frontier - self._horizon - self._size  # type: ignore[operator]  # set once anything is late
+        return x - x % self._hop + self._hop
+
+    def _kept_window(self, start: int) -> _Kept:
+        kw = self._kept.get(start)
+        if kw is None:  # a window that never opened (its data is all late): emitted first as revision 0
+            kw = self._kept[start] = _Kept(_Open(start), 0)
+        return kw
+
+    def _absorb_frame(self, frame: Frame, cell: int) -> bool:
+        """Add a late frame to its fired windows within the horizon; False if none is (report it late)."""
+        size, hop, frontier = self._size, self._hop, self._frontier
+        kw = None
+        for s in range(max(cell - size + hop, self._horizon_start()), cell + hop, hop):
+            if s + size > frontier:  # type: ignore[operator]
+                break  # still open: add_frame puts it there
+            kw = self._kept_window(s)
+            kw.ow.frames.append(frame)
+            kw.pending.add(frame.sensor)
+        if kw is None:
+            return False
+        nbytes = frame.image.nbytes  # counted once, against the newest window holding it
+        kw.ow.own_bytes += nbytes
+        self._kept_bytes += nbytes
+        self.late_messages[frame.sensor] += 1
+        self.late_samples[frame.sensor] += 1
+        self.late_used[frame.sensor] += 1
+        return True
+
+    def _absorb_samples(self, chunk: RadChunk, j: int, k: int, step: int) -> None:
+        """Add samples ``j:k`` of a chunk (late, all within the horizon) to their fired windows."""
+        t0, dt, values = chunk.t_ns, chunk.dt_ns, chunk.values
+        size, hop, frontier = self._size, self._hop, self._frontier
+        per_sample = values.nbytes // values.shape[0]
+        t_j = t0 + j * dt
+        s = max(t_j - t_j % hop - size + hop, self._horizon_start())
+        while s + size <= frontier:  # type: ignore[operator]  # open windows: add_samples' own loop
+            lo = max(j, -((t0 - s) // step))
+            hi = min(k, -((t0 - s - size) // step))
+            if lo >= hi:
+                if lo >= k:
+                    break
+                t_lo = t0 + lo * dt
+                s = max(s + hop, t_lo - t_lo % hop - size + hop)
+                continue
+            kw = self._kept_window(s)
+            kw.ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
+            kw.pending.add(chunk.sensor)
+            own = min(k, -((t0 - s - hop) // step)) - lo  # samples whose newest window is s
+            if own > 0:
+                kw.ow.own_bytes += own * per_sample
+                self._kept_bytes += own * per_sample
+            s += hop
+        if j == 0:  # otherwise _report_late counts the message
+            self.late_messages[chunk.sensor] += 1
+        self.late_samples[chunk.sensor] += k - j
+        self.late_used[chunk.sensor] += 1
+
+    def _service_kept(self, out: list[Window]) -> None:
+        """Emit kept windows whose late inputs have all moved past their end; evict windows that left the
+        horizon or exceed the memory caps (oldest first), emitting their pending late data first."""
+        size = self._size
+        inputs = self._inputs
+        evict = (
+            self._frontier != self._kept_frontier
+            or len(self._kept) > self._max_open
+            or (self._buffered + self._kept_bytes > self._max_bytes)
+        )
+        for start in sorted(self._kept) if evict else [s for s, kw in self._kept.items() if kw.pending]:
+            kw = self._kept[start]
+            gone = evict and (
+                start + size <= self._frontier - self._horizon  # type: ignore[operator]
+                or len(self._kept) > self._max_open
+                or self._buffered + self._kept_bytes > self._max_bytes
+            )
+            end = start + size
+            if kw.pending and (gone or all(inputs[x].max_t >= end for x in kw.pending)):  # type: ignore[operator]
+                self._emit_update(kw, out)
+            if gone:
+                del self._kept[start]
+                self._kept_bytes -= kw.ow.own_bytes
+        self._kept_frontier = self._frontier
+
+    def _emit_update(self, kw: _Kept, out: list[Window]) -> None:
+        kw.pending.clear()
+        w = self._assemble(kw.ow, "update", kw.revision)
+        if w is None:  # still not acceptable: stays dropped (counted when it closed)
+            return
+        if kw.revision == 0:
+            self.emitted[w.completeness] += 1
+        else:
+            self.updated += 1
+        kw.revision += 1
+        out.append(w)
 
     def _merge(self, pieces: list[tuple[int, int, np.ndarray, str, int]]) -> Samples:
         dts = {p[1] for p in pieces}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +226,20 @@ class ResultRecord:
 
 
 # ---------------------------------------------------------------- late record
+
+
+def final_revisions(records: Iterable[ResultRecord]) -> list[ResultRecord]:
+    """The highest revision of each window, in the order the windows first came out.
+
+    Under ``late_policy = "update"`` a window id can come out several times, each revision holding more
+    late data than the last; a consumer that scores or stores windows wants the last one.
+    """
+    latest: dict[tuple[str, int], ResultRecord] = {}
+    for r in records:
+        seen = latest.get(r.window_id)
+        if seen is None or r.revision >= seen.revision:
+            latest[r.window_id] = r
+    return list(latest.values())
 
 
 @dataclass(slots=True)

@@ -500,3 +500,61 @@ def test_sigterm_under_load_exits_0_and_loses_no_window(daemon: Daemon):
     assert [r["start_ns"] for r in daemon.results] == starts  # ZeroMQ subscribers saw every one too
     recorded = [m.body for m in read_recording(daemon.mcap) if isinstance(m.body, ResultRecord)]
     assert [r.start_ns for r in recorded] == starts
+
+
+def _lagging_feed(pub, stop: threading.Event, lag_ns: int) -> None:
+    """Cameras and rad_vis on time; rad_ir's samples sent ``lag_ns`` after their event time (wall clock)."""
+    rng = np.random.default_rng(3)
+    frame = rng.normal(100, 5, (48, 64)).astype(np.uint16)
+    step, dt = 100_000_000, 2_000_000
+    t = time.time_ns() // step * step
+    held: list[tuple[int, np.ndarray]] = []
+    while not stop.is_set():
+        now = time.time_ns()
+        while t <= now:
+            values = (1 + 0.1 * rng.standard_normal(50)).astype(np.float32)
+            pub.send_image("cam_vis", frame, t)
+            pub.send_image("cam_ir", frame, t)
+            pub.send_samples("rad_vis", values, t, dt)
+            held.append((t, values))
+            t += step
+        while held and held[0][0] + lag_ns <= now:
+            te, values = held.pop(0)
+            pub.send_samples("rad_ir", values, te, dt)
+        time.sleep(0.01)
+
+
+def test_late_policy_update_republishes_a_window_with_its_late_stream(tmp_path: Path, checkpoint: Path):
+    """A radiometer 1.2 s behind the others, with max_wait 300 ms: each window first comes out without it
+    (revision 0), then again with its data once it has caught up (revision 1), and nothing is left for
+    the late-data sink."""
+    d = Daemon(tmp_path, checkpoint)
+    d.config.write_text(
+        d.config.read_text().replace(
+            "allowed_lateness_ms = 100\n",
+            'allowed_lateness_ms = 100\nmax_wait_ms = 300\nlate_policy = "update"\nupdate_horizon_ms = 5000\n',
+        )
+    )
+    d.sim = threading.Thread(target=_lagging_feed, args=(d.pub, d.sim_stop, 1_200_000_000), daemon=True)
+    try:
+        d.start()
+        updates = d.wait_results(lambda r: r["revision"] == 1, n=3, timeout=60)
+        time.sleep(0.6)  # the ingest process's next metrics snapshot (every 0.5 s) covers them
+        m = d.metrics()
+        firsts = {(r["group"], r["start_ns"]): r for r in d.results if r["revision"] == 0}
+        for upd in updates:
+            first = firsts[(upd["group"], upd["start_ns"])]  # the same window came out before, without rad_ir
+            assert first["presence"]["seq_b"] is False and upd["presence"]["seq_b"] is True
+            assert first["presence"]["image_a"] and upd["presence"]["image_a"] and upd["presence"]["seq_a"]
+            assert upd["latency_s"] > 1.0 > first["latency_s"]
+        assert not any(r["revision"] > 1 for r in d.results)  # one update per window, not one per late chunk
+        assert m["sacmf_windows_updated_total"][(("group", "g1"),)] >= 3
+        rad_ir = (("group", "g1"), ("sensor", "rad_ir"))
+        used = m["sacmf_ingest_late_used_messages_total"][rad_ir]
+        assert m["sacmf_ingest_late_messages_total"][rad_ir] >= used >= 15  # each 0.5 s window: 5 late chunks
+        # late data went into results, not to the late sink; and updates stay out of the latency histogram
+        assert m["sacmf_late_records_total"][()] == 0
+        published = m["sacmf_inference_requests_total"][(("result", "success"),)]
+        assert m["sacmf_window_latency_seconds_count"][()] < published
+    finally:
+        d.close()

@@ -161,6 +161,9 @@ def reference_windows(events: list[Ev], spec: WindowSpec, configured: tuple[str,
         ({"size_ns": 10, "required_roles": ["seq_a"]}, "required_roles"),
         ({"size_ns": 40, "hop_ns": 10, "max_open_windows": 3}, "max_open_windows"),
         ({"size_ns": 10, "max_buffered_bytes": 0}, "max_buffered_bytes"),
+        ({"size_ns": 10, "late_policy": "refire"}, "late_policy"),
+        ({"size_ns": 10, "late_policy": "update"}, "update_horizon_ns"),
+        ({"size_ns": 10, "update_horizon_ns": -1}, "update_horizon_ns"),
         ({"size_ns": 10.0}, "size_ns"),
         ({"size_ns": True}, "size_ns"),
     ],
@@ -369,6 +372,113 @@ def test_sliding_late_sample_still_reaches_its_open_windows() -> None:
     assert [late_sig(i)[2] for _, _, i, _ in run.late] == [2]
     got = {x.start_ns: [f.t_ns for f in x.frames["image_a"]] for x in w.flush()}
     assert got == {10: [15, 22], 20: [22]}
+
+
+# ------------------------------------------------------------------ late_policy = "update"
+def _update_spec(horizon: int = 20, **kw) -> WindowSpec:
+    return WindowSpec(10, mode="replay", late_policy="update", update_horizon_ns=horizon, **kw)
+
+
+def test_update_policy_re_emits_a_window_once_its_late_stream_has_caught_up() -> None:
+    run = Run(_update_spec(), {"cam_a": "image_a", "cam_b": "image_b"})
+    w = run.w
+    add(w, Ev("cam_a", 0, 3), 0)
+    first = add(w, Ev("cam_a", 1, 25), 0)  # cam_b not seen yet: [0, 10) fires without it
+    assert [(x.start_ns, x.revision, x.completeness) for x in first] == [(0, 0, "partial")]
+    assert add(w, Ev("cam_b", 0, 4), 0) == []  # late for [0, 10); cam_b may have more for it: wait
+    upd = add(w, Ev("cam_b", 1, 14), 0)  # cam_b has moved past [0, 10); [10, 20) never opened: kept
+    assert [(x.start_ns, x.revision, x.trigger, x.completeness) for x in upd] == [(0, 1, "update", "full")]
+    assert [(f.sensor, f.t_ns) for r in IMAGE_ROLES for f in upd[0].frames[r]] == [("cam_a", 3), ("cam_b", 4)]
+    nxt = add(w, Ev("cam_b", 2, 26), 0)  # past [10, 20): its first emission, made of late data only
+    assert [(x.start_ns, x.revision, x.trigger, x.completeness) for x in nxt] == [(10, 0, "update", "partial")]
+    assert [x.start_ns for x in w.flush()] == [20]
+    assert run.late == []  # nothing went to the late sink: it all went into results
+    assert w.late_messages == {"cam_a": 0, "cam_b": 2} == w.late_used
+    assert (w.updated, w.emitted["partial"], w.emitted["full"]) == (1, 2, 0)
+
+
+def test_update_policy_sends_data_older_than_the_horizon_to_the_late_sink() -> None:
+    run = Run(_update_spec(horizon=15, idle_timeout_ns=20), {"cam_a": "image_a", "cam_b": "image_b"})
+    w = run.w
+    run.feed([Ev("cam_a", 0, 3), Ev("cam_a", 1, 13)], flush=False)  # [0, 10) fired, kept
+    assert w.kept_windows == 1 and w.buffered_bytes == 8 + 8
+    run.feed([Ev("cam_a", 2, 38)], flush=False)  # [10, 20) fired; frontier 38: both leave the horizon
+    assert w.kept_windows == 0 and w.buffered_bytes == 8
+    run.feed([Ev("cam_b", 0, 5), Ev("cam_b", 1, 15)], flush=False)  # windows ending 28 and 18 before it
+    assert [(late_sig(i)[2], r) for _, _, i, r in run.late] == [(0, "closed"), (1, "closed")]
+    run.feed([Ev("cam_b", 2, 25)], flush=False)  # [20, 30) ends 8 before the frontier: kept, never opened
+    assert len(run.late) == 2 and w.late_used == {"cam_a": 0, "cam_b": 1}
+    assert w.late_messages == {"cam_a": 0, "cam_b": 3}
+    # cam_b falls silent: idle, the frontier moves to 60 and [20, 30) leaves the horizon with its data
+    run.feed([Ev("cam_a", 3, 60)])
+    assert [(x.start_ns, x.revision, x.trigger) for x in run.out] == [
+        (0, 0, "watermark"), (10, 0, "watermark"), (30, 0, "watermark"), (20, 0, "update"), (60, 0, "flush"),
+    ]  # fmt: skip
+    assert [(f.sensor, f.t_ns) for f in run.out[3].frames["image_b"]] == [("cam_b", 25)]
+    assert w.kept_windows == 0 and w.buffered_bytes == 0
+
+
+def test_update_policy_splits_a_chunk_at_the_horizon() -> None:
+    run = Run(_update_spec(horizon=15), {"rad_a": "seq_a", "rad_b": "seq_b"})
+    w = run.w
+    add(w, Ev("rad_a", 0, 0, dt=2, n=5), 0)
+    out = add(w, Ev("rad_a", 1, 40, dt=2, n=1), 0)  # rad_b unseen: frontier 40, [0, 10) fires partial
+    assert [x.start_ns for x in out] == [0]
+    got = add(w, Ev("rad_b", 0, 14, dt=2, n=10), 0)  # 14..32, all before the frontier
+    # 14..18 fall in [10, 20), which ended 20 before the frontier (horizon 15): reported late; 20..28 go to
+    # [20, 30), 30 and 32 to [30, 40): neither window ever opened, both are kept
+    assert [late_sig(i)[5] for _, _, i, _ in run.late] == [tuple(_values(Ev("rad_b", 0, 14, 2, 10))[:3].tolist())]
+    assert w.late_samples == {"rad_a": 0, "rad_b": 10} and w.late_messages == {"rad_a": 0, "rad_b": 1}
+    assert [(x.start_ns, x.revision, x.trigger) for x in got] == [(20, 0, "update")]  # rad_b is past 30 already
+    s = got[0].samples["seq_b"]
+    assert s.t_ns.tolist() == [20, 22, 24, 26, 28]
+    assert s.values.tolist() == _values(Ev("rad_b", 0, 14, 2, 10))[3:8].tolist()
+    rest = w.flush()  # [30, 40) still waits for rad_b to pass 40: flushed with its data, then the open [40, 50)
+    assert [(x.start_ns, x.revision, x.trigger) for x in rest] == [(30, 0, "update"), (40, 0, "flush")]
+    assert rest[0].samples["seq_b"].t_ns.tolist() == [30, 32]
+
+
+def test_update_policy_keeps_memory_bounded() -> None:
+    run = Run(_update_spec(horizon=10**6, max_open_windows=3), {"cam_a": "image_a", "cam_b": "image_b"})
+    w = run.w
+    for i in range(10):
+        add(w, Ev("cam_a", i, 10 * i + 1), 0)
+    assert w.kept_windows <= 3
+    run = Run(_update_spec(horizon=10**6, max_buffered_bytes=20), {"cam_a": "image_a", "cam_b": "image_b"})
+    for i in range(10):
+        add(run.w, Ev("cam_a", i, 10 * i + 1), 0)
+        assert run.w.buffered_bytes <= 20 + 8
+
+
+@st.composite
+def shuffled_streams(draw: st.DrawFn) -> tuple[WindowSpec, list[Ev], list[Ev]]:
+    """Events in any arrival order at all, lateness unbounded, under late_policy "update"."""
+    spec, ordered, _ = draw(bounded_streams())
+    spec = WindowSpec(
+        spec.size_ns, spec.hop_ns, allowed_lateness_ns=draw(st.integers(0, 20)), mode=spec.mode,
+        idle_timeout_ns=spec.idle_timeout_ns, max_wait_ns=draw(st.sampled_from([0, 15])) if spec.mode == "live" else 0,
+        max_open_windows=10**6, max_buffered_bytes=2**40, late_policy="update", update_horizon_ns=10**12,
+    )  # fmt: skip
+    return spec, ordered, draw(st.permutations(ordered))
+
+
+@PROPS
+@given(shuffled_streams())
+def test_update_policy_final_revisions_hold_all_data_whatever_the_arrival_order(case: tuple) -> None:
+    """With an unbounded horizon nothing is late for good: each window's last emission holds exactly the
+    data a perfectly ordered stream puts in it, and its revisions count 0, 1, 2, ..."""
+    spec, ordered, arrival = case
+    run = Run(spec)
+    out = run.feed(arrival, recvs=list(range(0, 7 * len(arrival), 7)))
+    assert run.late == []
+    last: dict[int, Window] = {}
+    revisions: dict[int, list[int]] = defaultdict(list)
+    for w in out:
+        last[w.start_ns] = w
+        revisions[w.start_ns].append(w.revision)
+    assert [content_sig(last[s]) for s in sorted(last)] == reference_windows(ordered, spec, ROLES)
+    assert all(r == list(range(len(r))) for r in revisions.values())
+    assert run.w.updated == sum(len(r) - 1 for r in revisions.values())
 
 
 # ------------------------------------------------------------------ missing modalities
