@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from sinks.record import (
     RecordError,
     ResultRecord,
     TokenStats,
+    final_revisions,
     from_wire,
     to_wire,
 )
@@ -88,6 +90,19 @@ def test_wire_round_trip_through_msgpack_and_json():
         wire = to_wire(rec)
         assert from_wire(msgpack.unpackb(msgpack.packb(wire), raw=False)) == rec
         assert from_wire(json.loads(json.dumps(wire, allow_nan=False))) == rec
+
+
+def test_final_revisions_keep_each_windows_last_revision_in_first_emission_order():
+    def rec(i: int, revision: int) -> ResultRecord:
+        return dataclasses.replace(make_result(i), revision=revision, model_version=f"v{i}.{revision}")
+
+    stream = [rec(0, 0), rec(1, 0), rec(0, 1), rec(2, 0), rec(1, 1), rec(0, 2), rec(2, 0)]
+    got = final_revisions(stream)
+    assert [(r.start_ns - T0) // 1_000_000_000 for r in got] == [0, 1, 2]
+    assert [r.model_version for r in got] == ["v0.2", "v1.1", "v2.0"]
+    # a stale revision arriving after a newer one (another subscriber's replay) does not win
+    assert final_revisions([rec(0, 1), rec(0, 0)])[0].revision == 1
+    assert final_revisions([]) == []
 
 
 def test_numpy_scalars_become_plain_python_numbers():
