@@ -92,10 +92,12 @@ def _bare(sock: zmq.Socket, n: int, copy: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(endpoint: str, sc: Scenario, ctx: zmq.Context) -> IngestWorker:
+def _worker(endpoint: str, sc: Scenario, ctx: zmq.Context, late_policy: str = "sink") -> IngestWorker:
     role = "image_a" if sc.kind == "img" else "seq_a"
     sensor = "cam" if sc.kind == "img" else "rad"
-    spec = WindowSpec(size_ns=10**9, allowed_lateness_ns=0, mode="replay")
+    spec = WindowSpec(
+        size_ns=10**9, allowed_lateness_ns=0, mode="replay", late_policy=late_policy, update_horizon_ns=5 * 10**9
+    )
     settings = IngestSettings(
         endpoints=(endpoint,), groups={"g1": GroupSettings("g1", {sensor: role}, spec)}, bind=True, transport="pull"
     )
@@ -118,7 +120,7 @@ def _ours(worker: IngestWorker, sc: Scenario, n: int) -> float:
     return dt
 
 
-def _run_once(sc: Scenario, n: int, which: str, transport: str) -> float:
+def _run_once(sc: Scenario, n: int, which: str, transport: str, late_policy: str = "sink") -> float:
     """One measurement: bind the receiver, start the sender process, time the receiving side."""
     mpc = mp.get_context("spawn")
     go = mpc.Event()
@@ -131,7 +133,7 @@ def _run_once(sc: Scenario, n: int, which: str, transport: str) -> float:
             receiver.bind(endpoint)
             bound = receiver.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
-            receiver = _worker(endpoint, sc, ctx)
+            receiver = _worker(endpoint, sc, ctx, late_policy)
             bound = receiver.bound_endpoints[0]
         proc = mpc.Process(target=_sender, args=(bound, sc, n, go))
         proc.start()
@@ -154,7 +156,8 @@ def _rate(sc: Scenario, n: int, seconds: float) -> float:
 
 def main(args: argparse.Namespace) -> int:
     print(f"sacmf bench-ingest: {args.repeats} alternating runs per scenario, ~{args.seconds:g} s each, "
-          f"transport {args.transport}, pid {os.getpid()}, {os.cpu_count()} cores")  # fmt: skip
+          f"transport {args.transport}, late_policy {args.late_policy}, pid {os.getpid()}, "
+          f"{os.cpu_count()} cores")  # fmt: skip
     print(f"{'scenario':32} {'unit':>8} {'bare median':>13} {'sacmf median':>13} {'ratio':>6}  runs (sacmf)")
     for sc in SCENARIOS:
         # size the run from one quick bare measurement so that each lasts about args.seconds
@@ -164,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
         bare, ours = [], []
         for _ in range(args.repeats):
             bare.append(_rate(sc, n, _run_once(sc, n, "bare", args.transport)))
-            ours.append(_rate(sc, n, _run_once(sc, n, "ours", args.transport)))
+            ours.append(_rate(sc, n, _run_once(sc, n, "ours", args.transport, args.late_policy)))
         b, o = statistics.median(bare), statistics.median(ours)
         runs = ", ".join(f"{x:,.0f}" for x in ours)
         unit = {"msgs": "msg/s", "MB": "MB/s", "samples": "samples/s"}[sc.unit]

@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
     b.add_argument("--repeats", type=int, default=3, help="runs per scenario (the median is reported)")
     b.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
+    b.add_argument(
+        "--late-policy", default="sink", choices=["sink", "update"], help="[window] late_policy of the measured worker"
+    )
     b.set_defaults(func=_bench_ingest)
     m = sub.add_parser("bench-model", help="SA-CMF forward latency per image backbone at batch 1 and 8")
     m.add_argument("--backbones", default="tiny,mobilenet_v3_small,resnet18,inception_v3")

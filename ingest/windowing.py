@@ -347,8 +347,9 @@ class GroupWindower:
         self._update = spec.late_policy == "update"
         self._horizon = spec.update_horizon_ns
         self._kept: dict[int, _Kept] = {}  # start -> fired window still open for updates
+        self._kept_heap: list[int] = []  # their starts, oldest first out
+        self._dirty: set[int] = set()  # starts of kept windows holding late data no emission has carried
         self._kept_bytes = 0
-        self._kept_frontier: int | None = None  # the frontier the kept windows were last evicted for
 
         self.emitted: dict[str, int] = dict.fromkeys(COMPLETENESS, 0)
         self.triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
@@ -508,11 +509,11 @@ class GroupWindower:
     def flush(self) -> list[Window]:
         """Fire every open window now (shutdown, end of replay); they come out as ``"flushed"``."""
         out: list[Window] = []
-        for start in sorted(self._kept):  # older than any open window: their updates go first
-            kw = self._kept.pop(start)
-            self._kept_bytes -= kw.ow.own_bytes
-            if kw.pending:
-                self._emit_update(kw, out)
+        for start in sorted(self._dirty):  # older than any open window: their updates go first
+            self._emit_update(start, self._kept[start], out)
+        self._kept.clear()
+        self._kept_heap.clear()
+        self._kept_bytes = 0
         if self._heap:
             self._close_until(max(self._heap) + self._size, "flush", out)
         return out
@@ -631,6 +632,7 @@ class GroupWindower:
             self.triggers[trigger] += 1
         if self._update and trigger != "flush":
             self._kept[ow.start] = _Kept(ow, 0 if w is None else 1)
+            heapq.heappush(self._kept_heap, ow.start)
             self._kept_bytes += ow.own_bytes
         return w
 
@@ -668,6 +670,8 @@ class GroupWindower:
         kw = self._kept.get(start)
         if kw is None:  # a window that never opened (its data is all late): emitted first as revision 0
             kw = self._kept[start] = _Kept(_Open(start), 0)
+            heapq.heappush(self._kept_heap, start)
+        self._dirty.add(start)
         return kw
 
     def _absorb_frame(self, frame: Frame, cell: int) -> bool:
@@ -720,32 +724,30 @@ class GroupWindower:
         self.late_used[chunk.sensor] += 1
 
     def _service_kept(self, out: list[Window]) -> None:
-        """Emit kept windows whose late inputs have all moved past their end; evict windows that left the
-        horizon or exceed the memory caps (oldest first), emitting their pending late data first."""
+        """Emit kept windows whose late inputs have all moved past their end; then evict, oldest first,
+        windows that left the horizon or exceed the memory caps, emitting their pending late data."""
         size = self._size
-        inputs = self._inputs
-        evict = (
-            self._frontier != self._kept_frontier
-            or len(self._kept) > self._max_open
-            or (self._buffered + self._kept_bytes > self._max_bytes)
-        )
-        for start in sorted(self._kept) if evict else [s for s, kw in self._kept.items() if kw.pending]:
-            kw = self._kept[start]
-            gone = evict and (
-                start + size <= self._frontier - self._horizon  # type: ignore[operator]
-                or len(self._kept) > self._max_open
-                or self._buffered + self._kept_bytes > self._max_bytes
-            )
-            end = start + size
-            if kw.pending and (gone or all(inputs[x].max_t >= end for x in kw.pending)):  # type: ignore[operator]
-                self._emit_update(kw, out)
-            if gone:
-                del self._kept[start]
-                self._kept_bytes -= kw.ow.own_bytes
-        self._kept_frontier = self._frontier
+        if self._dirty:
+            inputs = self._inputs
+            for start in sorted(self._dirty):
+                kw = self._kept[start]
+                end = start + size
+                if all(inputs[x].max_t >= end for x in kw.pending):  # type: ignore[operator]
+                    self._emit_update(start, kw, out)
+        heap, kept = self._kept_heap, self._kept
+        limit = self._frontier - self._horizon  # type: ignore[operator]  # set once a window has fired
+        while heap and (
+            heap[0] + size <= limit or len(kept) > self._max_open or self._buffered + self._kept_bytes > self._max_bytes
+        ):
+            start = heapq.heappop(heap)
+            kw = kept.pop(start)
+            self._kept_bytes -= kw.ow.own_bytes
+            if kw.pending:
+                self._emit_update(start, kw, out)
 
-    def _emit_update(self, kw: _Kept, out: list[Window]) -> None:
+    def _emit_update(self, start: int, kw: _Kept, out: list[Window]) -> None:
         kw.pending.clear()
+        self._dirty.discard(start)
         w = self._assemble(kw.ow, "update", kw.revision)
         if w is None:  # still not acceptable: stays dropped (counted when it closed)
             return
