@@ -546,7 +546,7 @@ def test_late_policy_update_republishes_a_window_with_its_late_stream(tmp_path: 
             first = firsts[(upd["group"], upd["start_ns"])]  # the same window came out before, without rad_ir
             assert first["presence"]["seq_b"] is False and upd["presence"]["seq_b"] is True
             assert first["presence"]["image_a"] and upd["presence"]["image_a"] and upd["presence"]["seq_a"]
-            assert upd["latency_s"] > 1.0 > first["latency_s"]
+            assert upd["latency_s"] > max(1.0, first["latency_s"])  # rad_ir reaches a window's end 1.2 s late
         assert not any(r["revision"] > 1 for r in d.results)  # one update per window, not one per late chunk
         assert m["sacmf_windows_updated_total"][(("group", "g1"),)] >= 3
         rad_ir = (("group", "g1"), ("sensor", "rad_ir"))
