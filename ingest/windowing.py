@@ -350,6 +350,7 @@ class GroupWindower:
         self._kept_heap: list[int] = []  # their starts, oldest first out
         self._dirty: set[int] = set()  # starts of kept windows holding late data no emission has carried
         self._kept_bytes = 0
+        self._update_floor = _NEVER  # windows starting before it were evicted for memory: no longer updatable
 
         self.emitted: dict[str, int] = dict.fromkeys(COMPLETENESS, 0)
         self.triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
@@ -664,7 +665,7 @@ class GroupWindower:
     def _horizon_start(self) -> int:
         """The oldest window start still open for updates: windows ending after frontier - horizon."""
         x = self._frontier - self._horizon - self._size  # type: ignore[operator]  # set once anything is late
-        return x - x % self._hop + self._hop
+        return max(x - x % self._hop + self._hop, self._update_floor)
 
     def _kept_window(self, start: int) -> _Kept:
         kw = self._kept.get(start)
@@ -742,6 +743,8 @@ class GroupWindower:
             start = heapq.heappop(heap)
             kw = kept.pop(start)
             self._kept_bytes -= kw.ow.own_bytes
+            # evicted before the horizon passed it (memory): must not come back as a second revision 0
+            self._update_floor = max(self._update_floor, start + self._hop)
             if kw.pending:
                 self._emit_update(start, kw, out)
 
