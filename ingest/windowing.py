@@ -29,9 +29,10 @@ Semantics, normative for the daemon:
   frontier is split by sample time; only the late prefix is reported (as a ``RadChunk`` view). With
   sliding windows a late sample is still added to those of its windows that are still open.
 * ``late_policy = "update"`` uses late data instead of only reporting it: a fired window stays
-  updatable while its end is within ``update_horizon`` of the frontier (event time; with its contents
-  kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open ones). Late data for
-  such a window is added to it and the window is emitted again with ``revision`` + 1 and
+  updatable while its end is within ``update_horizon`` of the frontier (event time). Its contents are
+  kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open windows, which take
+  precedence: a kept window evicted for memory is no longer updatable, and its late data is reported.
+  Late data for an updatable window is added to it and the window is emitted again with ``revision`` + 1 and
   ``trigger="update"`` once every sensor that brought late data to it has moved past its end (one
   update per lagging stream, not one per late message), or when it leaves the horizon, or on ``flush``.
   A window that never opened, or was dropped as incomplete, can be emitted this way too: its first
