@@ -214,7 +214,7 @@ def evaluate(
         "detection": det,
         "latency_s": {
             "live": percentiles([r.latency_s for r in live]),
-            "replay_recording_clock": percentiles([r.latency_s for r in results]),
+            "replay_recording_clock": percentiles([r.latency_s for r in rep.results if r.revision == 0]),
         },
         "fusion": {
             "image": _stats([r.fusion.image for r in both]),
@@ -376,6 +376,11 @@ def markdown(report: dict) -> str:
     lines = [f"# Stream evaluation: `{report['recording']}`", ""]
     lines += [f"Model `{report['model_version']}`; {report['windows']} windows replayed, "]
     lines[-1] += f"{report['windows_with_truth']} with ground truth."
+    if report.get("window_updates"):
+        lines[-1] += (
+            f" Late data updated windows {report['window_updates']} times (late_policy = update): each window is"
+            " scored by its last revision, latencies are those of its first result."
+        )
     cls = report["classification"]
     if cls:
         lines += ["", "## Target classification", ""]
