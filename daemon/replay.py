@@ -319,7 +319,7 @@ def replay(
                 raise RuntimeError(f"replay sender failed: {sender.error!r}") from sender.error
             if sender.done.is_set() and handled() >= sender.sent:
                 break
-        report.flushed = len(worker.flush())  # end of the recording: fire what is still open
+        report.flushed = sum(w.completeness == "flushed" for w in worker.flush())  # end of the recording: fire the rest
         while pending:
             chunk = pending[:batch_size]
             report.windows += len(chunk)

@@ -351,7 +351,8 @@ def ingest_process_main(
     deadline = time.monotonic() + INPUT_DRAIN_S
     while time.monotonic() < deadline and worker.poll(0) > 0:
         pass
-    flushed = worker.flush()
+    # force-fired windows; pending late-data updates (late_policy "update") come out here too, not flushed
+    flushed = [w for w in worker.flush() if w.completeness == "flushed"]
     worker.close()
     if inputs is not None:  # hand every recorded input over before DONE, so the parent can drain them
         inputs.flush()
