@@ -32,9 +32,10 @@ Semantics, normative for the daemon:
   updatable while its end is within ``update_horizon`` of the frontier (event time). Its contents are
   kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open windows, which take
   precedence: a kept window evicted for memory is no longer updatable, and its late data is reported.
-  Late data for an updatable window is added to it and the window is emitted again with ``revision`` + 1 and
-  ``trigger="update"`` once every sensor that brought late data to it has moved past its end (one
-  update per lagging stream, not one per late message), or when it leaves the horizon, or on ``flush``.
+  Late data for an updatable window is added to it, and the window is emitted again with ``revision``
+  + 1 and ``trigger="update"`` once every sensor that brought late data to it has moved past its end
+  (one update per lagging stream, not one per late message), or when it leaves the horizon, or on
+  ``flush``.
   A window that never opened, or was dropped as incomplete, can be emitted this way too: its first
   emission has revision 0. Such late data is counted as late (``late_messages``, ``late_samples``) and
   in ``late_used``, and is not handed to ``on_late``; late data older than the horizon still is. The
