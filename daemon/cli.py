@@ -68,6 +68,22 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensor_delay(text: str) -> tuple[str, float]:
+    """``SENSOR=MS`` for ``--delay``, checked against the simulator's sensor names."""
+    from daemon.simulate import SimSettings
+
+    sensors = (*SimSettings.cameras, *SimSettings.radiometers)
+    sensor, sep, ms = text.partition("=")
+    try:
+        value = float(ms)
+    except ValueError:
+        value = -1.0
+    if not sep or sensor not in sensors or not value >= 0:
+        names = ", ".join(sensors)
+        raise argparse.ArgumentTypeError(f"expected SENSOR=MS with SENSOR in {names} and MS >= 0, got {text!r}")
+    return sensor, value
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from daemon import bench_ingest
 
@@ -267,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--size", default="128x128", help="frame size HxW")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+        sp.add_argument(
+            "--delay",
+            type=_sensor_delay,
+            action="append",
+            default=[],
+            metavar="SENSOR=MS",
+            help="send SENSOR's messages MS late (a lagging link: late data, [window] late_policy); repeatable",
+        )
 
     s = sub.add_parser("simulate", help="publish a synthetic sensor group in real time")
     sim_args(s)

@@ -158,6 +158,7 @@ def _sim_settings(args: argparse.Namespace):
         width=w,
         seed=args.seed,
         scene_ms=getattr(args, "scene_ms", 1000.0),
+        delays_ms=dict(args.delay),
     )
 
 

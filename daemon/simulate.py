@@ -35,6 +35,8 @@ into an MCAP recording (heartbeats are not recorded: they come from the publishe
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import math
 import sys
 import threading
@@ -70,6 +72,8 @@ class SimSettings:
     seed: int = 0
     scene_ms: float = 1000.0  # one scene per this span of event time, epoch-aligned (use the window size)
     sky_span_s: float = NATIVE_SKY_SPAN_S  # seconds of light curve played within one scene span
+    # sensor -> ms its messages are held back after they are due: a lagging link, to try late_policy
+    delays_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.frame_rate_hz <= 0 or self.sample_rate_hz <= 0 or self.chunk_samples < 1:
@@ -78,6 +82,12 @@ class SimSettings:
             raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
         if self.scene_ms <= 0 or self.sky_span_s <= 0:
             raise ValueError("scene_ms and sky_span_s must be > 0")
+        sensors = (*self.cameras, *self.radiometers)
+        for sensor, ms in self.delays_ms.items():
+            if sensor not in sensors:
+                raise ValueError(f"delay for unknown sensor {sensor!r}; sensors: {', '.join(sensors)}")
+            if not ms >= 0:
+                raise ValueError(f"delay of {sensor} must be >= 0 ms, got {ms}")
 
 
 @dataclass(frozen=True)
@@ -220,7 +230,8 @@ def run(
     """Publish until ``stop`` is set or ``duration_s`` has passed. Returns data messages sent per sensor.
 
     ``recorder`` gets every data message exactly as published (log time = send time), so the file
-    replays and evaluates like a daemon's recording.
+    replays and evaluates like a daemon's recording. A sensor in ``settings.delays_ms`` sends each message
+    that long after it is due (same event time): what a slow link does, and what late data looks like.
     """
     s = settings
     scenes = source or SceneSource(s)
@@ -235,6 +246,28 @@ def run(
     next_frame, next_chunk = start, start
     sent = dict.fromkeys([*s.cameras, *s.radiometers], 0)
     end = start + int(duration_s * 1e9) if duration_s else None
+    delays = {sensor: int(ms * 1e6) for sensor, ms in s.delays_ms.items() if ms > 0}
+    held: list[tuple] = []  # heap of (send at ns, order, sensor, payload, t_ns, exp_ns or dt_ns, meta)
+
+    def publish(sensor: str, payload: np.ndarray, t_ns: int, extra: int, meta: dict) -> None:
+        if sensor in s.cameras:
+            seq = publisher.send_image(sensor, payload, t_ns, extra, meta=meta)
+            kind, header = "img", protocol.encode_image_header
+        else:
+            seq = publisher.send_samples(sensor, payload, t_ns, extra, meta=meta)
+            kind, header = "rad", protocol.encode_rad_header
+        if recorder is not None:
+            head = header(group, sensor, session, seq, t_ns, extra, payload, meta)
+            recorder.record_input([protocol.topic(kind, group, sensor), head, payload], time.time_ns())
+        sent[sensor] += 1
+
+    def due(sensor: str, payload: np.ndarray, t_ns: int, extra: int, meta: dict, now: int) -> None:
+        if sensor in delays:
+            heapq.heappush(held, (now + delays[sensor], next(order), sensor, payload, t_ns, extra, meta))
+        else:
+            publish(sensor, payload, t_ns, extra, meta)
+
+    order = itertools.count()
     while not stop.is_set():
         now = time.time_ns()
         if end is not None and now >= end:
@@ -243,26 +276,18 @@ def run(
             t_ns = next_frame + offset_ns
             for band, cam in enumerate(s.cameras):
                 image, truth = scenes.frame(t_ns, band)
-                meta = truth.to_meta(full=band == 0)
-                seq = publisher.send_image(cam, image, t_ns, exp_ns, meta=meta)
-                if recorder is not None:
-                    header = protocol.encode_image_header(group, cam, session, seq, t_ns, exp_ns, image, meta)
-                    recorder.record_input([protocol.topic("img", group, cam), header, image], time.time_ns())
-                sent[cam] += 1
+                due(cam, image, t_ns, exp_ns, truth.to_meta(full=band == 0), now)
             next_frame += frame_ns
         if now >= next_chunk + chunk_ns:  # a chunk is published once its last sample has been taken
             t_ns = next_chunk + offset_ns
             for band, rad in enumerate(s.radiometers):
                 values, truth = scenes.samples(t_ns, s.chunk_samples, band)
-                meta = truth.to_meta(full=False)
-                seq = publisher.send_samples(rad, values, t_ns, dt_ns, meta=meta)
-                if recorder is not None:
-                    header = protocol.encode_rad_header(group, rad, session, seq, t_ns, dt_ns, values, meta)
-                    recorder.record_input([protocol.topic("rad", group, rad), header, values], time.time_ns())
-                sent[rad] += 1
+                due(rad, values, t_ns, dt_ns, truth.to_meta(full=False), now)
             next_chunk += chunk_ns
+        while held and held[0][0] <= now:
+            publish(*heapq.heappop(held)[2:])
         scenes.scene(scenes.index(now + offset_ns) + 1)  # the next scene is made while idle, not when due
-        wake = min(next_frame, next_chunk + chunk_ns)
+        wake = min(next_frame, next_chunk + chunk_ns, held[0][0] if held else next_frame)
         stop.wait(max(0.0, (wake - time.time_ns()) / 1e9))
     return sent
 
@@ -288,6 +313,7 @@ def curve_command(args: argparse.Namespace) -> int:
         width=int(args.size.lower().split("x")[1]),
         seed=args.seed,
         scene_ms=getattr(args, "scene_ms", 1000.0),
+        delays_ms=dict(args.delay),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -272,6 +272,29 @@ def test_simulate_record_writes_a_replayable_file_with_truth(tmp_path: Path):
             assert np.array_equal(m.data, scenes.frame(m.t_ns, 0)[0]) and truth.has_boxes
 
 
+def test_simulate_delay_sends_a_sensor_late_with_its_event_times(tmp_path: Path):
+    """`--delay rad_ir=700`: rad_ir's messages leave 0.7 s after they are due, with unchanged event times
+    and consecutive seqs; the other sensors are on time. What late data looks like to the daemon."""
+    path = tmp_path / "lag.mcap"
+    run = cli("simulate", "--endpoint", "tcp://127.0.0.1:*", "--frame-rate", "5", "--sample-rate", "200",
+              "--chunk", "20", "--size", "40x40", "--duration", "2.5", "--delay", "rad_ir=700",
+              "--record", str(path))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lag: dict[str, list[float]] = {}
+    seqs: dict[str, list[int]] = {}
+    for sent_ns, frames in recorded_inputs(path):
+        m = protocol.decode(frames)
+        due = m.t_ns + (20 * 5_000_000 if m.kind == "rad" else 0)  # a chunk is due once its last sample is taken
+        lag.setdefault(m.sensor, []).append((sent_ns - due) / 1e9)
+        seqs.setdefault(m.sensor, []).append(m.seq)
+    assert min(lag["rad_ir"]) >= 0.7  # never early (a loaded machine may make any message later)
+    assert all(sorted(lag[s])[len(lag[s]) // 2] < 0.2 for s in ("cam_vis", "cam_ir", "rad_vis"))
+    assert all(q == list(range(q[0], q[0] + len(q))) for q in seqs.values())
+    assert 0 < len(seqs["rad_ir"]) < len(seqs["rad_vis"])  # what was still held at the stop is not sent
+    bad = cli("simulate", "--delay", "rad_x=5", "--duration", "0.1")
+    assert bad.returncode == 2 and "SENSOR=MS with SENSOR in cam_vis, cam_ir, rad_vis, rad_ir" in bad.stderr
+
+
 # ----------------------------------------------------------------------------------------------------
 # the ingest raw-message hook
 # ----------------------------------------------------------------------------------------------------

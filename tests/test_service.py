@@ -23,10 +23,12 @@ import pytest
 import torch
 import zmq
 
+from daemon import simulate
 from daemon.adapt import pick_frame, prepare_window, window_to_raw, windows_to_batch
 from daemon.admin import AdminHandlers, AdminServer, parse_listen
 from daemon.inference import CheckpointError, InferenceRunner, load_checkpoint
 from daemon.service import WINDOW, decode_message, encode_message
+from daemon.simulate import SimSettings
 from daemon.window_view import model_view
 from ingest.resample import resample
 from ingest.windowing import Frame, Samples, Window
@@ -502,28 +504,6 @@ def test_sigterm_under_load_exits_0_and_loses_no_window(daemon: Daemon):
     assert [r.start_ns for r in recorded] == starts
 
 
-def _lagging_feed(pub, stop: threading.Event, lag_ns: int) -> None:
-    """Cameras and rad_vis on time; rad_ir's samples sent ``lag_ns`` after their event time (wall clock)."""
-    rng = np.random.default_rng(3)
-    frame = rng.normal(100, 5, (48, 64)).astype(np.uint16)
-    step, dt = 100_000_000, 2_000_000
-    t = time.time_ns() // step * step
-    held: list[tuple[int, np.ndarray]] = []
-    while not stop.is_set():
-        now = time.time_ns()
-        while t <= now:
-            values = (1 + 0.1 * rng.standard_normal(50)).astype(np.float32)
-            pub.send_image("cam_vis", frame, t)
-            pub.send_image("cam_ir", frame, t)
-            pub.send_samples("rad_vis", values, t, dt)
-            held.append((t, values))
-            t += step
-        while held and held[0][0] + lag_ns <= now:
-            te, values = held.pop(0)
-            pub.send_samples("rad_ir", values, te, dt)
-        time.sleep(0.01)
-
-
 def test_late_policy_update_republishes_a_window_with_its_late_stream(tmp_path: Path, checkpoint: Path):
     """A radiometer 1.2 s behind the others, with max_wait 300 ms: each window first comes out without it
     (revision 0), then again with its data once it has caught up (revision 1), and nothing is left for
@@ -535,7 +515,9 @@ def test_late_policy_update_republishes_a_window_with_its_late_stream(tmp_path: 
             'allowed_lateness_ms = 100\nmax_wait_ms = 300\nlate_policy = "update"\nupdate_horizon_ms = 5000\n',
         )
     )
-    d.sim = threading.Thread(target=_lagging_feed, args=(d.pub, d.sim_stop, 1_200_000_000), daemon=True)
+    lagging = SimSettings(frame_rate_hz=10, sample_rate_hz=500, chunk_samples=50, height=48, width=64,
+                          delays_ms={"rad_ir": 1200})  # fmt: skip
+    d.sim = threading.Thread(target=simulate.run, args=(d.pub, lagging, d.sim_stop), daemon=True)
     try:
         d.start()
         updates = d.wait_results(lambda r: r["revision"] == 1, n=3, timeout=60)
