@@ -99,14 +99,14 @@ class StateCollector(Collector):
         if s.get("snapshot_age_s") is not None:
             age.add_metric([], s["snapshot_age_s"])
         families = [depth, dropped, reloads, sink_depth, written, errors, sink_dropped, failed, age]
-        if s.get("recording") is not None:  # only when inputs are recorded ([sinks] mcap_inputs)
+        if s.get("recording_inputs_dropped") is not None:  # only when inputs are recorded ([sinks] mcap_inputs)
             pipe = CounterMetricFamily(
                 "sacmf_recording_inputs_dropped",
                 "Input messages left out of the MCAP recording because the ingest process's recording pipe was "
                 "full (the pipeline never waits for the recorder; drops at the sink's own queue are in "
                 'sacmf_sink_records_dropped_total{sink="mcap_inputs"})',
             )
-            pipe.add_metric([], s["recording"])
+            pipe.add_metric([], s["recording_inputs_dropped"])
             families.append(pipe)
         return families
 

@@ -488,13 +488,14 @@ class Service:
 
     def _state_for_metrics(self) -> dict:
         st = self.state
+        pipe_dropped = st.snapshot.inputs_dropped if st.snapshot else 0
         return {
             "queue_depth": self.queue.depth,
             "queue_dropped": self.queue.dropped,
             "reloads": dict(self.runner.reloads),
             "sinks": [s for s in (self.results, self.late, self.inputs, self.png) if s is not None],
             "snapshot_age_s": None if st.snapshot_at is None else time.monotonic() - st.snapshot_at,
-            "recording": None if self.inputs is None else (st.snapshot.inputs_dropped if st.snapshot else 0),
+            "recording_inputs_dropped": None if self.inputs is None else pipe_dropped,
         }
 
     def health(self) -> tuple[bool, dict]:
