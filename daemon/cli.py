@@ -24,8 +24,12 @@ def _check_config(args: argparse.Namespace) -> int:
         w = g.window
         kind = "tumbling" if w.hop_ns is None else f"sliding hop {w.hop_ns / 1e6:g} ms"
         sensors = ", ".join(f"{s}={r}" for s, r in g.sensors.items())
+        late = "late data to the late sink"
+        if w.late_policy == "update":
+            late = f"late data updates windows for {w.update_horizon_ns / 1e6:g} ms"
         print(
             f"  group {g.name}: {sensors}; {w.size_ns / 1e6:g} ms {kind}, lateness {w.allowed_lateness_ns / 1e6:g} ms"
+            f", {late}"
         )
     return 0
 

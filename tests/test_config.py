@@ -144,6 +144,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_check_config_cli(tmp_path: Path):
     ok = run_cli("check-config", "config.toml")
     assert ok.returncode == 0 and "OK" in ok.stdout and "group g1" in ok.stdout
+    assert "late data to the late sink" in ok.stdout
+    update = tmp_path / "update.toml"
+    update.write_text((ROOT / "config.toml").read_text().replace('late_policy = "sink"', 'late_policy = "update"'))
+    out = run_cli("check-config", str(update))
+    assert out.returncode == 0 and "late data updates windows for 5000 ms" in out.stdout
+    update.write_text((ROOT / "config.toml").read_text().replace('late_policy = "sink"', 'late_policy = "refire"'))
+    out = run_cli("check-config", str(update))
+    assert out.returncode == 2 and "window.late_policy" in out.stderr and "'update'" in out.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "config.toml").read_text().replace("size_ms = 1000", "size_ms = 0"))
     out = run_cli("check-config", str(bad))
