@@ -31,7 +31,8 @@ Semantics, normative for the daemon:
 * ``late_policy = "update"`` uses late data instead of only reporting it: a fired window stays
   updatable while its end is within ``update_horizon`` of the frontier (event time). Its contents are
   kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open windows, which take
-  precedence: a kept window evicted for memory is no longer updatable, and its late data is reported.
+  precedence: a kept window evicted for memory, like an open one dropped for it in live mode, is no
+  longer updatable, and its late data is reported.
   Late data for an updatable window is added to it, and the window is emitted again with ``revision``
   + 1 and ``trigger="update"`` once every sensor that brought late data to it has moved past its end
   (one update per lagging stream, not one per late message), or when it leaves the horizon, or on
@@ -623,8 +624,10 @@ class GroupWindower:
                 self._close_until(end, "overflow", out)
             else:
                 self._advance_frontier(end)
-                self._pop_oldest()
+                start = self._pop_oldest().start
                 self.dropped["overflow"] += 1
+                # dropped for memory: late data for it goes to on_late, never into a new revision 0
+                self._update_floor = max(self._update_floor, start + self._hop)
 
     def _finish(self, ow: _Open, trigger: str) -> Window | None:
         w = self._assemble(ow, trigger, 0)

@@ -686,6 +686,17 @@ def test_live_overflow_loses_data_but_counts_it() -> None:
     assert [x.start_ns for x in out] == [70, 80, 90]
 
 
+def test_live_overflow_drops_are_not_revived_by_late_data_under_the_update_policy() -> None:
+    spec = WindowSpec(10, mode="live", allowed_lateness_ns=10**6, max_open_windows=3, late_policy="update",
+                      update_horizon_ns=10**6)  # fmt: skip
+    run = Run(spec, {"cam_a": "image_a"})
+    run.feed([Ev("cam_a", i, 10 * i) for i in range(5)], flush=False)  # [0, 10) and [10, 20) dropped
+    assert run.w.dropped["overflow"] == 2
+    run.feed([Ev("cam_a", 5, 3), Ev("cam_a", 6, 13)])  # their late data: to the late sink, not a revision 0
+    assert [(late_sig(i)[2], r) for _, _, i, r in run.late] == [(5, "closed"), (6, "closed")]
+    assert sorted(x.start_ns for x in run.out) == [20, 30, 40]
+
+
 # ------------------------------------------------------------------ throughput smoke check
 def test_small_message_throughput() -> None:
     """The subscriber budget is >= 50k msg/s per core; we demand 10k/s here to survive a loaded CI box."""
