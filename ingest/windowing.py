@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -474,29 +474,18 @@ class GroupWindower:
         # Windows from the first one holding t0 to the last one holding t_last, skipping closed ones and any
         # that hold no sample: the work follows the samples, never the time span (two samples a century
         # apart must not walk the billions of windows between them).
-        s = first_cell - size + hop
-        if frontier is not None and s + size <= frontier:
+        first = first_cell - size + hop
+        if frontier is not None and first + size <= frontier:
             x = frontier - size
-            s = x - x % hop + hop  # the first window on the grid that ends after the frontier
-        s_end = t_last - t_last % hop + hop
-        while s < s_end:
-            lo = max(0, -((t0 - s) // step))
-            hi = min(n, -((t0 - s - size) // step))
-            if lo >= hi:  # no sample in [s, s + size): on to the first window holding sample lo
-                if lo >= n:
-                    break
-                t_lo = t0 + lo * dt
-                s = max(s + hop, t_lo - t_lo % hop - size + hop)
-                continue
+            first = x - x % hop + hop  # the first window on the grid that ends after the frontier
+        for s, lo, hi, own in self._spans(t0, dt, step, 0, n, first, t_last - t_last % hop + hop):
             ow = self._open.get(s)
             if ow is None:
                 ow = self._new_window(s)
             ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
-            own = min(n, -((t0 - s - hop) // step)) - lo  # samples whose newest window is s
             if own > 0:
                 ow.own_bytes += own * per_sample
                 self._buffered += own * per_sample
-            s += hop
         return self._progress(inp, t_last, recv_ns)
 
     def advance(self, now_ns: int) -> list[Window]:
@@ -523,6 +512,26 @@ class GroupWindower:
         return out
 
     # ---------------------------------------------------------------- internals
+    def _spans(
+        self, t0: int, dt: int, step: int, j: int, k: int, s: int, s_stop: int
+    ) -> Iterator[tuple[int, int, int, int]]:
+        """(start, lo, hi, own) for each window from ``s`` (on the grid) up to ``s_stop`` that holds any of
+        samples ``j:k`` of a chunk (sample i at ``t0 + i * dt``): it holds ``lo:hi``, and ``own`` of them
+        have it as their newest window (their bytes are counted there). Windows without a sample are
+        skipped, so the work follows the samples, never the time span."""
+        size, hop = self._size, self._hop
+        while s < s_stop:
+            lo = max(j, -((t0 - s) // step))
+            hi = min(k, -((t0 - s - size) // step))
+            if lo >= hi:  # no sample in [s, s + size): on to the first window holding sample lo
+                if lo >= k:
+                    return
+                t_lo = t0 + lo * dt
+                s = max(s + hop, t_lo - t_lo % hop - size + hop)
+                continue
+            yield s, lo, hi, min(k, -((t0 - s - hop) // step)) - lo
+            s += hop
+
     def _role_error(self, sensor: str, what: str) -> str:
         if sensor not in self._roles:
             return f"group {self.group!r}: unknown sensor {sensor!r} for a {what}"
@@ -706,24 +715,15 @@ class GroupWindower:
         size, hop, frontier = self._size, self._hop, self._frontier
         per_sample = values.nbytes // values.shape[0]
         t_j = t0 + j * dt
-        s = max(t_j - t_j % hop - size + hop, self._horizon_start())
-        while s + size <= frontier:  # type: ignore[operator]  # open windows: add_samples' own loop
-            lo = max(j, -((t0 - s) // step))
-            hi = min(k, -((t0 - s - size) // step))
-            if lo >= hi:
-                if lo >= k:
-                    break
-                t_lo = t0 + lo * dt
-                s = max(s + hop, t_lo - t_lo % hop - size + hop)
-                continue
+        first = max(t_j - t_j % hop - size + hop, self._horizon_start())
+        # fired windows only (they end at or before the frontier); add_samples puts the rest in open ones
+        for s, lo, hi, own in self._spans(t0, dt, step, j, k, first, frontier - size + 1):  # type: ignore[operator]
             kw = self._kept_window(s)
             kw.ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
             kw.pending.add(chunk.sensor)
-            own = min(k, -((t0 - s - hop) // step)) - lo  # samples whose newest window is s
             if own > 0:
                 kw.ow.own_bytes += own * per_sample
                 self._kept_bytes += own * per_sample
-            s += hop
         if j == 0:  # otherwise _report_late counts the message
             self.late_messages[chunk.sensor] += 1
         self.late_samples[chunk.sensor] += k - j
