@@ -145,23 +145,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sim_settings(args: argparse.Namespace):
-    from daemon.simulate import SimSettings
-
-    h, w = (int(v) for v in args.size.lower().split("x"))
-    return SimSettings(
-        group=args.group,
-        frame_rate_hz=args.frame_rate,
-        sample_rate_hz=args.sample_rate,
-        chunk_samples=args.chunk,
-        height=h,
-        width=w,
-        seed=args.seed,
-        scene_ms=getattr(args, "scene_ms", 1000.0),
-        delays_ms=dict(args.delay),
-    )
-
-
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():  # second signal: leave at once
@@ -177,7 +160,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from ingest.publisher import SensorPublisher
     from sinks.mcap_recorder import McapRecorder
 
-    s = _sim_settings(args)
+    s = simulate.settings_from_args(args)
     stop = threading.Event()
     _stop_on_signals(stop)
     sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
@@ -196,12 +179,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from daemon import demo
+    from daemon import demo, simulate
 
     level = args.log_level or "warning"  # the live view is the output; info logs would drown it
     logs.configure(level, args.log_format or "auto")
     return demo.run(
-        _sim_settings(args),
+        simulate.settings_from_args(args),
         threading.Event(),
         args.duration,
         out_dir=args.out,

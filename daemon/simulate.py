@@ -292,7 +292,23 @@ def run(
     return sent
 
 
-# ---------------------------------------------------------------- CURVE keys on the command line
+# ---------------------------------------------------------------- the command line
+
+
+def settings_from_args(args: argparse.Namespace) -> SimSettings:
+    """The simulator options of `sacmf simulate` and `sacmf demo` (daemon/cli.py ``sim_args``)."""
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    return SimSettings(
+        group=args.group,
+        frame_rate_hz=args.frame_rate,
+        sample_rate_hz=args.sample_rate,
+        chunk_samples=args.chunk,
+        height=h,
+        width=w,
+        seed=args.seed,
+        scene_ms=getattr(args, "scene_ms", 1000.0),
+        delays_ms=dict(args.delay),
+    )
 
 
 def curve_command(args: argparse.Namespace) -> int:
@@ -304,17 +320,7 @@ def curve_command(args: argparse.Namespace) -> int:
 
     from ingest.security import KeyFileError
 
-    s = SimSettings(
-        group=args.group,
-        frame_rate_hz=args.frame_rate,
-        sample_rate_hz=args.sample_rate,
-        chunk_samples=args.chunk,
-        height=int(args.size.lower().split("x")[0]),
-        width=int(args.size.lower().split("x")[1]),
-        seed=args.seed,
-        scene_ms=getattr(args, "scene_ms", 1000.0),
-        delays_ms=dict(args.delay),
-    )
+    s = settings_from_args(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
