@@ -30,6 +30,7 @@ from model.cddfuse import (
     ssim_loss,
     stretch,
 )
+from tests.torch_helpers import torch_threads
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "cddfuse"
 needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden vectors not found at {GOLDEN}")
@@ -56,10 +57,8 @@ def _threads():
 
     The goldens were made with two threads; one thread moves output_raw by ~1e-7 (golden README).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

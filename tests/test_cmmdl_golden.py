@@ -27,6 +27,7 @@ from model.cmmdl import (
     rgb_to_ycbcr,
     stretch,
 )
+from tests.torch_helpers import torch_threads
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "cmmdl"
 pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden vectors not found at {GOLDEN}")
@@ -58,10 +59,8 @@ def _golden_threads() -> Iterator[None]:
     Case 2's phase flips (below) depend on the thread count: on this machine its mean difference is
     4e-5 with two threads and 1.3e-4 with one, so without this its outcome depended on test order.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +256,8 @@ def test_loss_terms_on_known_cases() -> None:
 @pytest.fixture
 def single_thread() -> Iterator[None]:
     """Tiny tensors: one thread avoids OpenMP wake-up overhead, which dominates on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 def test_loss_is_differentiable_and_training_lowers_it(single_thread: None) -> None:

@@ -30,6 +30,7 @@ from model.crossfuse import (
     tile_tokens,
     untile_tokens,
 )
+from tests.torch_helpers import torch_threads
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "crossfuse"
 WEIGHTS = GOLDEN / "weights.safetensors"
@@ -45,10 +46,8 @@ FEATURE_TOL = 1e-4  # deep and CAM features (README suggestion); observed <= 3.3
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One intra-op thread: on a shared, oversubscribed CPU, OpenMP barriers make 2 threads slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def golden(name: str) -> torch.Tensor:
