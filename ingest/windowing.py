@@ -30,17 +30,19 @@ Semantics, normative for the daemon:
   sliding windows a late sample is still added to those of its windows that are still open.
 * ``late_policy = "update"`` uses late data instead of only reporting it: a fired window stays
   updatable while its end is within ``update_horizon`` of the frontier (event time). Its contents are
-  kept, bounded by ``max_open_windows`` and ``max_buffered_bytes`` like the open windows, which take
-  precedence: a kept window evicted for memory, like an open one dropped for it in live mode, is no
-  longer updatable, and its late data is reported.
+  kept, counted against ``max_open_windows`` and ``max_buffered_bytes`` together with the open windows,
+  which take precedence: a kept window evicted for memory is no longer updatable, and nor is any window
+  older than an open one dropped for memory in live mode (those are released too); their late data is
+  reported, and so is late data after ``flush`` for what it emitted.
   Late data for an updatable window is added to it, and the window is emitted again with ``revision``
   + 1 and ``trigger="update"`` once every sensor that brought late data to it has moved past its end
   (one update per lagging stream, not one per late message), or when it leaves the horizon, or on
-  ``flush``.
+  ``flush``. Updates come out in start order, before the windows that fire in the same call.
   A window that never opened, or was dropped as incomplete, can be emitted this way too: its first
-  emission has revision 0. Such late data is counted as late (``late_messages``, ``late_samples``) and
-  in ``late_used``, and is not handed to ``on_late``; late data older than the horizon still is. The
-  decisions use event time and the frontier only, so replays stay deterministic.
+  emission has revision 0 (one that never opened and stays unacceptable is counted as dropped
+  incomplete). Such late data is counted as late (``late_messages``, ``late_samples``) and in
+  ``late_used``, and is not handed to ``on_late``; late data that no fired window within the horizon
+  holds still is. The decisions use event time and the frontier only, so replays stay deterministic.
 * Contents are sorted by event time with ties broken by ``(sensor, seq)``, so any arrival order that
   stays within the lateness bound gives identical windows.
 * Each window lists frames per image role and samples per sequence role (keys for all roles; empty when
@@ -281,12 +283,13 @@ class _Open:
 class _Kept:
     """A fired window kept for late-data updates (``late_policy = "update"``)."""
 
-    __slots__ = ("ow", "revision", "pending")
+    __slots__ = ("ow", "revision", "pending", "closed")
 
-    def __init__(self, ow: _Open, revision: int) -> None:
+    def __init__(self, ow: _Open, revision: int, closed: bool) -> None:
         self.ow = ow  # its contents, late data added
         self.revision = revision  # what its next emission is numbered (0: never emitted)
         self.pending: set[str] = set()  # sensors whose late data it holds that no emission has carried yet
+        self.closed = closed  # accounted as emitted or dropped; False: it never opened, only late data made it
 
 
 def _frame_key(f: Frame) -> tuple[int, str, int]:
@@ -353,7 +356,7 @@ class GroupWindower:
         self._kept_heap: list[int] = []  # their starts, oldest first out
         self._dirty: set[int] = set()  # starts of kept windows holding late data no emission has carried
         self._kept_bytes = 0
-        self._update_floor = _NEVER  # windows starting before it were evicted for memory: no longer updatable
+        self._update_floor = _NEVER  # windows starting before it are no longer updatable (memory, flush)
 
         self.emitted: dict[str, int] = dict.fromkeys(COMPLETENESS, 0)
         self.triggers: dict[str, int] = dict.fromkeys(TRIGGERS, 0)
@@ -463,9 +466,13 @@ class GroupWindower:
             k = min(n, -((t0 - self._late_bound) // step))  # samples with t < late_bound
             j = k  # of those, the first j are reported; the rest go into updates
             if self._update:
-                j = min(k, max(0, -((t0 - self._horizon_start()) // step)))
-                if j < k:
-                    self._absorb_samples(chunk, j, k, step)
+                horizon = self._horizon_start()
+                # the fired windows from the horizon on hold every late sample from it on (size is a
+                # multiple of hop); with none fired there yet (a horizon under a hop), all are reported
+                if horizon + size <= self._frontier:  # type: ignore[operator]  # set: t0 is late
+                    j = min(k, max(0, -((t0 - horizon) // step)))
+                    if j < k:
+                        self._absorb_samples(chunk, j, k, step, horizon)
             if j:
                 item = chunk if j == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:j], chunk.meta)
                 t_j = t0 + (j - 1) * dt
@@ -496,7 +503,9 @@ class GroupWindower:
             self._now = now_ns
         out = self._fire_ready()
         if self._kept:
-            self._service_kept(out)
+            updates = self._service_kept()
+            if updates:
+                out[:0] = updates
         return out
 
     def flush(self) -> list[Window]:
@@ -509,6 +518,9 @@ class GroupWindower:
         self._kept_bytes = 0
         if self._heap:
             self._close_until(max(self._heap) + self._size, "flush", out)
+        if self._update and self._frontier is not None:  # all of it is out: late data for it is reported,
+            x = self._frontier - self._size  # never made into a second revision 0
+            self._update_floor = max(self._update_floor, x - x % self._hop + self._hop)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -564,7 +576,9 @@ class GroupWindower:
         if self._open and (len(self._open) > self._max_open or self._buffered > self._max_bytes):
             self._overflow(out)
         if self._kept:
-            self._service_kept(out)
+            updates = self._service_kept()
+            if updates:
+                out[:0] = updates
         return out
 
     def _compute_watermark(self) -> int | None:
@@ -646,7 +660,7 @@ class GroupWindower:
             self.emitted[w.completeness] += 1
             self.triggers[trigger] += 1
         if self._update and trigger != "flush":
-            self._kept[ow.start] = _Kept(ow, 0 if w is None else 1)
+            self._kept[ow.start] = _Kept(ow, 0 if w is None else 1, True)
             heapq.heappush(self._kept_heap, ow.start)
             self._kept_bytes += ow.own_bytes
         return w
@@ -684,7 +698,7 @@ class GroupWindower:
     def _kept_window(self, start: int) -> _Kept:
         kw = self._kept.get(start)
         if kw is None:  # a window that never opened (its data is all late): emitted first as revision 0
-            kw = self._kept[start] = _Kept(_Open(start), 0)
+            kw = self._kept[start] = _Kept(_Open(start), 0, False)
             heapq.heappush(self._kept_heap, start)
         self._dirty.add(start)
         return kw
@@ -701,21 +715,22 @@ class GroupWindower:
             kw.pending.add(frame.sensor)
         if kw is None:
             return False
-        nbytes = frame.image.nbytes  # counted once, against the newest window holding it
-        kw.ow.own_bytes += nbytes
-        self._kept_bytes += nbytes
+        if cell + size <= frontier:  # type: ignore[operator]  # its newest window fired: its bytes are here
+            nbytes = frame.image.nbytes  # (otherwise add_frame counts them against that open window)
+            kw.ow.own_bytes += nbytes
+            self._kept_bytes += nbytes
         self.late_messages[frame.sensor] += 1
         self.late_samples[frame.sensor] += 1
         self.late_used[frame.sensor] += 1
         return True
 
-    def _absorb_samples(self, chunk: RadChunk, j: int, k: int, step: int) -> None:
-        """Add samples ``j:k`` of a chunk (late, all within the horizon) to their fired windows."""
+    def _absorb_samples(self, chunk: RadChunk, j: int, k: int, step: int, horizon: int) -> None:
+        """Add samples ``j:k`` of a chunk (late, none before ``horizon``) to their fired windows."""
         t0, dt, values = chunk.t_ns, chunk.dt_ns, chunk.values
         size, hop, frontier = self._size, self._hop, self._frontier
         per_sample = values.nbytes // values.shape[0]
         t_j = t0 + j * dt
-        first = max(t_j - t_j % hop - size + hop, self._horizon_start())
+        first = max(t_j - t_j % hop - size + hop, horizon)
         # fired windows only (they end at or before the frontier); add_samples puts the rest in open ones
         for s, lo, hi, own in self._spans(t0, dt, step, j, k, first, frontier - size + 1):  # type: ignore[operator]
             kw = self._kept_window(s)
@@ -729,9 +744,12 @@ class GroupWindower:
         self.late_samples[chunk.sensor] += k - j
         self.late_used[chunk.sensor] += 1
 
-    def _service_kept(self, out: list[Window]) -> None:
+    def _service_kept(self) -> list[Window]:
         """Emit kept windows whose late inputs have all moved past their end; then evict, oldest first,
-        windows that left the horizon or exceed the memory caps, emitting their pending late data."""
+        windows that left the horizon, can no longer be updated, or exceed the memory caps (shared with
+        the open windows, which take precedence), emitting their pending late data. Returns the updates
+        in start order: they are older than any window fired since they were."""
+        out: list[Window] = []
         size = self._size
         if self._dirty:
             inputs = self._inputs
@@ -743,7 +761,10 @@ class GroupWindower:
         heap, kept = self._kept_heap, self._kept
         limit = self._frontier - self._horizon  # type: ignore[operator]  # set once a window has fired
         while heap and (
-            heap[0] + size <= limit or len(kept) > self._max_open or self._buffered + self._kept_bytes > self._max_bytes
+            heap[0] + size <= limit
+            or heap[0] < self._update_floor
+            or len(kept) + len(self._open) > self._max_open
+            or self._buffered + self._kept_bytes > self._max_bytes
         ):
             start = heapq.heappop(heap)
             kw = kept.pop(start)
@@ -752,12 +773,18 @@ class GroupWindower:
             self._update_floor = max(self._update_floor, start + self._hop)
             if kw.pending:
                 self._emit_update(start, kw, out)
+        if len(out) > 1:
+            out.sort(key=lambda w: w.start_ns)
+        return out
 
     def _emit_update(self, start: int, kw: _Kept, out: list[Window]) -> None:
         kw.pending.clear()
         self._dirty.discard(start)
         w = self._assemble(kw.ow, "update", kw.revision)
-        if w is None:  # still not acceptable: stays dropped (counted when it closed)
+        if w is None:  # not acceptable: dropped, counted once (when it closed, or now if it never opened)
+            if not kw.closed:
+                kw.closed = True
+                self.dropped["incomplete"] += 1
             return
         if kw.revision == 0:
             self.emitted[w.completeness] += 1

@@ -409,12 +409,13 @@ def test_update_policy_sends_data_older_than_the_horizon_to_the_late_sink() -> N
     run.feed([Ev("cam_b", 2, 25)], flush=False)  # [20, 30) ends 8 before the frontier: kept, never opened
     assert len(run.late) == 2 and w.late_used == {"cam_a": 0, "cam_b": 1}
     assert w.late_messages == {"cam_a": 0, "cam_b": 3}
-    # cam_b falls silent: idle, the frontier moves to 60 and [20, 30) leaves the horizon with its data
+    # cam_b falls silent: idle, the frontier moves to 60 and [20, 30) leaves the horizon with its data; it
+    # comes out in start order, before [30, 40) that fired in the same call
     run.feed([Ev("cam_a", 3, 60)])
     assert [(x.start_ns, x.revision, x.trigger) for x in run.out] == [
-        (0, 0, "watermark"), (10, 0, "watermark"), (30, 0, "watermark"), (20, 0, "update"), (60, 0, "flush"),
+        (0, 0, "watermark"), (10, 0, "watermark"), (20, 0, "update"), (30, 0, "watermark"), (60, 0, "flush"),
     ]  # fmt: skip
-    assert [(f.sensor, f.t_ns) for f in run.out[3].frames["image_b"]] == [("cam_b", 25)]
+    assert [(f.sensor, f.t_ns) for f in run.out[2].frames["image_b"]] == [("cam_b", 25)]
     assert w.kept_windows == 0 and w.buffered_bytes == 0
 
 
@@ -448,6 +449,123 @@ def test_update_policy_keeps_memory_bounded() -> None:
     for i in range(10):
         add(run.w, Ev("cam_a", i, 10 * i + 1), 0)
         assert run.w.buffered_bytes <= 20 + 8
+
+
+def _held_bytes(w: GroupWindower) -> int:
+    """Payload the windower really holds, open and kept windows together, each frame and sample once.
+
+    White-box on purpose: ``buffered_bytes`` drives the memory cap, so it must equal this exactly."""
+    held: dict[tuple, int] = {}
+    for ow in [*w._open.values(), *(kw.ow for kw in w._kept.values())]:
+        for f in ow.frames:
+            held[("f", f.sensor, f.seq)] = f.image.nbytes
+        for t0, dt, values, sensor, seq in ow.pieces:
+            for i in range(values.shape[0]):
+                held[("s", sensor, seq, t0 + i * dt)] = values[i].nbytes
+    return sum(held.values())
+
+
+def test_update_policy_counts_a_late_frame_once_when_it_also_reaches_an_open_window() -> None:
+    spec = WindowSpec(20, hop_ns=10, mode="replay", late_policy="update", update_horizon_ns=100)
+    run = Run(spec, {"cam_a": "image_a", "cam_b": "image_b"})
+    w = run.w
+    add(w, Ev("cam_a", 0, 5), 0)
+    assert [x.start_ns for x in add(w, Ev("cam_a", 1, 25), 0)] == [-10, 0]  # [0, 20) kept; [10, 30) open
+    w.add_frame(frame("cam_b", 0, 15, nbytes=1000), 0)  # late for [0, 20), in time for [10, 30)
+    assert w.buffered_bytes == _held_bytes(w) == 1016  # was 2016: counted in both windows
+
+
+def test_update_policy_releases_kept_windows_when_live_mode_drops_a_newer_one() -> None:
+    """The dropped window's data is also in older kept windows, which can no longer be updated: they go too,
+    so that buffered_bytes keeps covering everything held."""
+    spec = WindowSpec(20, hop_ns=10, mode="live", allowed_lateness_ns=10**6, max_wait_ns=1000,
+                      max_open_windows=2, late_policy="update", update_horizon_ns=10**6)  # fmt: skip
+    w = GroupWindower("g", {"cam_a": "image_a"}, spec)
+    w.add_frame(frame("cam_a", 0, 15, nbytes=100), 0)  # in [0, 20) and [10, 30)
+    assert [x.start_ns for x in w.advance(1020)] == [0]  # max_wait fires [0, 20): kept
+    w.add_frame(frame("cam_a", 1, 25, nbytes=1), 1020)
+    w.add_frame(frame("cam_a", 2, 35, nbytes=1), 1020)  # three open: [10, 30) is dropped for memory
+    assert w.dropped["overflow"] == 1
+    assert w.buffered_bytes == _held_bytes(w) == 2 and w.kept_windows == 0
+
+
+def test_update_policy_shares_the_window_cap_with_the_open_windows() -> None:
+    spec = WindowSpec(10, mode="replay", allowed_lateness_ns=25, late_policy="update", update_horizon_ns=10**6,
+                      max_open_windows=3)  # fmt: skip
+    w = GroupWindower("g", {"cam_a": "image_a"}, spec)
+    for i in range(10):
+        w.add_frame(frame("cam_a", i, 10 * i + 1), 0)
+        assert w.open_windows + w.kept_windows <= 3  # was up to 6: kept windows were capped apart
+
+
+def test_update_policy_reports_late_samples_when_no_fired_window_within_the_horizon_holds_them() -> None:
+    """A horizon under a hop: the window at the horizon is still open, so a late sample, like a late frame,
+    goes to the late sink instead of being counted as used in an update that never comes."""
+    spec = WindowSpec(30, hop_ns=10, mode="replay", late_policy="update", update_horizon_ns=5)
+    for late in (Ev("cam_b", 0, 95), Ev("rad_a", 0, 95, dt=1, n=1)):
+        run = Run(spec, {"cam_a": "image_a", "cam_b": "image_b", "rad_a": "seq_a"})
+        run.feed([Ev("cam_a", 0, 60), Ev("cam_a", 1, 105), late])  # frontier 105: [70, 100) fired
+        assert [(sensor, reason) for _, sensor, _, reason in run.late] == [(late.sensor, "expired")]
+        assert run.w.late_used[late.sensor] == 0 and not any(x.trigger == "update" for x in run.out)
+
+
+def test_update_policy_counts_a_window_made_only_of_unacceptable_late_data_as_dropped() -> None:
+    spec = WindowSpec(10, mode="replay", late_policy="update", update_horizon_ns=100, required_roles=("image_a",))
+    run = Run(spec, {"cam_a": "image_a", "cam_b": "image_b"})
+    out = run.feed([Ev("cam_a", 0, 5), Ev("cam_a", 1, 45), Ev("cam_b", 0, 15), Ev("cam_b", 1, 47)])
+    # [10, 20) never opened; cam_b's late frame for it cannot make it acceptable (image_a is required)
+    assert [x.start_ns for x in out] == [0, 40] and run.late == []
+    assert run.w.dropped["incomplete"] == 1  # was 0: the late frame went nowhere without a trace
+
+
+def test_update_policy_after_a_flush_reports_late_data_instead_of_a_second_revision_0() -> None:
+    run = Run(_update_spec(horizon=100), {"cam_a": "image_a", "cam_b": "image_b"})
+    run.feed([Ev("cam_a", 0, 5), Ev("cam_a", 1, 15)])  # [0, 10) fired, [10, 20) flushed
+    run.feed([Ev("cam_b", 0, 6), Ev("cam_b", 1, 30)])
+    assert [(x.start_ns, x.revision) for x in run.out] == [(0, 0), (10, 0), (30, 0)]
+    assert [(sensor, late_sig(item)[3]) for _, sensor, item, _ in run.late] == [("cam_b", 6)]
+
+
+@st.composite
+def capped_update_streams(draw: st.DrawFn) -> tuple[WindowSpec, list[Ev]]:
+    """Sliding or tumbling windows under the update policy with tight memory caps, any arrival order."""
+    hop = draw(st.sampled_from([None, 5, 10]))
+    per = draw(st.integers(1, 3))
+    live = draw(st.booleans())
+    spec = WindowSpec(
+        per * (hop or 10), hop, allowed_lateness_ns=draw(st.integers(0, 15)), idle_timeout_ns=draw(st.integers(1, 60)),
+        mode="live" if live else "replay", max_wait_ns=draw(st.sampled_from([0, 15])) if live else 0,
+        max_open_windows=draw(st.integers(per, per + 4)), max_buffered_bytes=draw(st.integers(8, 200)),
+        late_policy="update", update_horizon_ns=draw(st.integers(1, 60)),
+    )  # fmt: skip
+    seqs: dict[str, int] = defaultdict(int)
+    events = []
+    for _ in range(draw(st.integers(1, 30))):
+        sensor = draw(st.sampled_from(sorted(SENSORS)))
+        t = draw(st.integers(-30, 150))
+        if SENSORS[sensor] in IMAGE_ROLES:
+            events.append(Ev(sensor, seqs[sensor], t))
+        else:
+            events.append(Ev(sensor, seqs[sensor], t, draw(st.integers(1, 8)), draw(st.integers(1, 6))))
+        seqs[sensor] += 1
+    return spec, events
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(capped_update_streams(), st.data())
+def test_update_policy_accounts_every_byte_it_holds_under_tight_caps(case: tuple, data: st.DataObject) -> None:
+    spec, events = case
+    run = Run(spec)
+    w = run.w
+    for i, ev in enumerate(events):
+        out = add(w, ev, 7 * i)
+        if spec.mode == "live" and data.draw(st.booleans()):
+            out += w.advance(7 * i + data.draw(st.integers(0, 40)))
+        assert w.buffered_bytes == _held_bytes(w)
+        assert w.open_windows + w.kept_windows <= spec.max_open_windows or w.kept_windows == 0
+        assert [x.start_ns for x in out] == sorted(x.start_ns for x in out)  # start order, updates included
+    w.flush()
+    assert w.kept_windows == 0 and w.buffered_bytes == 0
 
 
 @st.composite
