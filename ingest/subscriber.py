@@ -27,7 +27,7 @@ import structlog
 import zmq
 
 from ingest import protocol, security
-from ingest.accounting import ClockSkewEstimator, SequenceTracker, Verdict
+from ingest.accounting import ClockSkewEstimator, SequenceTracker
 from ingest.settings import ROLE_KIND, IngestSettings
 from ingest.windowing import Frame, GroupWindower, RadChunk, Window
 
@@ -380,7 +380,7 @@ class IngestWorker:
             self.tracker.on_heartbeat(route.key, msg.session, msg.last_seq, recv_ns)
             return
         route.data_messages += 1
-        if self.tracker.on_data(route.key, msg.session, msg.seq, recv_ns) >= Verdict.DUPLICATE:
+        if not self.tracker.on_data(route.key, msg.session, msg.seq, recv_ns).deliver:  # duplicate or stale
             return
         t = msg.t_ns + route.offset_ns
         route.skew.observe(t, recv_ns)
