@@ -309,7 +309,12 @@ class IngestWorker:
         if now - self._last_advance >= self.settings.advance_interval_s * 1e9:
             self._last_advance = now
             for windower in self.windowers.values():
-                self._emit(windower.advance(now))
+                try:
+                    fired = windower.advance(now)
+                except Exception:  # a bug in our own code: count it, keep the other groups' timers running
+                    self._internal_error([])
+                    continue
+                self._emit(fired)
         return n
 
     def _poll_authorised(self, timeout_ms: int, max_messages: int) -> int:

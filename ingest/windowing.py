@@ -815,7 +815,7 @@ class GroupWindower:
         t = np.repeat(t_first, lens) + np.repeat(dts, lens) * offsets
         if not bool(np.all(t[1:] > t[:-1])):
             sensor_key = np.repeat(np.array([rank[p[3]] for p in pieces], dtype=np.int64), lens)
-            seq_key = np.repeat(np.array([p[4] for p in pieces], dtype=np.int64), lens)
+            seq_key = np.repeat(np.array([p[4] for p in pieces], dtype=np.uint64), lens)  # seq: uint64 on the wire
             order = np.lexsort((seq_key, sensor_key, t))  # stable: last key is primary
             t = t[order]
             values = values[order]

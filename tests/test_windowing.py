@@ -362,6 +362,15 @@ def test_straddling_chunk_only_late_part_is_reported() -> None:
     assert s.values.dtype == np.float32 and s.t_ns.dtype == np.int64 and s.dt_ns == 10
 
 
+def test_sequence_numbers_past_int64_merge() -> None:
+    """seq is a uint64 on the wire: overlapping chunks with seq >= 2**63 are ordered, not an OverflowError."""
+    w = GroupWindower("g", {"rad_a": "seq_a"}, WindowSpec(10, mode="replay"))
+    for seq, t in ((2**63 + 1, 1), (2**63, 1)):  # the same instants: ties broken by seq
+        w.add_samples(RadChunk("rad_a", seq, t, 1, np.full(3, seq - 2**63, np.float32)), 0)
+    (window,) = w.flush()
+    assert window.samples["seq_a"].values.tolist() == [0, 1, 0, 1, 0, 1]
+
+
 def test_sliding_late_sample_still_reaches_its_open_windows() -> None:
     run = Run(WindowSpec(20, hop_ns=10, mode="replay"), {"cam_a": "image_a"})
     w = run.w
