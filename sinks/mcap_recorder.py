@@ -23,13 +23,20 @@ metadata ``{"sacmf": "input" | "result" | "late"}`` says how to decode it.
   subscriber gets.
 
 Crash safety: the writer buffers a chunk in memory; ``flush_interval_s`` bounds how much a crash can
-lose by closing the chunk at least that often (and ``fsync=True`` makes it durable on power loss).
-``read_recording`` scans linearly and stops at the first incomplete record, yielding everything
-before it.
+lose by closing the chunk at least that often, with or without new messages (and ``fsync=True``
+makes it durable on power loss). ``read_recording`` scans linearly and stops at the first incomplete
+record, yielding everything before it.
+
+A full disk (or any failed write) never leaves a torn chunk in the file: the writer's output reaches
+the file through :class:`_FileTail`, which cuts the file back to its last whole write and keeps the
+bytes for the next attempt. The message that was being recorded when the write failed is kept
+(in memory); later messages are refused with the error until the bytes are out, so a supervisor's
+retry neither duplicates nor loses a message, and every refusal is counted there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -182,6 +189,44 @@ def _u64_or(value: Any, default: int) -> int:
 # ---------------------------------------------------------------- recorder
 
 
+class _FileTail:
+    """The MCAP writer's output stream: bytes reach the file only whole, in order, at the right offset.
+
+    Why not a buffered file: when the disk fills, a buffered write can put part of a chunk on disk
+    and raise after the writer has moved on; a retry then appends after the torn bytes and the file
+    is unreadable from there. Here ``drain`` writes at the known end with ``pwrite``; if that fails,
+    the file is cut back to its last whole write and the bytes stay pending for the next attempt.
+    ``tell`` counts pending bytes too: the writer's index offsets are those the bytes will have.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self.size = 0  # bytes in the file, all of them whole writer output
+        self.pending = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.pending += data
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size + len(self.pending)
+
+    def flush(self) -> None:  # the writer's flush() ends with this
+        self.drain()
+
+    def drain(self) -> None:
+        done = 0
+        with memoryview(self.pending) as view:
+            try:
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], self.size + done)
+            except OSError:
+                os.ftruncate(self.fd, self.size)  # nothing torn stays behind
+                raise
+        self.size += done
+        self.pending.clear()
+
+
 class McapRecorder:
     """A sink (``name``/``write``/``close``) recording RawMessage, ResultRecord and LateRecord items.
 
@@ -209,18 +254,25 @@ class McapRecorder:
         self.fsync = fsync
         self.max_channels = max_channels
         self._lock = threading.Lock()
-        self._fh = open(self.path, "wb")  # noqa: SIM115 - owned until close()
-        self._writer = Writer(self._fh, chunk_size=chunk_size, compression=COMPRESSIONS[compression])
+        self._out = _FileTail(self.path)  # owned until close()
+        self._writer = Writer(self._out, chunk_size=chunk_size, compression=COMPRESSIONS[compression])  # type: ignore[arg-type]
         self._writer.start(profile="", library="sacmf")
         self._writer.add_metadata(
             "sacmf", {"raw_layout": str(RAW_LAYOUT_VERSION), "result_schema": str(SCHEMA_VERSION)}
         )
-        self._fh.flush()  # a valid (empty) MCAP from the start, even if we die before the first chunk
+        self._out.drain()  # a valid (empty) MCAP from the start, even if we die before the first chunk
         self._channels: dict[tuple[str, str], int] = {}  # (topic, content) -> channel id
         self._det_seq: dict[str, int] = {}
         self._last_flush = time.monotonic()
+        self._unflushed = 0  # messages added since the last flush
+        self._stalled: OSError | None = None  # the last failed write-out, until one succeeds
         self._closed = False
         self.messages = 0
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if flush_interval_s > 0:  # a quiet stream must not keep its last results in memory indefinitely
+            self._flusher = threading.Thread(target=self._flush_when_quiet, name=f"{name}-flush", daemon=True)
+            self._flusher.start()
 
     def write(self, item: RawMessage | ResultRecord | LateRecord) -> None:
         if isinstance(item, RawMessage):
@@ -254,9 +306,9 @@ class McapRecorder:
         with self._lock:
             topic = record.topic
             sequence = self._det_seq.get(topic, 0)
-            self._det_seq[topic] = sequence + 1
             publish = _u64_or(record.end_ns, log_time)
             self._add(topic, CONTENT_RESULT, log_time, publish, sequence % _U32, data)
+            self._det_seq[topic] = sequence + 1  # only once recorded: a refused record leaves no gap
 
     def record_late(self, record: LateRecord) -> None:
         data = msgpack.packb(to_wire(record), use_bin_type=True)
@@ -271,23 +323,31 @@ class McapRecorder:
             self._flush_locked()
 
     def close(self) -> None:
-        """Write the summary and index (the file then opens with the seeking reader) and close."""
+        """Write the summary and index (the file then opens with the seeking reader) and close.
+
+        Raises the write error if the bytes cannot reach the file; the file keeps every whole chunk
+        written before, readable by a linear scan (``read_recording``)."""
+        self._stop.set()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
                 self._writer.finish()
-                self._fh.flush()
+                self._out.drain()
                 if self.fsync:
-                    os.fsync(self._fh.fileno())
+                    os.fsync(self._out.fd)
             finally:
-                self._fh.close()
+                os.close(self._out.fd)
+        if self._flusher is not None:
+            self._flusher.join(5)
 
     # ------------------------------------------------------------------ internals
     def _add(self, topic: str, content: str, log_time: int, publish: int, sequence: int, data: bytes) -> None:
         if self._closed:
             raise RuntimeError(f"sink {self.name!r} is closed")
+        if self._stalled is not None:  # the last write-out failed: retry it; while it fails, refuse this
+            self._flush_locked(close_chunk=False)
         channel = self._channels.get((topic, content))
         if channel is None:
             channel = self._writer.register_channel(
@@ -301,16 +361,46 @@ class McapRecorder:
             channel_id=channel, log_time=log_time, data=data, publish_time=publish, sequence=sequence
         )
         self.messages += 1
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self._flush_locked()
+        self._unflushed += 1
+        due = time.monotonic() - self._last_flush >= self.flush_interval_s
+        if due or self._out.pending:  # due, or a chunk filled up and waits in _out
+            with contextlib.suppress(OSError):  # this message is taken (it waits in memory); the next _add retries
+                self._flush_locked(close_chunk=due)
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, close_chunk: bool = True) -> None:
+        """Write out what the writer produced; with ``close_chunk`` also the chunk in progress (and fsync).
+        On failure: logged once per outage, remembered in ``_stalled``, raised."""
         if self._closed:
             return
-        self._writer.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
-        self._last_flush = time.monotonic()
+        try:
+            if close_chunk:
+                self._writer.flush()  # closes the chunk into _out and drains it
+                if self.fsync:
+                    os.fsync(self._out.fd)
+            else:
+                self._out.drain()
+        except OSError as exc:
+            if self._stalled is None:
+                log.warning(
+                    "recording_write_failed", path=str(self.path), error=repr(exc), pending=len(self._out.pending)
+                )
+            self._stalled = exc
+            raise
+        if self._stalled is not None:
+            log.info("recording_write_recovered", path=str(self.path))
+            self._stalled = None
+        if close_chunk:
+            self._last_flush = time.monotonic()
+            self._unflushed = 0
+
+    def _flush_when_quiet(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            with self._lock:
+                if self._closed:
+                    return
+                if self._unflushed or self._stalled is not None:
+                    with contextlib.suppress(OSError):  # logged; the next message or tick retries
+                        self._flush_locked()
 
 
 # ---------------------------------------------------------------- reader
@@ -332,7 +422,7 @@ def read_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Ite
                 rec = next(records)
             except StopIteration:
                 return
-            except (McapError, struct.error, ValueError, EOFError) as exc:
+            except Exception as exc:  # McapError, struct/EOF errors, or a decompressor's on a torn chunk
                 if strict:
                     raise RecordingTruncated(f"{path}: unreadable after {count} messages: {exc!r}") from exc
                 log.warning("recording_truncated", path=str(path), messages=count, error=repr(exc))

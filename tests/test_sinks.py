@@ -512,6 +512,62 @@ def test_recorder_flush_interval_bounds_what_a_crash_loses(tmp_path):
     rec.close()
 
 
+def test_recorder_writes_out_a_quiet_stream_within_the_flush_interval(tmp_path):
+    """No new message arrives to trigger the flush: the last results still reach the file in time."""
+    path = tmp_path / "quiet.mcap"
+    rec = McapRecorder(path, flush_interval_s=0.2)
+    for i in range(3):
+        rec.record_result(make_result(i))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(list(read_recording(path))) < 3:
+        time.sleep(0.05)
+    assert [g.body for g in read_recording(path)] == [make_result(i) for i in range(3)]  # before close
+    rec.close()
+
+
+def test_mcap_full_disk_leaves_no_torn_chunk_and_retries_neither_duplicate_nor_lose(tmp_path):
+    """The disk fills in the middle of a chunk: the file is cut back to its last whole chunk, the message
+    being recorded waits in memory, and later ones are refused (their sender retries them) until there is
+    space again. Then every message is in the file exactly once, and the standard reader agrees."""
+    path = tmp_path / "full.mcap"
+    rec = McapRecorder(path, flush_interval_s=0.0, compression="none")  # every message closes its chunk
+    payloads = [os.urandom(3000) for _ in range(25)]
+
+    def record(i: int) -> None:
+        header = _header("rad", "rad_vis", i, T0 + i, dt_ns=1, n=750, dtype="float32")
+        rec.record_input([b"rad/g1/rad_vis", header, payloads[i]], T0 + 1000 + i)
+
+    for i in range(10):
+        record(i)
+    size = path.stat().st_size
+    refused = []
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 4500, hard))  # one more chunk fits, the next is cut
+        for i in range(10, 20):
+            try:
+                record(i)
+            except OSError:
+                refused.append(i)
+        assert refused and refused == list(range(refused[0], 20))  # the disk did fill, and stayed full
+        during = [g.body[2] for g in read_recording(path)]  # a clean prefix: the torn chunk was cut away
+        assert during == payloads[: refused[0] - 1]  # the message before the first refusal waits in memory
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    for i in refused:  # space again: the retries
+        record(i)
+    for i in range(20, 25):
+        record(i)
+    rec.close()
+    order = [i for i in range(20) if i not in refused] + refused + list(range(20, 25))
+    assert [g.body[2] for g in read_recording(path, strict=True)] == [payloads[i] for i in order]
+    with open(path, "rb") as fh:
+        std = [m.log_time for _, _, m in make_reader(fh).iter_messages(log_time_order=False)]
+    assert std == [T0 + 1000 + i for i in order]
+
+
 # ---------------------------------------------------------------- supervisor
 
 
