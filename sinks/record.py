@@ -132,7 +132,9 @@ class TokenStats:
         values = [_float("token weight", v) for v in weights]
         if not values:
             raise RecordError("token weights must not be empty")
-        return cls(sum(values) / len(values), min(values), max(values), len(values))
+        lo, hi = min(values), max(values)
+        mean = min(max(math.fsum(values) / len(values), lo), hi)  # rounding must not put it outside [lo, hi]
+        return cls(mean, lo, hi, len(values))
 
 
 @dataclass(slots=True)

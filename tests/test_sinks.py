@@ -110,6 +110,8 @@ def test_numpy_scalars_become_plain_python_numbers():
     det = Detection(box, "star", np.float32(0.5), np.array([0.5, 0.25, 0.25]))
     stats = TokenStats.of(np.array([0.5, 1.0, 1.5], dtype=np.float32))
     assert (stats.mean, stats.min, stats.max, stats.n) == (1.0, 0.5, 1.5, 3)
+    flat = TokenStats.of([0.1] * 3)  # a plain mean is 0.10000000000000002 here, above the max
+    assert (flat.mean, flat.min, flat.max) == (0.1, 0.1, 0.1)
     rec = ResultRecord(
         "g1", np.int64(T0), np.int64(T0 + 10), {"image_a": True}, CLASSES, np.array([0.2, 0.3, 0.5]),
         FusionWeights(np.float64(0.5), np.float32(0.5), {"image": stats}), [det], np.float32(0.1),
