@@ -63,6 +63,7 @@ from dataclasses import dataclass
 __all__ = ["ClockSkewEstimator", "SensorStats", "SequenceTracker", "Verdict"]
 
 _RETIRED_KEPT = 8
+_SKEW_BUCKETS = 1024  # ClockSkewEstimator keeps about this many samples per window at most
 
 
 class Verdict(enum.IntEnum):
@@ -333,12 +334,17 @@ class ClockSkewEstimator:
     operator has corrected the sensor clock.
     """
 
-    __slots__ = ("window_ns", "_q", "_now", "_first_ns", "_baseline")
+    __slots__ = ("window_ns", "_bucket_ns", "_q", "_now", "_first_ns", "_baseline")
 
     def __init__(self, window_ns: int = 60_000_000_000) -> None:
         if window_ns <= 0:
             raise ValueError(f"window_ns must be > 0, got {window_ns}")
         self.window_ns = window_ns
+        # A larger sample within this much receive time of the last kept one is not kept: its only use
+        # would be to outlive it by less than this. Bounds the queue at about _SKEW_BUCKETS entries for
+        # a sensor whose delay only grows (a stuck clock at a high rate), at an error in the window's
+        # length of at most this (59 ms of the default 60 s).
+        self._bucket_ns = window_ns // _SKEW_BUCKETS
         # (receive time, delta) with strictly increasing delta from left to right: the left end is
         # the minimum, and a sample is dropped as soon as a newer one is no larger (it can never be
         # the minimum again, since the newer one outlives it).
@@ -359,9 +365,10 @@ class ClockSkewEstimator:
         q = self._q
         while q and q[-1][1] >= delta:
             q.pop()
-        q.append((now, delta))
+        if not q or now - q[-1][0] >= self._bucket_ns:
+            q.append((now, delta))
         horizon = now - self.window_ns
-        while q[0][0] <= horizon:  # never empties: the sample just added is at ``now``
+        while q[0][0] <= horizon:  # never empties: the newest entry is within a bucket (< window) of ``now``
             q.popleft()
         if self._baseline is None and now - self._first_ns >= self.window_ns:
             self._baseline = q[0][1]
