@@ -52,6 +52,11 @@ class IngestCollector(Collector):
             "Messages missing now (gaps not filled by late arrivals)",
             labels=["group", "sensor"],
         )
+        joined = g(
+            "sacmf_ingest_joined_late_messages",
+            "Seqs of a session that had started before sacmf first heard from it (not gaps)",
+            labels=["group", "sensor"],
+        )
         dups = c("sacmf_ingest_duplicate_messages", "Duplicate messages dropped", labels=["group", "sensor"])
         reord = c(
             "sacmf_ingest_reordered_messages", "Messages that arrived after a later one", labels=["group", "sensor"]
@@ -117,6 +122,7 @@ class IngestCollector(Collector):
                 labels = [group, sensor]
                 gaps.add_metric(labels, s.gaps_detected)
                 missing.add_metric(labels, s.gaps)
+                joined.add_metric(labels, s.joined_late)
                 dups.add_metric(labels, s.duplicates)
                 reord.add_metric(labels, s.reordered)
                 stale.add_metric(labels, s.stale)
@@ -153,6 +159,6 @@ class IngestCollector(Collector):
         cb_err.add_metric(["window"], win_err)
         cb_err.add_metric(["late"], late_err)
         cb_err.add_metric(["internal"], internal)
-        yield from (messages, nbytes, rejected, gaps, missing, dups, reord, stale, restarts, age, skew, late,
+        yield from (messages, nbytes, rejected, gaps, missing, joined, dups, reord, stale, restarts, age, skew, late,
                     late_s, late_used, emitted, updated, triggers, dropped, buffered, open_w, kept, wm_lag, dead,
                     cb_err)  # fmt: skip

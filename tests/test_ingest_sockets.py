@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.metrics import IngestCollector
+from ingest.protocol import encode_rad_header
 from ingest.publisher import SensorPublisher
 from ingest.subscriber import IngestWorker, read_dead_letters
 from tests.ingest_helpers import KINDS, SEC, T0, WorkerThread, settings, signature, wait_for
@@ -153,6 +154,8 @@ def test_unconfigured_sensors_are_rejected_counted_and_dead_lettered(ctx, tmp_pa
 def test_metrics_exposition(ctx):
     w = WorkerThread(settings("ipc:///tmp/sacmf-metrics-test.ipc"), ctx).start()
     with SensorPublisher(w.endpoint, "g1", KINDS, bind=False, socket_type="push", context=ctx) as pub:
+        one = np.zeros(1, np.float32)  # first heard of rad_ir at seq 5 of another session: 0..4 joined late
+        pub._sock.send_multipart([b"rad/g1/rad_ir", encode_rad_header("g1", "rad_ir", 7, 5, T0, 1000, one), one])
         publish_scene(pub, seconds=2)
         pub._sock.send_multipart([b"rad/g1/rad_vis", b"\xc1", b""])  # a message that is not msgpack
     wait_for(lambda: w.worker.stats.rejected["msgpack"] == 1, what="rejection")
@@ -166,6 +169,8 @@ def test_metrics_exposition(ctx):
     assert val["sacmf_windows_emitted_total", (("completeness", "full"), ("group", "g1"))] == 1
     assert val["sacmf_windows_emitted_total", (("completeness", "flushed"), ("group", "g1"))] == 1
     assert val["sacmf_ingest_gap_messages_total", (("group", "g1"), ("sensor", "rad_vis"))] == 0
+    assert val["sacmf_ingest_joined_late_messages", (("group", "g1"), ("sensor", "rad_ir"))] == 5
+    assert val["sacmf_ingest_joined_late_messages", (("group", "g1"), ("sensor", "rad_vis"))] == 0
     assert ("sacmf_sensor_clock_offset_seconds", (("group", "g1"), ("sensor", "cam_ir"))) in val
     assert families["sacmf_watermark_lag_seconds"].type == "gauge"
     for f in families.values():
