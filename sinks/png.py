@@ -122,17 +122,21 @@ class PngSink:
         self.drawn = 0  # windows drawn (each gives up to three files)
         self.skipped = 0  # windows not drawn because of the rate limit
         self.files: list[Path] = []  # every file written, in order (for the demo's summary and tests)
+        self._failed: tuple | None = None  # the window whose drawing last failed: its retry is no new window
 
     def write(self, item: PngFrame | ResultRecord) -> None:
         frame = item if isinstance(item, PngFrame) else PngFrame(item)
         rec = frame.record
         hist = self._history.setdefault(rec.group, _History())
-        hist.image.append(rec.fusion.image)
-        hist.sequence.append(rec.fusion.sequence)
-        hist.mi.append(rec.mi_nats)
-        if not self.limiter.admit(rec.group):
-            self.skipped += 1
-            return
+        key = (rec.group, rec.start_ns, rec.revision)
+        if key != self._failed:  # a retry was admitted and put in the history the first time
+            hist.image.append(rec.fusion.image)
+            hist.sequence.append(rec.fusion.sequence)
+            hist.mi.append(rec.mi_nats)
+            if not self.limiter.admit(rec.group):
+                self.skipped += 1
+                return
+        self._failed = key
         stem = f"{rec.group}_{rec.start_ns}.png"
         if frame.image is not None:
             base = _display(frame.image)
@@ -142,6 +146,7 @@ class PngSink:
                 heat = _heat_on_image(frame.heatmap, frame.heatmap_extent, frame.image.shape[:2])
                 self._save(_draw_heatmap(base, heat, self._font), "heatmaps", stem)
         self._save(_draw_fusion(rec, hist, self._font), "fusion_weights", stem)
+        self._failed = None
         self.drawn += 1
 
     def close(self) -> None:
@@ -150,8 +155,12 @@ class PngSink:
     def _save(self, img: Image.Image, sub: str, stem: str) -> None:
         path = self.out_dir / sub / stem
         tmp = path.with_name(f".{stem}.tmp")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        try:
+            img.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+            raise
         self.files.append(path)
 
 

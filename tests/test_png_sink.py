@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,25 @@ def test_under_a_supervisor_a_slow_burst_is_rate_limited_in_wall_time(tmp_path: 
     for path in sink.files:
         with Image.open(path) as img:
             img.verify()
+
+
+def test_a_failed_picture_is_retried_as_the_same_window(tmp_path: Path):
+    """The disk fills while drawing: no temp file stays behind, and the supervisor's retry draws the window
+    (not rate-limited away as a second window, nor a second point in the sparklines)."""
+    clock = FakeClock()
+    sink = PngSink(tmp_path, max_per_s=1.0, clock=clock)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))  # no PNG fits
+        with pytest.raises(OSError):
+            sink.write(record("g1", 0))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+    sink.write(record("g1", 0))  # the retry, at the same instant
+    assert (sink.drawn, sink.skipped) == (1, 0) and len(sink._history["g1"].image) == 1
+    assert [p.name for p in (tmp_path / "fusion_weights").iterdir()] == [f"g1_{T0}.png"]
+    sink.write(record("g1", 1))  # a new window within the same second is still rate-limited
+    assert (sink.drawn, sink.skipped) == (1, 1)
