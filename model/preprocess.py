@@ -317,15 +317,18 @@ def robust_normalise(values: np.ndarray, valid: np.ndarray, cfg: PreprocessConfi
     """Robust z-score over valid samples, then asinh; invalid samples are exactly 0.
 
     Median and MAD ignore glints and eclipses when setting the scale, so a light curve's shape, not its
-    absolute level (which depends on range, aperture and units), is what the model sees. The MAD has a
-    floor relative to the level so a noise-free flat series does not blow up. asinh keeps sign and
-    order while compressing a 100-sigma glint to about 5, which keeps activations bounded.
+    absolute level (which depends on range, aperture and units), is what the model sees. A MAD of 0 (a
+    count series that mostly reads the same value) falls back to the standard deviation, as the image
+    sky does, so a burst still stands out from a single count. The scale has a floor relative to the
+    level so a noise-free flat series does not blow up. asinh keeps sign and order while compressing a
+    100-sigma glint to about 5, which keeps activations bounded.
     """
     out = np.zeros_like(values, dtype=np.float64)
     if not valid.any():
         return out
-    med, mad = _median_and_mad(np.sort(values[valid]))  # valid samples are finite (preprocess_sequence)
-    scale = MAD_TO_SIGMA * mad
+    v = values[valid]  # finite (preprocess_sequence)
+    med, mad = _median_and_mad(np.sort(v))
+    scale = MAD_TO_SIGMA * mad if mad > 0 else float(np.std(v))
     scale = max(scale, cfg.seq_scale_floor * abs(med), 1e-12)
     z = np.clip((values - med) / scale, -cfg.seq_clip, cfg.seq_clip)
     out[valid] = np.arcsinh(z[valid])
@@ -337,6 +340,7 @@ def preprocess_sequence(seq: np.ndarray, valid: np.ndarray | None, cfg: Preproce
     x = np.asarray(seq, dtype=np.float64)
     ok = np.isfinite(x) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(x)
     x, ok = fit_length(np.where(ok, x, 0.0), ok, cfg.seq_len, cfg.seq_fit)
+    ok &= np.isfinite(x)  # a bin of huge values can overflow to inf: invalid, not a NaN in the batch
     x = robust_normalise(x, ok, cfg)
     return x.astype(np.float32), ok
 
@@ -359,10 +363,11 @@ def preprocess_arrays(raw: RawSample, cfg: PreprocessConfig) -> dict[str, np.nda
 
     Keys: ``image_a``/``image_b`` [1, S, S] float32; ``seq_a``/``seq_b`` [T] float32 and
     ``seq_a_valid``/``seq_b_valid`` [T] bool; ``presence`` [4] bool in :data:`ROLES` order (a series
-    with no valid sample counts as absent: it carries nothing); ``scale_a``/``scale_b`` [] float32
-    model px per raw px (1 when absent); ``label`` [] int64 (-1 unknown); ``boxes`` [N, 4] float32 in
-    model-frame px, ``box_classes`` [N] int64, ``boxes_known`` [] bool (False: no box labels at all,
-    as opposed to a labelled empty frame). Absent inputs are zeros with presence False.
+    with no valid sample, or a frame with no finite pixel, counts as absent: it carries nothing);
+    ``scale_a``/``scale_b`` [] float32 model px per raw px (1 when absent); ``label`` [] int64 (-1
+    unknown); ``boxes`` [N, 4] float32 in model-frame px, ``box_classes`` [N] int64, ``boxes_known``
+    [] bool (False: no box labels at all, as opposed to a labelled empty frame). Absent inputs are
+    zeros with presence False.
     """
     assert raw.presence is not None  # set by RawSample.__post_init__
     s, t = cfg.frame_size, cfg.seq_len
@@ -372,6 +377,8 @@ def preprocess_arrays(raw: RawSample, cfg: PreprocessConfig) -> dict[str, np.nda
         img = getattr(raw, role)
         if presence[role] and img is not None:
             out[role], scale = preprocess_image(img, cfg)
+            if img.dtype.kind == "f" and not np.isfinite(img).any():
+                presence[role] = False  # a dead camera's all-NaN frame carries nothing: absent, like a series
         else:
             out[role], scale = np.zeros((1, s, s), np.float32), 1.0
         out[key] = np.array(scale, np.float32)

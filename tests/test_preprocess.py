@@ -126,7 +126,8 @@ def test_sequence_normalisation_matches_the_plain_definition_to_the_bit() -> Non
             valid[0] = True
             v = values[valid]
             med = float(np.median(v))
-            scale = max(1.4826 * float(np.median(np.abs(v - med))), CFG.seq_scale_floor * abs(med), 1e-12)
+            mad = float(np.median(np.abs(v - med)))
+            scale = max(1.4826 * mad if mad > 0 else float(np.std(v)), CFG.seq_scale_floor * abs(med), 1e-12)
             expected = np.zeros(n)
             expected[valid] = np.arcsinh(np.clip((v - med) / scale, -CFG.seq_clip, CFG.seq_clip))
             assert np.array_equal(robust_normalise(values, valid, CFG), expected), (n, rounded)
@@ -292,6 +293,30 @@ def test_shorter_series_are_padded_invalid() -> None:
     out = preprocess(RawSample(seq_b=rng.normal(1, 0.1, 100)), CFG)
     assert out["seq_b_valid"][:100].all() and not out["seq_b_valid"][100:].any()
     assert torch.equal(out["seq_b"][100:], torch.zeros(156))
+
+
+def test_a_count_series_that_mostly_reads_zero_keeps_its_bursts_apart() -> None:
+    """MAD 0: the scale falls back to the standard deviation instead of the floor, so one count and a
+    500-count burst do not both clip to the same value."""
+    counts = np.zeros(256)
+    counts[40], counts[90], counts[91] = 1.0, 500.0, 3.0
+    out = preprocess(RawSample(seq_a=counts), CFG)["seq_a"]
+    assert 0.0 < out[40] < out[91] < out[90] < np.arcsinh(CFG.seq_clip) and out[0] == 0.0  # not clipped
+
+
+def test_bins_that_overflow_become_invalid_not_nan() -> None:
+    seq = np.full(1000, 1.0)
+    seq[:8] = 1.7e308  # a bin of four of these sums to inf
+    out = preprocess(RawSample(seq_a=seq), CFG)
+    assert torch.isfinite(out["seq_a"]).all()
+    assert not out["seq_a_valid"][:2].any() and out["seq_a_valid"][2:].all()
+
+
+def test_a_frame_with_no_finite_pixel_counts_as_absent() -> None:
+    dead = np.full((48, 64), np.nan, np.float32)
+    out = preprocess(RawSample(image_a=dead, image_b=np.ones((48, 64), np.float32)), CFG)
+    assert out["presence"].tolist() == [False, True, False, False]
+    assert torch.equal(out["image_a"], torch.zeros(1, 64, 64))
 
 
 def test_series_without_valid_samples_counts_as_absent() -> None:
