@@ -40,12 +40,12 @@ if TYPE_CHECKING:  # torch is loaded by the functions that make tensors, not by 
 
 
 def _mono(image: np.ndarray) -> np.ndarray:
-    """[H, W] as is; [H, W, C] -> mean over C as float32 ([H, W, 1] is just squeezed)."""
+    """[H, W] as is; [H, W, C] -> mean over C as float64 ([H, W, 1] is just squeezed)."""
     if image.ndim == 2:
         return image
     if image.shape[2] == 1:
         return image[:, :, 0]
-    return image.mean(axis=2, dtype=np.float32)
+    return image.mean(axis=2, dtype=np.float64)  # float32 sums overflow near its limit (1e38 * 3)
 
 
 def window_to_raw(

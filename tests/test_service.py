@@ -140,6 +140,17 @@ def test_window_to_raw_resamples_with_validity_masks_and_keeps_presence():
     assert np.array_equal(raw.seq_a, ref_values) and np.array_equal(raw.seq_a_valid, ref_valid)
 
 
+def test_colour_frames_near_the_float32_limit_average_without_overflow():
+    """A finite [H, W, 3] float32 frame whose channels sum past float32's range keeps its bright pixel."""
+    rgb = np.ones((4, 6, 3), np.float32)
+    rgb[2, 3] = 3e38
+    frames = {"image_a": [Frame("cam", 0, T0 + SEC // 2, 0, rgb)], "image_b": []}
+    samples = {"seq_a": Samples.empty(), "seq_b": Samples.empty()}
+    w = Window("g1", T0, T0 + SEC, frames, samples, {"image_a": True}, "partial", "watermark")
+    raw = window_to_raw(w, 64)
+    assert np.isfinite(raw.image_a).all() and raw.image_a[2, 3] == pytest.approx(3e38, rel=1e-6)
+
+
 def test_windows_to_batch_fits_the_model_contract():
     windows = [make_window(seed=1), make_window(T0 + SEC, roles=("seq_a",), seed=2)]
     batch = windows_to_batch(windows, TINY.preprocess_config())
