@@ -27,6 +27,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -39,6 +40,7 @@ log = structlog.get_logger("sacmf.admin")
 
 MAX_BODY = 65536
 ADMIN_PATHS = ("/metrics", "/healthz", "/readyz", "/reload")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ValueError(f"listen address {listen!r} must be host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if not _HOST_RE.fullmatch(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"listen address {listen!r}: {host!r} is neither an IP address nor a host name") from None
     try:
         p = int(port)
     except ValueError:

@@ -7,6 +7,7 @@ below is the single list of keys; config.toml at the repository root documents e
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +40,20 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def _socket_queue(v: int) -> str | None:  # a ZeroMQ high-water mark: a C int, and 0 would mean unlimited
+    return None if 1 <= v <= 2**31 - 1 else "must be in 1..2147483647 (0 would mean an unbounded queue)"
+
+
 NUM = (int, float)
 
 INGEST = {
     "mode": Key(str, "live", allowed=("live", "replay")),
     "endpoints": Key(list, ["tcp://127.0.0.1:5555"]),
     "bind": Key(bool, False),
-    "max_message_bytes": Key(int, 64 * 2**20, _positive),
+    "max_message_bytes": Key(int, 64 * 2**20, lambda v: None if 0 < v < 2**62 else "must be in 1..2**62"),
     "max_image_side": Key(int, 16384, _positive),
     "non_finite": Key(str, "reject", allowed=("reject", "keep")),
-    "rcvhwm": Key(int, 10000, _non_negative),
+    "rcvhwm": Key(int, 10000, _socket_queue),
     "dead_letter": Key(str, ""),
     "dead_letter_max_bytes": Key(int, 256 * 2**20, _non_negative),
     "reject_log_interval_s": Key(NUM, 10.0, _non_negative),
@@ -84,7 +89,8 @@ def _endpoint_or_empty(v: str) -> str | None:
 
 
 def _device(v: str) -> str | None:
-    return None if v == "cpu" or v == "cuda" or v.startswith("cuda:") else 'must be "cpu", "cuda" or "cuda:N"'
+    ok = v in ("cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit() and v[5:].isascii())
+    return None if ok else 'must be "cpu", "cuda" or "cuda:N"'
 
 
 def _buckets(v: list) -> str | None:
@@ -123,7 +129,7 @@ INFERENCE = {
 SINKS = {
     "zmq_endpoint": Key(str, "tcp://127.0.0.1:5556", _endpoint_or_empty),
     "zmq_bind": Key(bool, True),
-    "zmq_sndhwm": Key(int, 1000, _positive),
+    "zmq_sndhwm": Key(int, 1000, _socket_queue),
     "jsonl_path": Key(str, ""),
     "jsonl_max_bytes": Key(int, 64 * 2**20, _positive),
     "jsonl_backups": Key(int, 5, _non_negative),
@@ -137,12 +143,12 @@ SINKS = {
 }
 ADMIN = {
     "listen": Key(str, "127.0.0.1:9102", _listen),
-    "token": Key(str, ""),
+    "token": Key(str, "", lambda v: _token(v)),
     "health_max_age_s": Key(NUM, 10.0, _positive),
     "public_endpoints": Key(list, ["/healthz"], lambda v: _public_endpoints(v)),
 }
 SHUTDOWN = {
-    "timeout_s": Key(NUM, 30.0, _positive),
+    "timeout_s": Key(NUM, 30.0, lambda v: None if 0 < v <= 86400 else "must be in (0, 86400] seconds"),
 }
 FUSION_METHODS = ("none", "mean", "cddfuse", "crossfuse", "cmmdl")
 IMAGE_FUSION = {
@@ -287,6 +293,8 @@ def _section(raw: Any, schema: dict[str, Key], where: str) -> dict[str, Any]:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(f"{where}.{name}: expected {names}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{name}: must be a finite number (got {value!r})")
         if key.allowed and value not in key.allowed:
             raise ConfigError(f"{where}.{name}: {value!r} is not one of {list(key.allowed)}")
         if key.check and (msg := key.check(value)):
@@ -343,8 +351,8 @@ def _group(name: str, raw: Any, window_defaults: dict[str, Any], mode: str) -> G
     for sensor, ms in g["clock_offset_ms"].items():
         if sensor not in sensors:
             raise ConfigError(f"{where}.clock_offset_ms.{sensor}: not a sensor of this group")
-        if isinstance(ms, bool) or not isinstance(ms, NUM):
-            raise ConfigError(f"{where}.clock_offset_ms.{sensor}: expected a number of milliseconds")
+        if isinstance(ms, bool) or not isinstance(ms, NUM) or not math.isfinite(ms):
+            raise ConfigError(f"{where}.clock_offset_ms.{sensor}: expected a finite number of milliseconds")
         offsets[sensor] = _ms(ms)
     win = _section({**window_defaults, **g["window"]}, WINDOW, f"{where}.window")
     try:
@@ -471,11 +479,31 @@ def _admin(a: dict[str, Any]) -> AdminSettings:
 
 
 def _image_fusion(f: dict[str, Any]) -> ImageFusionSettings:
-    if f["method"] not in ("none", "mean") and not f["checkpoint"]:
+    network = f["method"] not in ("none", "mean")
+    if network and not f["checkpoint"]:
         raise ConfigError(f"image_fusion.checkpoint: method {f['method']!r} needs its weights (a file or folder)")
+    if network and not Path(f["checkpoint"]).exists():
+        raise ConfigError(f"image_fusion.checkpoint: {f['checkpoint']} does not exist")
     if f["tile"] and f["overlap"] >= f["tile"]:
         raise ConfigError(f"image_fusion.overlap: must be smaller than tile ({f['tile']})")
+    if f["tile"] and network:  # the method's own limits (loads torch: only when a network is configured)
+        from model.fusion import METHODS
+
+        m = METHODS[f["method"]]
+        if f["tile"] < m.min_side:
+            raise ConfigError(f"image_fusion.tile: {f['method']} needs tiles of at least {m.min_side} px")
+        if f["overlap"] < 0 and m.overlap >= f["tile"]:
+            raise ConfigError(
+                f"image_fusion.tile: must exceed {f['method']}'s default overlap ({m.overlap} px), or set overlap"
+            )
     return ImageFusionSettings(**f)
+
+
+def _token(v: str) -> str | None:
+    """A token a client can send: HTTP headers are latin-1 and the presented value is stripped."""
+    if v and not (v.isascii() and v.isprintable() and v == v.strip()):
+        return "must be printable ASCII without leading or trailing spaces (a client could never match it)"
+    return None
 
 
 def _is_sha256(v: str) -> bool:
@@ -504,8 +532,9 @@ def _security(
     key; the ingest process and the sink load them again when they open their sockets.
     """
     if not sec["curve"]:
-        if sec["sensor_groups"]:
-            raise ConfigError("security.sensor_groups: needs curve = true (the sender of a message is its key)")
+        for name, key in SECURITY.items():  # a key that nothing would enforce must not look active
+            if name not in ("curve", "log_interval_s") and sec[name] != key.default:
+                raise ConfigError(f"security.{name}: needs curve = true (without it nothing checks it)")
         return None, None
     if not sec["secret_key"]:
         raise ConfigError("security.secret_key: required with curve = true (sacmf keygen daemon --dir keys)")
@@ -586,16 +615,16 @@ def _rate_limits(r: dict[str, Any], groups: dict[str, GroupSettings]) -> dict[st
         group, _, sensor = key.partition("/")
         if group not in groups or sensor not in groups[group].sensors:
             raise ConfigError(f'rate_limit.sensors."{key}": not a configured "group/sensor"')
+    for name, over in r["groups"].items():  # validated first: a table of known keys, right types
+        _section(over, RATE, f"rate_limit.groups.{name}")
+    for key, over in r["sensors"].items():
+        _section(over, RATE, f'rate_limit.sensors."{key}"')
     out = {}
     for g in groups.values():
-        group_raw = r["groups"].get(g.name, {})
-        per_group = {**base, **_section(group_raw, RATE, f"rate_limit.groups.{g.name}")} if group_raw else base
+        per_group = {**base, **r["groups"].get(g.name, {})}  # only the keys given override
         for sensor in g.sensors:
             key = f"{g.name}/{sensor}"
-            sensor_raw = r["sensors"].get(key, {})
-            spec = {**per_group, **sensor_raw}
-            if sensor_raw:
-                _section(sensor_raw, RATE, f'rate_limit.sensors."{key}"')
+            spec = {**per_group, **r["sensors"].get(key, {})}
             limit = security.RateLimit(
                 float(spec["messages_per_s"]), float(spec["bytes_per_s"]), float(spec["burst_s"])
             )
@@ -607,9 +636,11 @@ def _rate_limits(r: dict[str, Any], groups: dict[str, GroupSettings]) -> dict[st
 def load(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte {exc.start}") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -617,4 +648,5 @@ def load(path: str | Path) -> Config:
     try:
         return parse(raw, str(path))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from exc

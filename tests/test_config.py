@@ -91,12 +91,25 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["sinks"].update(fsync="sometimes"), "sinks.fsync"),
         (lambda r: r["admin"].update(listen="9102"), "admin.listen: listen address"),
         (lambda r: r["admin"].update(tokn="x"), "admin.tokn: unknown key"),
-        (lambda r: r["shutdown"].update(timeout_s=0), "shutdown.timeout_s: must be > 0"),
+        (lambda r: r["shutdown"].update(timeout_s=0), "shutdown.timeout_s: must be in (0, 86400]"),
+        (lambda r: r["shutdown"].update(timeout_s=float("inf")), "shutdown.timeout_s: must be a finite number"),
+        (lambda r: r["window"].update(size_ms=float("inf")), "window.size_ms: must be a finite number"),
+        (lambda r: r["groups"]["g1"].update(clock_offset_ms={"cam_ir": float("nan")}), "cam_ir: expected a finite"),
+        (lambda r: r["ingest"].update(rcvhwm=0), "ingest.rcvhwm: must be in 1..2147483647"),
+        (lambda r: r["ingest"].update(rcvhwm=2**31), "ingest.rcvhwm: must be in 1..2147483647"),
+        (lambda r: r["model"].update(device="cuda:banana"), "model.device: must be"),
+        (lambda r: r["admin"].update(token="s3cret "), "admin.token: must be printable ASCII"),
+        (lambda r: r["admin"].update(token="café"), "admin.token: must be printable ASCII"),
+        (lambda r: r["admin"].update(listen="*:9102"), "admin.listen: listen address '*:9102'"),
+        (lambda r: r.update(security={"allow_ips": ["10.0.0.0/8"]}), "security.allow_ips: needs curve = true"),
+        (lambda r: r.update(rate_limit={"groups": {"g1": 0}}), "rate_limit.groups.g1: expected a table"),
+        (lambda r: r.update(rate_limit={"sensors": {"g1/cam_ir": 5}}), 'rate_limit.sensors."g1/cam_ir": expected'),
+        (lambda r: r.update(image_fusion={"method": "cddfuse", "checkpoint": "/nonexistent/w.pth"}), "does not exist"),
         (lambda r: r.update(extra={}), "unknown section [extra]"),
         (lambda r: r["ingest"].update(bind="yes"), "ingest.bind: expected bool"),
         (lambda r: r["ingest"].update(rcvhwm=True), "ingest.rcvhwm: expected int"),
         (lambda r: r["ingest"].update(mode="fast"), "ingest.mode: 'fast' is not one of"),
-        (lambda r: r["ingest"].update(max_message_bytes=0), "ingest.max_message_bytes: must be > 0"),
+        (lambda r: r["ingest"].update(max_message_bytes=0), "ingest.max_message_bytes: must be in 1..2**62"),
         (lambda r: r["ingest"].update(endpoints=["localhost:5555"]), "ingest.endpoints"),
         (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
         (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),
@@ -118,6 +131,20 @@ def test_errors_name_the_key(edit, message):
     with pytest.raises(config.ConfigError) as exc:
         config.parse(raw, "c.toml")
     assert message in str(exc.value)
+
+
+def test_a_group_rate_limit_override_keeps_the_limits_it_does_not_name():
+    raw = base()
+    raw["rate_limit"] = {"bytes_per_s": 1e6, "burst_s": 2.0, "groups": {"g1": {"messages_per_s": 200}}}
+    limit = config.parse(raw).ingest.rate_limits["g1/cam_ir"]
+    assert (limit.messages_per_s, limit.bytes_per_s, limit.burst_s) == (200.0, 1e6, 2.0)  # was (200, 0, 1)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(config.ConfigError, match="not UTF-8"):
+        config.load(path)
 
 
 def test_group_window_override_and_offsets():
