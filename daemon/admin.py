@@ -135,9 +135,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "not found", "endpoints": ["/metrics", "/healthz", "/readyz", "/reload"]})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            self._json(400, {"error": "Content-Length is not a number"})
+            return
+        if length > MAX_BODY:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self._json(413, {"error": f"the body may be at most {MAX_BODY} bytes (it carries nothing)"})
+            return
         if length > 0:
-            self.rfile.read(min(length, MAX_BODY))  # the body carries nothing; read it to keep HTTP sane
+            self.rfile.read(length)  # the body carries nothing; read it to keep HTTP sane
         path = self.path.split("?", 1)[0]
         if path != "/reload":
             known = path in ("/metrics", "/healthz", "/readyz")

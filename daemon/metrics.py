@@ -69,10 +69,12 @@ class StateCollector(Collector):
         depth.add_metric([], s.get("queue_depth", 0))
         dropped = CounterMetricFamily(
             "sacmf_inference_windows_dropped",
-            "Windows dropped before inference, by reason (queue_full: the live policy shed the oldest)",
+            "Windows dropped before inference, by reason (queue_full: the live policy shed the oldest; "
+            "shutdown: the drain's deadline passed before it was queued)",
             labels=["reason"],
         )
         dropped.add_metric(["queue_full"], s.get("queue_dropped", 0))
+        dropped.add_metric(["shutdown"], s.get("shutdown_dropped", 0))
         reloads = CounterMetricFamily("sacmf_model_reloads", "Model reload attempts, by result", labels=["result"])
         for result in RELOAD_RESULTS:
             reloads.add_metric([result], s.get("reloads", {}).get(result, 0))

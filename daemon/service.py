@@ -411,6 +411,7 @@ class _State:
     sinks_open: bool = False
     draining: bool = False
     windows_received: int = 0
+    windows_lost: int = 0  # received but never queued: the shutdown deadline passed first
     results_published: int = 0
     failed_windows: int = 0
 
@@ -461,6 +462,7 @@ class Service:
         self.png = None  # picture supervisor ([sinks] png_dir)
         self.admin = None
         self.stop = threading.Event()
+        self._stop_at: float | None = None  # monotonic time of the first SIGTERM/SIGINT
         self.reload_requested = threading.Event()
         self._child_stop = None
         self._child_control: Any = None  # new preprocessing keys for the ingest process
@@ -492,6 +494,7 @@ class Service:
         return {
             "queue_depth": self.queue.depth,
             "queue_dropped": self.queue.dropped,
+            "shutdown_dropped": st.windows_lost,
             "reloads": dict(self.runner.reloads),
             "sinks": [s for s in (self.results, self.late, self.inputs, self.png) if s is not None],
             "snapshot_age_s": None if st.snapshot_at is None else time.monotonic() - st.snapshot_at,
@@ -525,15 +528,18 @@ class Service:
             "ingest_up": st.ingest_up.is_set() and st.ingest_error is None,
             "draining": st.draining,
         }
-        ok = detail["model_warm"] and detail["sinks_open"] and detail["ingest_up"] and not st.draining
+        detail["stopping"] = self.stop.is_set()  # SIGTERM: unready at once, before the drain begins
+        ok = detail["model_warm"] and detail["sinks_open"] and detail["ingest_up"] and not detail["stopping"]
         if self.runner.warm:
             detail["model_version"] = self.runner.model_version
         return ok, detail
 
     def reload(self) -> tuple[int, dict]:
         """Reload the configured checkpoint (SIGHUP or POST /reload); the old model serves on failure."""
-        if self.state.draining:
+        if self.state.draining or self.stop.is_set():
             return 503, {"result": "refused", "error": "draining"}
+        if not self.runner.warm:  # the first load is still running
+            return 503, {"result": "refused", "error": "starting"}
         key = self.runner.preprocess_key
         outcome = self.runner.reload()
         if outcome.ok:
@@ -555,6 +561,7 @@ class Service:
                 if self._pipe_dir:  # os._exit skips run()'s cleanup: the private pipe directory too
                     shutil.rmtree(self._pipe_dir, ignore_errors=True)
                 os._exit(130)
+            self._stop_at = time.monotonic()  # the drain's deadline counts from here
             self.stop.set()
 
         signal.signal(signal.SIGTERM, on_stop)
@@ -628,10 +635,13 @@ class Service:
                 policy=self.queue.policy,
             )
         status = 0
+        reloading: threading.Thread | None = None
         while not self.stop.wait(0.2):
-            if self.reload_requested.is_set():
+            if self.reload_requested.is_set() and (reloading is None or not reloading.is_alive()):
+                # on its own thread, like POST /reload: a slow checkpoint read must not hold up SIGTERM
                 self.reload_requested.clear()
-                self.reload()
+                reloading = threading.Thread(target=self.reload, name="sighup-reload", daemon=True)
+                reloading.start()
             if self.state.ingest_done.is_set():
                 log.error("ingest_process_died", error=self.state.ingest_error)
                 status = 1
@@ -641,7 +651,7 @@ class Service:
                 status = 1
                 break
         log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout_s)
-        clean = self._shutdown(time.monotonic() + self.cfg.shutdown_timeout_s)
+        clean = self._shutdown((self._stop_at or time.monotonic()) + self.cfg.shutdown_timeout_s)
         return status if clean else 1
 
     def _open_sinks(self) -> None:
@@ -803,7 +813,7 @@ class Service:
             windows_emitted=snap.windows_sent if snap else 0,
             windows_flushed=snap.flushed if snap else 0,
             windows_received=st.windows_received,
-            windows_dropped=self.queue.dropped,
+            windows_dropped=self.queue.dropped + st.windows_lost,
             windows_failed=st.failed_windows,
             results_published=st.results_published,
             sinks_written=dict(self.results.written) if self.results else {},
@@ -843,9 +853,11 @@ class Service:
             timeout = None if not st.draining else max(0.0, self._drain_deadline - time.monotonic())
             w = window_of(obj)
             try:
-                if not self.queue.put(obj, timeout=timeout):
-                    log.error("window_lost_at_shutdown", group=w.group, start_ns=w.start_ns)
+                queued = self.queue.put(obj, timeout=timeout)
             except QueueClosed:
+                queued = False
+            if not queued:
+                st.windows_lost += 1
                 log.error("window_lost_at_shutdown", group=w.group, start_ns=w.start_ns)
         elif kind == LATE:
             self.metrics.late_records.inc()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import msgpack
@@ -336,6 +337,32 @@ def _admin(host: str, token: str = "") -> tuple[AdminServer, list]:
         reload=lambda: (calls.append(1), (200, {"result": "success"}))[1],
     )
     return AdminServer(host, 0, handlers, token=token).start(), calls
+
+
+def test_admin_answers_a_bad_or_huge_content_length_instead_of_dropping_the_connection():
+    server, calls = _admin("127.0.0.1")
+    try:
+        for length, expected in (("abc", 400), ("1e3", 400), (str(10**9), 413)):
+            conn = HTTPConnection("127.0.0.1", server.address[1], timeout=10)
+            conn.putrequest("POST", "/reload")
+            conn.putheader("Content-Length", length)
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == expected and "error" in json.loads(response.read()), length
+            conn.close()
+    finally:
+        server.stop()
+    assert calls == []
+
+
+def test_a_reload_before_the_model_is_loaded_is_refused_not_a_crash(tmp_path: Path, checkpoint: Path):
+    """POST /reload is served from the admin server's start, before the first load has finished."""
+    from daemon.config import parse
+    from daemon.service import Service
+
+    raw = {"groups": {"g1": {"sensors": {"cam": "image_a"}}}, "model": {"checkpoint": str(checkpoint)}}
+    status, body = Service(parse(raw)).reload()  # no load() yet
+    assert (status, body) == (503, {"result": "refused", "error": "starting"})
 
 
 def test_admin_reload_needs_the_token_except_on_loopback_without_one():

@@ -176,9 +176,14 @@ def test_readyz_is_503_while_draining_healthz_still_answers_then_exit_0(stuck_da
     not_ready = [json.loads(body) for status, body in seen if status == 503]
     assert not_ready, f"no 503 from /readyz after SIGTERM: {Counter(s for s, _ in seen)}, exit {d.proc.poll()}"
     assert d.proc.poll() is None  # observed during the drain, not after it
-    assert not_ready[0]["status"] == "not_ready" and not_ready[0]["draining"] is True
-    # liveness still answers while draining (a liveness probe must not kill a draining daemon)
-    status, body = http(f"{d.admin}/healthz")
+    assert not_ready[0]["status"] == "not_ready" and not_ready[0]["stopping"] is True  # at once, by the signal
+    # liveness still answers while draining (a liveness probe must not kill a draining daemon); the drain
+    # begins within the main loop's 0.2 s tick of the signal
+    deadline = time.monotonic() + 5
+    while True:
+        status, body = http(f"{d.admin}/healthz")
+        if json.loads(body).get("draining") or time.monotonic() > deadline:
+            break
     assert status == 200 and json.loads(body)["draining"] is True, body
     assert d.metrics()["sacmf_ready"][()] == 0.0
     assert http(f"{d.admin}/readyz")[0] == 503  # and it stays unready
@@ -236,3 +241,25 @@ def test_a_drain_that_cannot_finish_exits_1_at_the_shutdown_deadline(stuck_daemo
     assert done["clean"] is False
     assert done["sinks_written"]["jsonl"] == 0 and done["sinks_written"]["zmq"] == done["results_published"] > 0
     assert not _events(d, "shutdown_forced")
+
+
+def test_sigterm_during_a_stalled_sighup_reload_is_acted_on_at_once(tmp_path: Path, checkpoint: Path):
+    """A reload whose checkpoint read never completes (slow storage: a FIFO nobody writes) must not hold up
+    SIGTERM: /readyz turns 503 at once and the daemon drains and exits 0 within timeout_s."""
+    d = Daemon(tmp_path, checkpoint)
+    d.config.write_text(d.config.read_text().replace("timeout_s = 30\n", "timeout_s = 5\n"))
+    try:
+        d.start()
+        d.checkpoint.unlink()
+        os.mkfifo(d.checkpoint)  # the reload's read blocks in open(): no writer ever comes
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # the reload is under way
+        sent = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        status, body = http(f"{d.admin}/readyz")
+        assert status == 503 and json.loads(body)["stopping"] is True, body
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - sent < 5 + 2  # was: never, until a second signal
+        assert d.event("shutdown_complete")["clean"] is True
+    finally:
+        d.close()
