@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -535,6 +536,23 @@ def test_update_policy_after_a_flush_reports_late_data_instead_of_a_second_revis
     assert [(sensor, late_sig(item)[3]) for _, sensor, item, _ in run.late] == [("cam_b", 6)]
 
 
+def _draw_events(draw: st.DrawFn, count: int, times: st.SearchStrategy[int], max_samples: Callable) -> list[Ev]:
+    """``count`` events on random sensors at ``times``, seqs counting per sensor; a radiation chunk with
+    sample spacing dt holds 1 to ``max_samples(dt)`` samples."""
+    seqs: dict[str, int] = defaultdict(int)
+    events = []
+    for _ in range(count):
+        sensor = draw(st.sampled_from(sorted(SENSORS)))
+        t = draw(times)
+        if SENSORS[sensor] in IMAGE_ROLES:
+            events.append(Ev(sensor, seqs[sensor], t))
+        else:
+            dt = draw(st.integers(1, 8))
+            events.append(Ev(sensor, seqs[sensor], t, dt, draw(st.integers(1, max_samples(dt)))))
+        seqs[sensor] += 1
+    return events
+
+
 @st.composite
 def capped_update_streams(draw: st.DrawFn) -> tuple[WindowSpec, list[Ev]]:
     """Sliding or tumbling windows under the update policy with tight memory caps, any arrival order."""
@@ -547,17 +565,7 @@ def capped_update_streams(draw: st.DrawFn) -> tuple[WindowSpec, list[Ev]]:
         max_open_windows=draw(st.integers(per, per + 4)), max_buffered_bytes=draw(st.integers(8, 200)),
         late_policy="update", update_horizon_ns=draw(st.integers(1, 60)),
     )  # fmt: skip
-    seqs: dict[str, int] = defaultdict(int)
-    events = []
-    for _ in range(draw(st.integers(1, 30))):
-        sensor = draw(st.sampled_from(sorted(SENSORS)))
-        t = draw(st.integers(-30, 150))
-        if SENSORS[sensor] in IMAGE_ROLES:
-            events.append(Ev(sensor, seqs[sensor], t))
-        else:
-            events.append(Ev(sensor, seqs[sensor], t, draw(st.integers(1, 8)), draw(st.integers(1, 6))))
-        seqs[sensor] += 1
-    return spec, events
+    return spec, _draw_events(draw, draw(st.integers(1, 30)), st.integers(-30, 150), lambda dt: 6)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -698,18 +706,7 @@ def bounded_streams(draw: st.DrawFn) -> tuple[WindowSpec, list[Ev], list[Ev]]:
         size, hop, allowed_lateness_ns=lateness, idle_timeout_ns=idle, mode="live" if live else "replay",
         max_open_windows=10**6, max_buffered_bytes=2**40,
     )  # fmt: skip
-    seqs: dict[str, int] = defaultdict(int)
-    events = []
-    for _ in range(draw(st.integers(1, 25))):
-        sensor = draw(st.sampled_from(sorted(SENSORS)))
-        t = draw(st.integers(-60, 200))
-        if SENSORS[sensor] in IMAGE_ROLES:
-            ev = Ev(sensor, seqs[sensor], t)
-        else:
-            dt = draw(st.integers(1, 8))
-            ev = Ev(sensor, seqs[sensor], t, dt, draw(st.integers(1, lateness // dt + 1)))
-        seqs[sensor] += 1
-        events.append(ev)
+    events = _draw_events(draw, draw(st.integers(1, 25)), st.integers(-60, 200), lambda dt: lateness // dt + 1)
     # Arrival key = t_last + u with 0 <= u <= lateness - span: whatever arrived earlier ends by t + lateness.
     keys = [
         (ev.t_last + draw(st.integers(0, lateness - (ev.t_last - ev.t))), draw(st.integers(0, 99)), i)
