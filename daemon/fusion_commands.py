@@ -32,6 +32,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from model import fusion_train
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GOLDEN = SHARED / "golden"
@@ -150,12 +152,23 @@ def fuse_folder(
     if s.bits not in (None, 8, 16):
         raise ValueError(f"bits must be 8 or 16, got {s.bits}")
     pairs = fusion_io.pair_files(ir_dir, vi_dir)
-    method, model = fusion.load_method(method_name, checkpoint, device=s.device)
+    out = Path(out_dir)
+    inputs = {p.resolve() for pair in pairs for p in pair}
+    clash = [t for ir_path, _ in pairs if (t := (out / f"{ir_path.stem}.png").resolve()) in inputs]
+    if clash:
+        raise ValueError(f"--out {out} would overwrite the input {clash[0]}: choose another folder")
+    try:
+        method, model = fusion.load_method(method_name, checkpoint, device=s.device)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # unpickling, safetensors, a folder for a file, no CUDA: name what failed
+        raise ValueError(
+            f"cannot load {method_name} from {checkpoint} on {s.device}: {type(exc).__name__}: {exc}"
+        ) from exc
     stretch = (method.stretch != "none") if s.stretch is None else s.stretch
     notes: list[str] = []
     if method.raw_range == "free" and s.stretch is False:
         notes.append(f"{method.name}: the min-max stretch is part of the network's output; --no-stretch ignored")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
@@ -209,10 +222,16 @@ def _weights_health(model: object, ir: torch.Tensor, vi: torch.Tensor) -> list[s
     h, w = ir.shape[-2:]
     top, left = max(0, (h - 256) // 2), max(0, (w - 256) // 2)
     crop = (..., slice(top, top + 256), slice(left, left + 256))
+    from model.fusion import METHODS, _pad_min_side
+
+    side = METHODS["crossfuse"].min_side  # the network pads smaller images up to this: so does the check
     param = next(model.parameters())
     with torch.inference_mode():
         health = deep_skip_health(
-            model.encoder_ir, model.encoder_vi, ir[crop].to(param.device), vi[crop].to(param.device)
+            model.encoder_ir,
+            model.encoder_vi,
+            _pad_min_side(ir[crop], side).to(param.device),
+            _pad_min_side(vi[crop], side).to(param.device),
         )
     if not health.ill_conditioned:
         return []
@@ -233,7 +252,10 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     except fusion_io.PairingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except NotADirectoryError as exc:
+        print(f"error: not a folder: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # FileNotFoundError, an --out that is a file, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     med = statistics.median(outcome.seconds) if outcome.seconds else 0.0
@@ -275,11 +297,13 @@ def _fused_by_stem(folder: Path) -> dict[str, Path]:
 
     if not folder.is_dir():
         raise NotADirectoryError(folder)
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in fusion_io.IMAGE_SUFFIXES
-    }
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in fusion_io.IMAGE_SUFFIXES:
+            if p.stem in found:
+                raise ValueError(f"{found[p.stem]} and {p} share a name stem: which one is the fused image?")
+            found[p.stem] = p
+    return found
 
 
 @dataclass(frozen=True)
@@ -289,7 +313,18 @@ class MetricsTable:
     rows: list[dict[str, float]]
 
     def mean(self) -> dict[str, float]:
-        return {m: float(np.mean([r[m] for r in self.rows])) for m in self.metrics}
+        """Over the images where a metric is defined (see ``undefined``); NaN where it never is."""
+        out = {}
+        for m in self.metrics:
+            values = [r[m] for r in self.rows if math.isfinite(r[m])]
+            out[m] = float(np.mean(values)) if values else math.nan
+        return out
+
+    def undefined(self) -> list[tuple[str, str]]:
+        """(image, metric) pairs without a finite value, e.g. SCD or Qabf of a constant source."""
+        return [
+            (n, m) for n, r in zip(self.names, self.rows, strict=True) for m in self.metrics if not math.isfinite(r[m])
+        ]
 
 
 def evaluate_folders(
@@ -317,7 +352,8 @@ def evaluate_folders(
         ir, vi, f = read_gray255(ir_path), read_gray255(vi_path), read_gray255(fused[ir_path.stem])
         if f.shape != ir.shape:
             raise ValueError(f"{fused[ir_path.stem]}: size {f.shape} differs from its sources {ir.shape}")
-        rows.append(fusion_metrics.evaluate_pair(ir, vi, f, metrics=metrics, convention=convention))
+        # read_gray255 put every file on the 0-255 scale itself: no [0, 1] guess for dark 16-bit images
+        rows.append(fusion_metrics.evaluate_pair(ir, vi, f, metrics=metrics, convention=convention, check_scale=False))
         names.append(ir_path.stem)
         if progress is not None:
             progress.update(i, f"{ir_path.stem} {time.perf_counter() - t0:.2f} s")
@@ -330,7 +366,7 @@ def write_metrics(table: MetricsTable, out_dir: str | Path, *, convention: str) 
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "metrics.csv", out / "metrics.md"
     mean = table.mean()
-    with csv_path.open("w", newline="") as fh:
+    with csv_path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh)
         w.writerow(["image", *table.metrics])
         for name, row in zip(table.names, table.rows, strict=True):
@@ -345,7 +381,7 @@ def write_metrics(table: MetricsTable, out_dir: str | Path, *, convention: str) 
     for name, row in zip(table.names, table.rows, strict=True):
         lines.append(f"| {name} | " + " | ".join(f"{row[m]:.4f}" for m in table.metrics) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{mean[m]:.4f}**" for m in table.metrics) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     return csv_path, md_path
 
 
@@ -372,12 +408,21 @@ def _cmd_fusion_metrics(args: argparse.Namespace) -> int:
         table = evaluate_folders(
             args.ir, args.vi, args.fused, metrics=metrics, convention=args.convention, progress=progress
         )
-    except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError, fusion_io.ImageReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    csv_path, md_path = write_metrics(table, args.out, convention=args.convention)
+    try:
+        csv_path, md_path = write_metrics(table, args.out, convention=args.convention)
+    except OSError as exc:
+        print(f"error: cannot write to {args.out}: {exc}", file=sys.stderr)
+        return 2
     progress.close(f"wrote {csv_path} and {md_path}")
-    print(md_path.read_text(), end="")
+    print(md_path.read_text(encoding="utf-8", errors="surrogateescape"), end="")
+    undefined = table.undefined()
+    for name, metric in undefined:
+        print(
+            f"warning: {metric} is undefined for {name} (e.g. a constant source); left out of the mean", file=sys.stderr
+        )
     return 0
 
 
@@ -385,11 +430,10 @@ def _cmd_fusion_metrics(args: argparse.Namespace) -> int:
 # fuse-train
 
 
-def _cmd_fuse_train(args: argparse.Namespace) -> int:
-    from model import fusion_io, fusion_train
+def _train_options(args: argparse.Namespace) -> fusion_train.TrainOptions:
+    from model import fusion_train
 
-    _set_threads(args.threads)
-    options = fusion_train.TrainOptions(
+    return fusion_train.TrainOptions(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -406,6 +450,17 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
         lr_decay=not args.no_lr_decay,
         deep_sign_weight=args.deep_sign_weight,
     )
+
+
+def _cmd_fuse_train(args: argparse.Namespace) -> int:
+    from model import fusion_io, fusion_train
+
+    _set_threads(args.threads)
+    try:
+        options = _train_options(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     progress = Progress(0, f"fuse-train {args.method}")
     last_epoch = [-1]
 

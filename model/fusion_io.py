@@ -57,10 +57,19 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     p = Path(path)
     header = _png_header(p) if p.is_file() else None
-    if header is not None and header[0] == 16 and header[1] in (2, 6):
-        raise ImageReadError(f"{p}: 16-bit colour PNG is not supported (Pillow would truncate it to 8 bits)")
+    if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
+        raise ImageReadError(
+            f"{p}: 16-bit colour or gray+alpha PNG is not supported (Pillow would truncate it to 8 bits)"
+        )
     try:
         with Image.open(p) as im:
+            bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None  # TIFF BitsPerSample
+            if (
+                bits is not None
+                and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+                and im.mode in ("RGB", "RGBA", "LA", "CMYK")
+            ):
+                raise ImageReadError(f"{p}: 16-bit colour TIFF is not supported (Pillow would truncate it to 8 bits)")
             im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("1", "L", "LA", "La"):
@@ -75,7 +84,7 @@ def read_image(path: str | Path) -> np.ndarray:
             if mode == "F":
                 raise ImageReadError(f"{p}: 32-bit float images are not supported; store 8- or 16-bit")
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{p}: cannot read image ({exc})") from exc
 
 
@@ -316,8 +325,12 @@ class PairingError(ValueError):
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     size_mismatch: list[tuple[Path, Path]] = field(default_factory=list)
     ambiguous: list[Path] = field(default_factory=list)
+    empty: tuple[Path, Path] | None = None  # both folders read fine but hold no image pair
 
     def __str__(self) -> str:
+        if self.empty is not None:
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            return f"no image pairs in {self.empty[0]} and {self.empty[1]} (images with the same name stem; {suffixes})"
         lines = ["IR/visible folders do not pair up:"]
         lines += [f"  no visible file for IR {p}" for p in self.unpaired_ir]
         lines += [f"  no IR file for visible {p}" for p in self.unpaired_vi]
@@ -375,6 +388,8 @@ def pair_files(ir_dir: str | Path, vi_dir: str | Path, *, check_sizes: bool = Tr
             err.size_mismatch.append((a, b))
     if err.unpaired_ir or err.unpaired_vi or err.unreadable or err.size_mismatch or err.ambiguous:
         raise err
+    if not pairs:
+        raise PairingError(empty=(Path(ir_dir), Path(vi_dir)))
     return pairs
 
 

@@ -882,19 +882,22 @@ def evaluate_pair(
     metrics: Iterable[str] = ALL,
     convention: str | Convention = "cddfuse",
     round_inputs: bool = True,
+    check_scale: bool = True,
 ) -> dict[str, float]:
     """Score one fused image against its two sources; keys are the requested metric names.
 
     Inputs are 2-D gray images on the 0-255 scale (uint8 or float). With ``round_inputs`` they are
     rounded and clipped to integers 0..255 first, because the reference numbers were computed on
     8-bit files: scoring a float network output directly would shift EN/MI noticeably. Data that
-    looks like [0, 1] floats is rejected, since every constant here assumes 0-255 (pitfall 1).
+    looks like [0, 1] floats is rejected, since every constant here assumes 0-255 (pitfall 1); callers
+    that scaled the data themselves (files read at their bit depth) pass ``check_scale=False``, since a
+    dark 16-bit image scaled to 0-255 can lie below 1 everywhere.
     FMI_* and MS-SSIM are the slow ones (seconds per 768x576 pair); everything else takes well
     under a second.
     """
     conv = get_convention(convention)
     for name, raw in (("ir", ir), ("vi", vi), ("fused", fused)):
-        if _looks_unit_range(np.asarray(raw)):
+        if check_scale and _looks_unit_range(np.asarray(raw)):
             raise ValueError(f"{name} looks like [0, 1] data; metrics expect the 0-255 scale")
     a, b, f = _triplet(ir, vi, fused)
     if round_inputs:

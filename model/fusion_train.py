@@ -177,6 +177,19 @@ class TrainOptions:
     # lr drops 10x before anything is learnt. Without decay a short run follows the authors' own first steps.
     lr_decay: bool = True
 
+    def __post_init__(self) -> None:
+        """Nonsense values are refused here, by name, before any data is read or step taken."""
+        for name in ("epochs", "batch_size", "patch", "crops_per_image", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("lr", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.stride is not None and self.stride < 0:
+            raise ValueError(f"--stride must be >= 0 (0: random crops), got {self.stride}")
+
     def apply(self, recipe: Recipe) -> Recipe:
         changes: dict[str, Any] = {}
         for name in ("epochs", "batch_size", "lr", "patch", "stride", "crops_per_image", "deep_sign_weight", "seed"):
@@ -905,6 +918,10 @@ def train(
             raise ValueError(f"{state_path} is a {recipe.method} run, not {method}")
         _check_resume_options(opts, recipe, state_path)
     trainer, recipe = make_trainer(method, opts, recipe=recipe)
+    from model.fusion import METHODS
+
+    if recipe.patch < METHODS[method].min_side:  # smaller ones cannot pass through the network
+        raise ValueError(f"--patch must be at least {METHODS[method].min_side} px for {method}, got {recipe.patch}")
     epoch, start_batch, step = 0, 0, 0
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])

@@ -244,12 +244,120 @@ def test_unpaired_and_unreadable_files_are_all_listed(pairs: dict[str, object], 
     assert not out.exists() or not any(out.iterdir())  # nothing fused before the folders pair up
 
 
-def test_network_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
-    for sub in ("ir", "vi"):
-        (tmp_path / sub).mkdir()
+def test_network_without_checkpoint_is_a_clear_error(pairs: dict[str, object], tmp_path: Path, capsys) -> None:
+    _one_pair(pairs, tmp_path)
     rc = cli.main(["fuse", "--method", "cmmdl", "--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi")]
                   + ["--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 2 and "needs a checkpoint" in capsys.readouterr().err
+
+
+def _one_pair(pairs: dict[str, object], root: Path, name: str = "07") -> None:
+    for sub in ("ir", "vi"):
+        (root / sub).mkdir(exist_ok=True)
+        (root / sub / f"{name}.png").write_bytes((pairs["dir"] / sub / f"{name}.png").read_bytes())
+
+
+def _fuse(root: Path, *extra: str, method: str = "mean") -> int:
+    return cli.main(["fuse", "--method", method, "--ir", str(root / "ir"), "--vi", str(root / "vi"), *extra])
+
+
+def test_fuse_refuses_an_out_folder_that_would_overwrite_its_inputs(pairs, tmp_path: Path, capsys) -> None:
+    _one_pair(pairs, tmp_path)
+    before = (tmp_path / "ir" / "07.png").read_bytes()
+    assert _fuse(tmp_path, "--out", str(tmp_path / "ir")) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "ir" / "07.png").read_bytes() == before
+
+
+def test_fuse_errors_for_empty_folders_a_bad_checkpoint_and_an_out_that_is_a_file(pairs, tmp_path: Path, capsys):
+    for sub in ("ir", "vi"):
+        (tmp_path / "empty" / sub).mkdir(parents=True)
+    assert _fuse(tmp_path / "empty", "--out", str(tmp_path / "o")) == 2
+    assert "no image pairs" in capsys.readouterr().err
+    _one_pair(pairs, tmp_path)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert _fuse(tmp_path, "--ckpt", str(garbage), "--out", str(tmp_path / "o"), method="cddfuse") == 2
+    err = capsys.readouterr().err
+    assert "cannot load cddfuse from" in err and "Traceback" not in err
+    (tmp_path / "a_file").write_text("x")
+    assert _fuse(tmp_path, "--out", str(tmp_path / "a_file")) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@needs_data
+def test_crossfuse_fuses_images_smaller_than_its_minimum_side(tmp_path: Path) -> None:
+    weights = SHARED / "golden" / "crossfuse" / "weights.safetensors"
+    rng = np.random.default_rng(5)
+    for sub in ("ir", "vi"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(rng.integers(0, 255, (5, 7), dtype=np.uint8)).save(tmp_path / sub / "tiny.png")
+    assert _fuse(tmp_path, "--ckpt", str(weights), "--out", str(tmp_path / "o"), method="crossfuse") == 0
+    assert Image.open(tmp_path / "o" / "tiny.png").size == (7, 5)
+
+
+def test_sixteen_bit_gray_alpha_png_is_refused_not_truncated(tmp_path: Path) -> None:
+    from model import fusion_io
+
+    path = tmp_path / "la16.png"
+    _png_la16(path, 4, 5)
+    with pytest.raises(fusion_io.ImageReadError, match="16-bit colour or gray\\+alpha PNG"):
+        fusion_io.read_image(path)
+
+
+def _png_la16(path: Path, h: int, w: int) -> None:
+    """A 16-bit gray+alpha PNG (colour type 4), written by hand: Pillow cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + struct.pack(">HH", 4660, 65535) * w for _ in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_fusion_metrics_says_which_metric_is_undefined_and_averages_the_rest(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(9)
+    for sub in ("ir", "vi", "fused"):
+        (tmp_path / sub).mkdir()
+    for name, ir in (("flat", np.zeros((40, 48), np.uint8)), ("busy", rng.integers(0, 255, (40, 48), dtype=np.uint8))):
+        Image.fromarray(ir).save(tmp_path / "ir" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(tmp_path / "vi" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(tmp_path / "fused" / f"{name}.png")
+    args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
+    assert cli.main(["fusion-metrics", *args, "--metrics", "SCD,EN", "--out", str(tmp_path / "m")]) == 0
+    assert "SCD is undefined for flat" in capsys.readouterr().err
+    rows = {
+        line.split(",")[0]: line.split(",")[1:] for line in (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    }
+    assert rows["flat"][0] == "nan" and rows["mean"][0] == rows["busy"][0]  # SCD: the mean of the defined one
+
+
+def test_fusion_metrics_scores_a_dark_16_bit_image(tmp_path: Path) -> None:
+    """A 16-bit IR whose values stay under 256 is on the 0-1 scale once read as 0-255: still valid data."""
+    rng = np.random.default_rng(2)
+    for sub in ("ir", "vi", "fused"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 48)).astype(np.uint16)).save(tmp_path / "ir" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(tmp_path / "vi" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(tmp_path / "fused" / "a.png")
+    args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
+    assert cli.main(["fusion-metrics", *args, "--metrics", "EN,SD", "--out", str(tmp_path / "m")]) == 0
+
+
+def test_fuse_train_refuses_nonsense_options(pairs, tmp_path: Path, capsys) -> None:
+    _one_pair(pairs, tmp_path)
+    base = ["fuse-train", "--method", "cddfuse", "--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi")]
+    for option, value, message in (
+        ("--batch-size", "0", "--batch-size must be >= 1"),
+        ("--patch", "1", "--patch must be at least"),
+    ):
+        assert cli.main([*base, "--out", str(tmp_path / f"t{value}"), option, value]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_progress_redraws_on_a_terminal() -> None:
