@@ -355,6 +355,17 @@ def _group(name: str, raw: Any, window_defaults: dict[str, Any], mode: str) -> G
             raise ConfigError(f"{where}.clock_offset_ms.{sensor}: expected a finite number of milliseconds")
         offsets[sensor] = _ms(ms)
     win = _section({**window_defaults, **g["window"]}, WINDOW, f"{where}.window")
+    roles = set(sensors.values())
+    if win["min_roles"] > len(roles):
+        raise ConfigError(
+            f"{where}.window.min_roles: {win['min_roles']} exceeds the group's {len(roles)} configured role(s): "
+            "every window would be dropped"
+        )
+    absent = [r for r in win["required_roles"] if r in ROLES and r not in roles]
+    if absent:
+        raise ConfigError(
+            f"{where}.window.required_roles: {absent[0]!r} has no sensor in this group: every window would be dropped"
+        )
     try:
         return GroupSettings(name, dict(sensors), _window(win, f"{where}.window", mode), offsets)
     except ValueError as exc:

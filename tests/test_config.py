@@ -114,6 +114,18 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
         (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),
         (lambda r: r["window"].update(min_roles=7), "window.min_roles: must be in 1..4"),
+        (
+            lambda r: r["groups"]["g1"].update(
+                sensors={"cam_vis": "image_a"}, clock_offset_ms={}, window={"min_roles": 2}
+            ),
+            "min_roles: 2 exceeds the group's 1",
+        ),
+        (
+            lambda r: r["groups"]["g1"].update(
+                sensors={"cam_vis": "image_a"}, clock_offset_ms={}, window={"required_roles": ["seq_b"]}
+            ),
+            "'seq_b' has no sensor",
+        ),
         (lambda r: r["window"].update(required_roles=["radar"]), "required_roles: 'radar' is not a role"),
         (lambda r: r["groups"]["g1"]["sensors"].update(cam_vis="image_c"), "groups.g1.sensors.cam_vis: role"),
         (lambda r: r["groups"]["g1"]["sensors"].update(cam_ir="image_a"), "assigned to more than one sensor"),
