@@ -62,9 +62,9 @@ def recorded_truth(path: str | os.PathLike[str], cfg: Config | None = None) -> d
         group, sensor = header.get("group"), header.get("sensor")
         g = cfg.ingest.groups.get(group) if cfg is not None else None
         offset = g.offsets_ns.get(sensor, 0) if g is not None else 0
+        key = (str(group), truth.t0_ns)  # the scene's own start: one scene, whatever each sensor's offset
         if offset:
             truth = SceneTruth(**{**truth.__dict__, "t0_ns": truth.t0_ns + offset, "t1_ns": truth.t1_ns + offset})
-        key = (str(group), truth.t0_ns)
         if key not in found or (truth.has_boxes and not found[key].has_boxes):
             found[key] = truth
     out: dict[str, list[SceneTruth]] = defaultdict(list)

@@ -85,12 +85,18 @@ def comparable(record: ResultRecord) -> dict:
 
 
 def replay_settings(cfg: Config, endpoint: str) -> IngestSettings:
-    """The config's ingest path in replay mode: event-time windows only, a bound lossless PULL socket."""
+    """The config's ingest path in replay mode: event-time windows only, a bound lossless PULL socket.
+
+    Rate limits are off (they run on the wall clock, so the pace of a replay would decide what they drop)
+    and so is the dead-letter file (the live daemon's, not the replay's to append to)."""
     groups = {
         name: dataclasses.replace(g, window=dataclasses.replace(g.window, mode="replay", max_wait_ns=0))
         for name, g in cfg.ingest.groups.items()
     }
-    return dataclasses.replace(cfg.ingest, endpoints=(endpoint,), groups=groups, bind=True, transport="pull")
+    return dataclasses.replace(
+        cfg.ingest, endpoints=(endpoint,), groups=groups, bind=True, transport="pull", rate_limits={},
+        dead_letter_path=None,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- pictures (shared with the daemon)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="re-run a recording through ingest and the model (identical at any speed)")
     r.add_argument("recording", help="MCAP file with input messages (sacmf serve [sinks] mcap_path, simulate --record)")
     pace = r.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=None, help="pace at this multiple of the recorded speed")
+    pace.add_argument("--speed", type=_speed, default=None, help="pace at this multiple of the recorded speed")
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     _pipeline_args(r)
     r.add_argument("--png", action="store_true", help="also draw pictures (rate-limited) under OUT/")
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate-stream", help="replay a recording with ground truth and score it (JSON, markdown, plots)"
     )
     e.add_argument("recording", help="MCAP file whose messages carry the simulator's truth in meta")
-    e.add_argument("--speed", type=float, default=None, help="pace the replay (default: as fast as possible)")
+    e.add_argument("--speed", type=_speed, default=None, help="pace the replay (default: as fast as possible)")
     e.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a detection match")
     _pipeline_args(e)
     e.set_defaults(func=_evaluate)
@@ -57,6 +58,38 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="override [model] checkpoint")
     p.add_argument("--batch", type=int, default=None, help="windows per model call (default: max_batch_size)")
     p.add_argument("--out", default=None, help="output folder (default: outputs/<command>/<recording name>)")
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (--max: as fast as possible), got {text}")
+    return value
+
+
+def _out_dir(args: argparse.Namespace, command: str) -> Path | None:
+    from daemon.replay import default_output_dir
+
+    out = Path(args.out) if args.out else default_output_dir(args.recording, command)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot use {out} as the output folder: {exc}", file=sys.stderr)
+        return None
+    return out
+
+
+def _recording_error(exc: BaseException) -> Exception | None:
+    """The McapError behind a failed replay (not MCAP, not sacmf's channels), or None for anything else."""
+    from mcap.exceptions import McapError
+
+    for e in (exc, exc.__cause__):
+        if isinstance(e, McapError):
+            return e
+    return None
 
 
 def _load(args: argparse.Namespace) -> config_mod.Config | None:
@@ -88,7 +121,7 @@ def _threads(cfg: config_mod.Config) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from daemon.replay import default_output_dir, replay
+    from daemon.replay import replay
     from sinks.jsonl import JsonlSink
     from sinks.png import PngSink
 
@@ -96,13 +129,19 @@ def _replay(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     _threads(cfg)
-    out = Path(args.out) if args.out else default_output_dir(args.recording, "replay")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args, "replay")
+    if out is None:
+        return 2
     (out / "results.jsonl").unlink(missing_ok=True)
     sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
     png = PngSink(out, max_per_s=args.png_max_per_s) if args.png else None
     try:
         rep = replay(args.recording, cfg, speed=args.speed, batch_size=args.batch, sinks=[sink], png=png)
+    except Exception as exc:
+        if (cause := _recording_error(exc)) is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
     finally:
         sink.close()
     rate = len(rep.results) / rep.wall_s if rep.wall_s > 0 else float("nan")
@@ -118,14 +157,21 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from daemon.evaluate_stream import evaluate
-    from daemon.replay import default_output_dir
 
     cfg = _load(args)
     if cfg is None:
         return 2
     _threads(cfg)
-    out = Path(args.out) if args.out else default_output_dir(args.recording, "evaluate-stream")
-    ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou)
+    out = _out_dir(args, "evaluate-stream")
+    if out is None:
+        return 2
+    try:
+        ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou)
+    except Exception as exc:
+        if (cause := _recording_error(exc)) is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
     rep = ev.report
     cls, det = rep["classification"], rep["detection"]
     print(f"{rep['windows']} windows replayed, {rep['windows_with_truth']} with ground truth")

@@ -71,6 +71,10 @@ class RecordingTruncated(McapError):
     """The recording ends inside a record (the writer stopped uncleanly); raised only when strict."""
 
 
+class NotARecording(McapError):
+    """The file is empty or not MCAP at all: nothing to replay, whatever ``strict`` says."""
+
+
 @dataclass(slots=True)
 class RawMessage:
     """One ZeroMQ multipart message exactly as received, for the recorder."""
@@ -415,6 +419,7 @@ def read_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Ite
     """
     channels: dict[int, Channel] = {}
     count = 0
+    started = False  # the magic and a first record were read: from here on, a bad tail is a truncation
     with open(path, "rb") as fh:
         records = StreamReader(fh, validate_crcs=True).records
         while True:
@@ -423,10 +428,13 @@ def read_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Ite
             except StopIteration:
                 return
             except Exception as exc:  # McapError, struct/EOF errors, or a decompressor's on a torn chunk
+                if not started:
+                    raise NotARecording(f"{path}: not an MCAP recording ({exc!r})") from exc
                 if strict:
                     raise RecordingTruncated(f"{path}: unreadable after {count} messages: {exc!r}") from exc
                 log.warning("recording_truncated", path=str(path), messages=count, error=repr(exc))
                 return
+            started = True
             if isinstance(rec, Channel):
                 channels[rec.id] = rec
             elif isinstance(rec, Message):

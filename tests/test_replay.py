@@ -255,6 +255,58 @@ def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recor
         assert name in report["plots"]
 
 
+def test_recorded_truth_keeps_one_scene_per_scene_whatever_the_clock_offsets(recording: Recording):
+    """A radiometer's clock offset shifts its copy of a scene's truth: it must not split the scene in two
+    (the join then picked the radiometer's copy, without boxes, and detection went unscored)."""
+    from daemon.evaluate_stream import recorded_truth
+
+    plain = config_mod.load(recording.config)
+    text = recording.config.read_text().replace("[groups.g1]\n", "[groups.g1]\nclock_offset_ms = { rad_ir = 100 }\n")
+    shifted_path = recording.tmp / "offset.toml"
+    shifted_path.write_text(text)
+    scenes = recorded_truth(recording.mcap, plain)["g1"]
+    shifted = recorded_truth(recording.mcap, config_mod.load(shifted_path))["g1"]
+    assert len(shifted) == len(scenes) >= 2 and all(t.has_boxes for t in shifted)
+
+
+def test_replay_runs_without_the_live_rate_limits_and_dead_letter_file(recording: Recording):
+    """Rate limits run on the wall clock: in a replay the pace would decide what they drop."""
+    from daemon.replay import replay_settings
+
+    text = recording.config.read_text() + "\n[rate_limit]\nmessages_per_s = 15\n"
+    text = text.replace("[ingest]\n", f'[ingest]\ndead_letter = "{recording.tmp / "dead.bin"}"\n')
+    path = recording.tmp / "limited.toml"
+    path.write_text(text)
+    cfg = config_mod.load(path)
+    assert cfg.ingest.rate_limits and cfg.ingest.dead_letter_path is not None  # set live
+    s = replay_settings(cfg, "ipc:///tmp/x")
+    assert s.rate_limits == {} and s.dead_letter_path is None
+
+
+def test_replay_and_evaluate_refuse_what_is_not_a_sacmf_recording(recording: Recording, tmp_path: Path):
+    from mcap.writer import Writer
+
+    text, empty, foreign = tmp_path / "notes.txt", tmp_path / "empty.mcap", tmp_path / "imu.mcap"
+    text.write_text("hello, not MCAP\n")
+    empty.write_bytes(b"")
+    with foreign.open("wb") as fh:  # a valid MCAP file of someone else's
+        w = Writer(fh)
+        w.start()
+        ch = w.register_channel("/imu", "json", 0)
+        w.add_message(ch, log_time=1, data=b"{}", publish_time=1)
+        w.finish()
+    for path, message in (
+        (text, "not an MCAP recording"),
+        (empty, "not an MCAP recording"),
+        (foreign, "not a sacmf channel"),
+    ):
+        for command in ("replay", "evaluate-stream"):
+            run = cli(command, str(path), "--config", str(recording.config), "--out", str(tmp_path / command))
+            assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (path, run.stderr)
+    run = cli("replay", str(recording.mcap), "--config", str(recording.config), "--speed", "0")
+    assert run.returncode == 2 and "--speed" in run.stderr
+
+
 def test_simulate_record_writes_a_replayable_file_with_truth(tmp_path: Path):
     path = tmp_path / "sim.mcap"
     run = cli("simulate", "--endpoint", "tcp://127.0.0.1:*", "--frame-rate", "5", "--sample-rate", "200",
