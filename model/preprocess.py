@@ -377,7 +377,7 @@ def preprocess_arrays(raw: RawSample, cfg: PreprocessConfig) -> dict[str, np.nda
         img = getattr(raw, role)
         if presence[role] and img is not None:
             out[role], scale = preprocess_image(img, cfg)
-            if img.dtype.kind == "f" and not np.isfinite(img).any():
+            if np.asarray(img).dtype.kind == "f" and not np.isfinite(img).any():
                 presence[role] = False  # a dead camera's all-NaN frame carries nothing: absent, like a series
         else:
             out[role], scale = np.zeros((1, s, s), np.float32), 1.0

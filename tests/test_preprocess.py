@@ -317,6 +317,8 @@ def test_a_frame_with_no_finite_pixel_counts_as_absent() -> None:
     out = preprocess(RawSample(image_a=dead, image_b=np.ones((48, 64), np.float32)), CFG)
     assert out["presence"].tolist() == [False, True, False, False]
     assert torch.equal(out["image_a"], torch.zeros(1, 64, 64))
+    as_lists = preprocess(RawSample(image_a=[[1.0, 2.0], [3.0, np.nan]]), CFG)  # any array-like, as before
+    assert as_lists["presence"].tolist() == [True, False, False, False]
 
 
 def test_series_without_valid_samples_counts_as_absent() -> None:
