@@ -15,6 +15,7 @@ directory of the public keys it admits (the daemon's), checked by a ZAP handler 
 
 from __future__ import annotations
 
+import operator
 import secrets
 import threading
 import time
@@ -27,6 +28,19 @@ import zmq
 from ingest import protocol, security
 
 ZERO_COPY_BYTES = 65536  # pyzmq sends frames of at least this size without copying when copy=False
+# What a send is checked against: the protocol itself; the size and finiteness limits are the daemon's
+# configuration, not known here.
+_SEND_CHECK = protocol.Limits(max_message_bytes=2**62, reject_non_finite=False, max_image_side=2**31 - 1)
+
+
+def _ns(name: str, value: object) -> int:
+    """An integer number of ns (numpy integers too); a clear error names the argument otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer number of ns, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer number of ns, got {value!r}") from None
 
 
 class SensorPublisher:
@@ -71,6 +85,10 @@ class SensorPublisher:
             raise ValueError("heartbeat_interval must be in (0, 1] seconds (the protocol requires >= 1 Hz)")
         self.group = group
         self.kinds = dict(sensors)
+        if session is not None and (
+            isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 2**64
+        ):
+            raise ValueError(f"session must be an int in 0..2^64-1, got {session!r}")
         self.session = secrets.randbits(64) if session is None else session
         self._clock = clock
         self._next_seq = {name: 0 for name in sensors}
@@ -91,9 +109,11 @@ class SensorPublisher:
         keys = security.load_secret_certificate(curve_secret) if curve_secret is not None else None
         if keys is None and (curve_server_public is not None or curve_clients is not None):
             raise ValueError("curve_server_public / curve_clients need curve_secret (this sensor's key pair)")
-        # a ZAP handler owns its context: a CURVE server gets a private one unless the caller gave one
-        self._own_ctx = keys is not None and bind and context is None
-        self._ctx = zmq.Context() if self._own_ctx else (context or zmq.Context.instance())
+        # Without a context from the caller the publisher owns one and terminates it in close(), which
+        # waits (up to the 2 s linger) until queued messages are out: with the shared global instance a
+        # script that closes and exits lost what was still queued. A ZAP handler needs its own anyway.
+        self._own_ctx = context is None
+        self._ctx = zmq.Context() if self._own_ctx else context
         self._auth: security.ZapHandler | None = None
         self._sock = self._ctx.socket(kinds[socket_type])
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -135,12 +155,13 @@ class SensorPublisher:
     def send_image(self, sensor: str, image: np.ndarray, t_ns: int, exp_ns: int = 0, meta: dict | None = None) -> int:
         """Publish one frame; ``t_ns`` is the start of the exposure. Returns the seq used."""
         self._expect(sensor, "img")
-        image = protocol.payload(image)
+        image = protocol.payload(np.asarray(image))
         if image.dtype.name not in protocol.IMG_DTYPES or image.ndim not in (2, 3):
             raise ValueError(f"image must be 2-D or 3-D {protocol.IMG_DTYPES}, got {image.dtype} {image.shape}")
+        t_ns, exp_ns = _ns("t_ns", t_ns), _ns("exp_ns", exp_ns)
         with self._lock:
             seq = self._next_seq[sensor]
-            header = protocol.encode_image_header(self.group, sensor, self.session, seq, t_ns, exp_ns, image, meta)
+            header = self._header(protocol.encode_image_header, sensor, seq, t_ns, exp_ns, image, meta)
             self._send(self._topics["img", sensor], header, image)
             self._next_seq[sensor] = seq + 1
         return seq
@@ -148,14 +169,15 @@ class SensorPublisher:
     def send_samples(self, sensor: str, values: np.ndarray, t_ns: int, dt_ns: int, meta: dict | None = None) -> int:
         """Publish a run of radiation samples; sample i is at ``t_ns + i*dt_ns``. Returns the seq used."""
         self._expect(sensor, "rad")
-        values = protocol.payload(values)
+        values = protocol.payload(np.asarray(values))
         if values.dtype.name not in protocol.RAD_DTYPES or values.ndim != 1 or values.size == 0:
             raise ValueError(f"values must be a non-empty 1-D {protocol.RAD_DTYPES} array")
+        t_ns, dt_ns = _ns("t_ns", t_ns), _ns("dt_ns", dt_ns)
         if dt_ns <= 0:
             raise ValueError("dt_ns must be > 0")
         with self._lock:
             seq = self._next_seq[sensor]
-            header = protocol.encode_rad_header(self.group, sensor, self.session, seq, t_ns, dt_ns, values, meta)
+            header = self._header(protocol.encode_rad_header, sensor, seq, t_ns, dt_ns, values, meta)
             self._send(self._topics["rad", sensor], header, values)
             self._next_seq[sensor] = seq + 1
         return seq
@@ -206,9 +228,29 @@ class SensorPublisher:
     def _expect(self, sensor: str, kind: str) -> None:
         actual = self.kinds.get(sensor)
         if actual != kind:
-            raise ValueError(f"sensor {sensor!r} is {'not configured' if actual is None else actual!r}, not {kind}")
+            raise ValueError(f"sensor {sensor!r} is {'not configured' if actual is None else repr(actual)}, not {kind}")
+
+    def _header(
+        self, encode: Callable, sensor: str, seq: int, t_ns: int, extra: int, data: np.ndarray, meta: object
+    ) -> bytes:
+        """The encoded header, after the daemon's own decoder has accepted the whole message: what it would
+        reject (a bad time, shape or meta) is a ValueError here, before a seq is used, not a counted loss."""
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(f"meta must be a dict (or None), got {type(meta).__name__}")
+        try:
+            header = encode(self.group, sensor, self.session, seq, t_ns, extra, data, meta)
+        except (TypeError, ValueError, OverflowError) as exc:  # msgpack: numpy scalars, objects, huge ints
+            raise ValueError(f"cannot encode the header (meta and times must be plain msgpack values): {exc}") from None
+        try:
+            frames = [self._topics[self.kinds[sensor], sensor], header, memoryview(data).cast("B")]
+            protocol.decode(frames, _SEND_CHECK)
+        except protocol.ProtocolError as exc:
+            raise ValueError(f"the daemon would reject this message ({exc.reason}): {exc.detail}") from None
+        return header
 
     def _send(self, topic: bytes, header: bytes, data: np.ndarray) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("the publisher is closed")
         copy = data.nbytes < ZERO_COPY_BYTES
         self._sock.send_multipart([topic, header, data if not copy else data.tobytes()], copy=copy)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -188,3 +190,57 @@ def test_oversized_frames_are_rejected_without_losing_neighbours(ctx, nbytes):
     wait_for(lambda: w.worker.tracker.stats("g1/rad_vis").delivered + w.worker.stats.rejected["too_large"] == 2)
     w.finish()
     assert w.worker.stats.rejected["too_large"] == (1 if nbytes > 100 else 0)
+
+
+_SENSOR_SCRIPT = """
+import sys, numpy as np
+from ingest.publisher import SensorPublisher
+pub = SensorPublisher(sys.argv[1], "g1", {"cam": "img"}, bind=False, socket_type="push")
+frame = np.zeros((1024, 1024), np.uint8)
+for i in range(int(sys.argv[2])):
+    pub.send_image("cam", frame, 1_800_000_000_000_000_000 + i)
+pub.close()
+"""
+
+
+def test_a_sensor_script_that_closes_and_exits_delivers_every_frame(ctx):
+    """close() then exit: with the shared global context the queued frames died with the process."""
+    import subprocess
+    import sys
+
+    from ingest import protocol
+
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+    run = subprocess.run([sys.executable, "-c", _SENSOR_SCRIPT, endpoint, "60"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    frames, last_heartbeat = [], None
+    while pull.poll(2000):
+        m = protocol.decode(pull.recv_multipart())
+        if m.kind == "img":
+            frames.append(m.seq)
+        else:
+            last_heartbeat = m.last_seq
+    pull.close(0)
+    assert frames == list(range(60)) and last_heartbeat == 59  # was 9-13 frames and no final heartbeat
+
+
+def test_the_publisher_refuses_what_the_daemon_would_reject_before_using_a_seq(ctx):
+    with SensorPublisher("inproc://refuse", "g1", KINDS, context=ctx) as pub:
+        img, rad = np.zeros((4, 4), np.uint16), np.zeros(8, np.float32)
+        for call, message in (
+            (lambda: pub.send_image("cam_vis", img, 1.8e18), "t_ns must be an integer"),
+            (lambda: pub.send_image("cam_vis", img, T0, exp_ns=-1), "would reject"),
+            (lambda: pub.send_image("cam_vis", np.zeros((4, 4, 5), np.uint8), T0), "would reject"),
+            (lambda: pub.send_image("cam_vis", img, T0, meta=["a"]), "meta must be a dict"),
+            (lambda: pub.send_image("cam_vis", img, T0, meta={"x": np.float32(1)}), "cannot encode the header"),
+            (lambda: pub.send_samples("rad_vis", rad, 2**63 - 5, 1), "would reject"),  # the last sample's time
+        ):
+            with pytest.raises(ValueError, match=message):
+                call()
+        assert pub.next_seq["cam_vis"] == 0 and pub.next_seq["rad_vis"] == 0  # no seq spent on them
+        assert pub.send_samples("rad_vis", rad, np.int64(T0), np.int64(1000)) == 0  # numpy integers are fine
+    with pytest.raises(RuntimeError, match="closed"):
+        pub.send_image("cam_vis", img, T0)
