@@ -177,7 +177,7 @@ def measure_latency(daemon: DaemonProcess, endpoint: str, res: _Results, g: int,
     stop = threading.Event()
     pubs, threads = [], []
     for i in range(g):
-        pub = SensorPublisher(endpoint, group_name(i), SENSORS, bind=False, context=ctx)
+        pub = SensorPublisher(endpoint, group_name(i), SENSORS, bind=False, context=ctx, check=False)
         sim = SimSettings(**{**NOMINAL.__dict__, "group": group_name(i), "seed": i})
         t = threading.Thread(target=simulate.run, args=(pub, sim, stop), daemon=True)
         pubs.append(pub)
@@ -256,7 +256,9 @@ def _saturate(
     now = [T0_NS + window[0] * WINDOW_MS * 1_000_000]  # heartbeats carry event time: never ahead of the data
     ctx = zmq.Context.instance()
     pubs = [
-        SensorPublisher(endpoint, name, SENSORS, bind=False, socket_type="push", context=ctx, clock=lambda: now[0])
+        SensorPublisher(
+            endpoint, name, SENSORS, bind=False, socket_type="push", context=ctx, clock=lambda: now[0], check=False
+        )
         for name in names
     ]
     cams, rads = ("cam_vis", "cam_ir"), ("rad_vis", "rad_ir")

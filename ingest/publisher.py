@@ -51,6 +51,10 @@ class SensorPublisher:
     the receiver is behind). Arrays handed to ``send_*`` must not be modified afterwards: large ones
     are sent without a copy.
 
+    ``check`` runs the daemon's own decoder over every message before it is sent (about 9 µs each, as
+    much again as the send): a message it would reject raises ValueError at the call instead of being
+    sent, rejected and counted as lost. Load generators that send known-good messages turn it off.
+
     ``session`` with ``next_seq`` resumes a session on a new socket: a host that re-creates its socket
     (network change, reconnect) without restarting keeps its session and numbering, so the daemon sees
     neither a restart nor a gap. Pass the old publisher's ``session`` and ``next_seq``.
@@ -73,6 +77,7 @@ class SensorPublisher:
         curve_secret: str | Path | None = None,
         curve_server_public: str | Path | None = None,
         curve_clients: str | Path | None = None,
+        check: bool = True,
     ) -> None:
         if not protocol.NAME_RE.match(group):
             raise ValueError(f"group name {group!r} must match [A-Za-z0-9_.-]{{1,64}}")
@@ -85,6 +90,7 @@ class SensorPublisher:
             raise ValueError("heartbeat_interval must be in (0, 1] seconds (the protocol requires >= 1 Hz)")
         self.group = group
         self.kinds = dict(sensors)
+        self.check = check
         if session is not None and (
             isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 2**64
         ):
@@ -241,6 +247,8 @@ class SensorPublisher:
             header = encode(self.group, sensor, self.session, seq, t_ns, extra, data, meta)
         except (TypeError, ValueError, OverflowError) as exc:  # msgpack: numpy scalars, objects, huge ints
             raise ValueError(f"cannot encode the header (meta and times must be plain msgpack values): {exc}") from None
+        if not self.check:
+            return header
         try:
             frames = [self._topics[self.kinds[sensor], sensor], header, memoryview(data).cast("B")]
             protocol.decode(frames, _SEND_CHECK)
