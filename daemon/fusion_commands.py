@@ -222,7 +222,7 @@ def _weights_health(model: object, ir: torch.Tensor, vi: torch.Tensor) -> list[s
     h, w = ir.shape[-2:]
     top, left = max(0, (h - 256) // 2), max(0, (w - 256) // 2)
     crop = (..., slice(top, top + 256), slice(left, left + 256))
-    from model.fusion import METHODS, _pad_min_side
+    from model.fusion import METHODS, pad_min_side
 
     side = METHODS["crossfuse"].min_side  # the network pads smaller images up to this: so does the check
     param = next(model.parameters())
@@ -230,8 +230,8 @@ def _weights_health(model: object, ir: torch.Tensor, vi: torch.Tensor) -> list[s
         health = deep_skip_health(
             model.encoder_ir,
             model.encoder_vi,
-            _pad_min_side(ir[crop], side).to(param.device),
-            _pad_min_side(vi[crop], side).to(param.device),
+            pad_min_side(ir[crop], side).to(param.device),
+            pad_min_side(vi[crop], side).to(param.device),
         )
     if not health.ill_conditioned:
         return []
@@ -400,15 +400,13 @@ def _parse_metrics(text: str) -> list[str]:
 
 
 def _cmd_fusion_metrics(args: argparse.Namespace) -> int:
-    from model import fusion_io
-
     try:
         metrics = _parse_metrics(args.metrics)
         progress = Progress(0, "fusion-metrics")
         table = evaluate_folders(
             args.ir, args.vi, args.fused, metrics=metrics, convention=args.convention, progress=progress
         )
-    except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError, fusion_io.ImageReadError) as exc:
+    except (ValueError, OSError) as exc:  # pairing, unreadable images, missing folders or files
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -418,8 +416,7 @@ def _cmd_fusion_metrics(args: argparse.Namespace) -> int:
         return 2
     progress.close(f"wrote {csv_path} and {md_path}")
     print(md_path.read_text(encoding="utf-8", errors="surrogateescape"), end="")
-    undefined = table.undefined()
-    for name, metric in undefined:
+    for name, metric in table.undefined():
         print(
             f"warning: {metric} is undefined for {name} (e.g. a constant source); left out of the mean", file=sys.stderr
         )

@@ -221,7 +221,7 @@ def load_method(
 # running a method on tensors and composing the saved image
 
 
-def _pad_min_side(x: Tensor, min_side: int) -> Tensor:
+def pad_min_side(x: Tensor, min_side: int) -> Tensor:
     """Pad bottom/right up to ``min_side`` (reflect, replicate where reflection is impossible)."""
     h, w = x.shape[-2:]
     ph, pw = max(0, min_side - h), max(0, min_side - w)
@@ -254,7 +254,7 @@ def fuse_tensors(
 
     def run(a: Tensor, b: Tensor) -> Tensor:
         th, tw = a.shape[-2:]
-        a, b = _pad_min_side(a, method.min_side), _pad_min_side(b, method.min_side)
+        a, b = pad_min_side(a, method.min_side), pad_min_side(b, method.min_side)
         out = method.fuse(model, a, b)
         return out[..., :th, :tw].float()
 
