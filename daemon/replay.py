@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 import zmq
+from mcap.exceptions import McapError
 
 from daemon.adapt import pick_frame
 from daemon.config import Config
@@ -322,6 +323,8 @@ def replay(
                 infer(pending[:batch_size])
                 del pending[:batch_size]
             if sender.error is not None:
+                if isinstance(sender.error, McapError):  # the file itself: not MCAP, or not sacmf's channels
+                    raise sender.error
                 raise RuntimeError(f"replay sender failed: {sender.error!r}") from sender.error
             if sender.done.is_set() and handled() >= sender.sent:
                 break

@@ -82,16 +82,6 @@ def _out_dir(args: argparse.Namespace, command: str) -> Path | None:
     return out
 
 
-def _recording_error(exc: BaseException) -> Exception | None:
-    """The McapError behind a failed replay (not MCAP, not sacmf's channels), or None for anything else."""
-    from mcap.exceptions import McapError
-
-    for e in (exc, exc.__cause__):
-        if isinstance(e, McapError):
-            return e
-    return None
-
-
 def _load(args: argparse.Namespace) -> config_mod.Config | None:
     try:
         cfg = config_mod.load(args.config)
@@ -121,6 +111,8 @@ def _threads(cfg: config_mod.Config) -> None:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from mcap.exceptions import McapError
+
     from daemon.replay import replay
     from sinks.jsonl import JsonlSink
     from sinks.png import PngSink
@@ -137,10 +129,8 @@ def _replay(args: argparse.Namespace) -> int:
     png = PngSink(out, max_per_s=args.png_max_per_s) if args.png else None
     try:
         rep = replay(args.recording, cfg, speed=args.speed, batch_size=args.batch, sinks=[sink], png=png)
-    except Exception as exc:
-        if (cause := _recording_error(exc)) is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
+    except McapError as exc:  # not MCAP, or not sacmf's channels
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         sink.close()
@@ -156,6 +146,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from mcap.exceptions import McapError
+
     from daemon.evaluate_stream import evaluate
 
     cfg = _load(args)
@@ -167,10 +159,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     try:
         ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou)
-    except Exception as exc:
-        if (cause := _recording_error(exc)) is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
+    except McapError as exc:  # not MCAP, or not sacmf's channels
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     rep = ev.report
     cls, det = rep["classification"], rep["detection"]
