@@ -13,6 +13,7 @@ subcommands stay fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -21,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -475,20 +477,32 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
             progress.stream.write(f"warning: {info.note}\n")
         progress.update(info.batch, f"loss {info.losses['total']:.5g} lr {info.lr:.2g} {info.seconds:.2f} s/step")
 
-    def on_term(signum: int, frame: object) -> None:  # a batch scheduler's or systemd's stop: like Ctrl-C
-        raise KeyboardInterrupt
+    # Ctrl-C, or a batch scheduler's or systemd's SIGTERM: the first one asks train() to stop between
+    # steps (a flag cannot be lost, where an exception raised at an arbitrary point can be swallowed by a
+    # finaliser and leaves the step count and the log disagreeing); a second one stops inside the step.
+    stop = threading.Event()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        with contextlib.suppress(OSError, ValueError):  # os.write: print() could re-enter a busy stderr
+            os.write(sys.stderr.fileno(), b"\nstopping after this step (signal again to stop at once)\n")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = fusion_train.train(args.method, args.ir, args.vi, args.out, options, on_step=on_step)
+        result = fusion_train.train(args.method, args.ir, args.vi, args.out, options, on_step=on_step, stop=stop.is_set)
     except KeyboardInterrupt:
-        progress.close(f"interrupted; state saved in {Path(args.out) / fusion_train.STATE_FILE}: rerun with --resume")
-        return 130
+        result = None
     except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if result is None or result.interrupted:
+        progress.close(f"interrupted; state saved in {Path(args.out) / fusion_train.STATE_FILE}: rerun with --resume")
+        return 130
     where = ", ".join(str(p) for p in result.checkpoints) or "(none yet: no epoch completed)"
     status = "stopped early; continue with --resume" if result.stopped_early else "done"
     progress.close(

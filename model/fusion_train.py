@@ -829,11 +829,12 @@ class StepInfo:
 class TrainResult:
     epochs_done: int  # completed epochs
     global_step: int
-    stopped_early: bool  # by --max-minutes / --max-steps / interrupt: resume to continue
+    stopped_early: bool  # by --max-minutes / --max-steps / ``stop``: resume to continue
     checkpoints: list[Path]
     state_file: Path
     last_losses: dict[str, float]
     notes: list[str] = field(default_factory=list)  # trainers' warnings (``StepInfo.note``), in order
+    interrupted: bool = False  # stopped because ``stop()`` said so (a signal), not by a budget
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -894,12 +895,15 @@ def train(
     *,
     on_step: Callable[[StepInfo], None] | None = None,
     patches: PatchSet | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Run (or resume) ``method``'s recipe on the pairs of ``ir_dir``/``vi_dir``; files go to ``out_dir``.
 
     Stops early (state saved, ``stopped_early``) after ``max_minutes`` of wall time or ``max_steps`` total
-    steps, or on Ctrl-C (KeyboardInterrupt is re-raised after saving). ``train_log.csv`` gets one row per
-    step. ``patches`` may be passed in to skip reading the folders again.
+    steps, or when ``stop()`` turns true (checked between steps: how the CLI honours SIGTERM and Ctrl-C,
+    so the saved state, the step count and the log always agree). A KeyboardInterrupt raised inside a step
+    is re-raised after saving the state of the last finished step. ``train_log.csv`` gets one row per step.
+    ``patches`` may be passed in to skip reading the folders again.
     """
     opts = options or TrainOptions()
     out = Path(out_dir)
@@ -958,9 +962,10 @@ def train(
                 )
                 batches = ir_all.shape[0] // bs  # drop the ragged tail (BatchNorm cannot train on one sample)
                 for b in range(start_batch, batches):
-                    if step >= max_steps or time.monotonic() - started >= budget_s:
+                    asked = stop is not None and stop()
+                    if asked or step >= max_steps or time.monotonic() - started >= budget_s:
                         _save_state(state_path, recipe, trainer, epoch, b, step)
-                        return TrainResult(epoch, step, True, checkpoints, state_path, last, notes)
+                        return TrainResult(epoch, step, True, checkpoints, state_path, last, notes, asked)
                     idx = order[b * bs : (b + 1) * bs]
                     note = None
                     if trainer.stage(epoch) != reported_stage:
@@ -999,7 +1004,7 @@ def train(
                 resume_at = (epoch, 0)
                 checkpoints = _release(trainer, out, epoch)
                 _save_state(state_path, recipe, trainer, epoch, 0, step)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the CLI: wherever it lands
+        except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM in the CLI: wherever it lands
             _save_state(state_path, recipe, trainer, *resume_at, step)
             raise
     if not checkpoints:  # resumed a finished run: report the files it already wrote

@@ -182,6 +182,24 @@ def test_resume_continues_exactly_and_checkpoints_load(tmp_path: Path) -> None:
     assert torch.allclose(fuse_CDDFuse(model, x, x.flip(-1)), fuse_CDDFuse(trained.eval(), x, x.flip(-1)), atol=1e-6)
 
 
+@needs_data
+def test_stop_request_ends_the_run_between_steps_with_state_log_and_count_agreeing(tmp_path: Path) -> None:
+    """What the CLI does with SIGTERM/Ctrl-C: train() sees the request at the next step boundary, so the
+    saved state, the returned step count and the log rows agree exactly."""
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(200, 232), slice(200, 232)),
+                                                       "b": ("02", slice(300, 332), slice(100, 132))})  # fmt: skip
+    opts = ft.TrainOptions(epochs=2, batch_size=4, patch=16, stride=16, min_contrast=None)
+    done: list[int] = []
+    result = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "run", opts,
+                      on_step=lambda info: done.append(info.global_step), stop=lambda: len(done) >= 3)  # fmt: skip
+    assert (result.global_step, result.stopped_early, result.interrupted) == (3, True, True)
+    saved = torch.load(result.state_file, weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["global_step"]) == (1, 1, 3)
+    assert len((tmp_path / "run" / ft.LOG_FILE).read_text().splitlines()) == 1 + 3
+    budget = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "budget", replace(opts, max_steps=1))
+    assert (budget.stopped_early, budget.interrupted) == (True, False)  # a budget is not an interruption
+
+
 def test_crossfuse_release_files_load_and_recon_decoder_round_trips(tmp_path: Path) -> None:
     from model.crossfuse import load_CrossFuse, read_checkpoint
 
@@ -261,7 +279,7 @@ def test_fuse_train_saves_its_state_on_sigterm_and_resumes(tmp_path: Path) -> No
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "interrupted; state saved" in stderr
+    assert "stopping after this step" in stderr and "interrupted; state saved" in stderr
     state = torch.load(out / ft.STATE_FILE, weights_only=False)
     done = state["global_step"]
     assert done >= 2 and len(log.read_text().splitlines()) == done + 1  # header + one row per step
