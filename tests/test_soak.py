@@ -29,6 +29,10 @@ def test_resumed_publisher_continues_the_session_without_restart_or_gap(ctx):
     assert [old.send_image("cam_vis", FRAME, T0 + i) for i in range(3)] == [0, 1, 2]
     assert old.next_seq == {"cam_vis": 3, "cam_ir": 0, "rad_vis": 0, "rad_ir": 0}
     old.close()
+    # close() hands the messages to the socket, not to the worker: the worker's socket takes its two peers'
+    # pipes in turn, so seq 3 could overtake 1 and 2 (a reorder, healed and counted as one). A publisher
+    # that restarts is seconds behind its old socket; so is this one.
+    wait_for(lambda: w.worker.tracker.stats("g1/cam_vis").delivered == 3, what="the old socket's 3 frames")
     new = SensorPublisher(
         w.endpoint, "g1", KINDS, bind=False, socket_type="push", context=ctx, session=old.session, next_seq=old.next_seq
     )
