@@ -55,6 +55,11 @@ class SensorPublisher:
     much again as the send): a message it would reject raises ValueError at the call instead of being
     sent, rejected and counted as lost. Load generators that send known-good messages turn it off.
 
+    ``send_timeout_ms`` bounds how long a send may block (a PUSH socket whose peer is gone or behind,
+    once ``sndhwm`` messages are queued): the send then raises TimeoutError, nothing is sent and no seq
+    is used, so the caller can retry, drop (a counted gap) or stop. None blocks for as long as it takes,
+    which is what a lossless replay wants. A PUB socket never blocks.
+
     ``session`` with ``next_seq`` resumes a session on a new socket: a host that re-creates its socket
     (network change, reconnect) without restarting keeps its session and numbering, so the daemon sees
     neither a restart nor a gap. Pass the old publisher's ``session`` and ``next_seq``.
@@ -78,6 +83,7 @@ class SensorPublisher:
         curve_server_public: str | Path | None = None,
         curve_clients: str | Path | None = None,
         check: bool = True,
+        send_timeout_ms: int | None = None,
     ) -> None:
         if not protocol.NAME_RE.match(group):
             raise ValueError(f"group name {group!r} must match [A-Za-z0-9_.-]{{1,64}}")
@@ -86,6 +92,10 @@ class SensorPublisher:
                 raise ValueError(f"sensor name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")
             if kind not in protocol.DATA_KINDS:
                 raise ValueError(f"sensor {name!r}: kind must be 'img' or 'rad', not {kind!r}")
+        if send_timeout_ms is not None and (
+            isinstance(send_timeout_ms, bool) or not isinstance(send_timeout_ms, int) or not 0 < send_timeout_ms < 2**31
+        ):
+            raise ValueError(f"send_timeout_ms must be a positive int of ms (or None), got {send_timeout_ms!r}")
         if not 0 < heartbeat_interval <= 1.0:
             raise ValueError("heartbeat_interval must be in (0, 1] seconds (the protocol requires >= 1 Hz)")
         self.group = group
@@ -124,6 +134,9 @@ class SensorPublisher:
         self._sock = self._ctx.socket(kinds[socket_type])
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        self.send_timeout_ms = send_timeout_ms
+        if send_timeout_ms is not None:
+            self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
         try:
             if keys is not None and bind:
                 if curve_clients is None:
@@ -260,7 +273,12 @@ class SensorPublisher:
         if self._stop.is_set():
             raise RuntimeError("the publisher is closed")
         copy = data.nbytes < ZERO_COPY_BYTES
-        self._sock.send_multipart([topic, header, data if not copy else data.tobytes()], copy=copy)
+        try:
+            self._sock.send_multipart([topic, header, data if not copy else data.tobytes()], copy=copy)
+        except zmq.Again:  # only with send_timeout_ms; ZeroMQ takes all parts of a message or none
+            raise TimeoutError(
+                f"no peer took the message within send_timeout_ms={self.send_timeout_ms}: not sent, seq not used"
+            ) from None
 
     def _heartbeat_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):

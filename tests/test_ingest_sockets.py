@@ -244,3 +244,37 @@ def test_the_publisher_refuses_what_the_daemon_would_reject_before_using_a_seq(c
         assert pub.send_samples("rad_vis", rad, np.int64(T0), np.int64(1000)) == 0  # numpy integers are fine
     with pytest.raises(RuntimeError, match="closed"):
         pub.send_image("cam_vis", img, T0)
+
+
+def test_a_send_timeout_raises_without_using_a_seq_and_a_retry_is_gapless(ctx):
+    """A PUSH sensor whose daemon is gone: without send_timeout_ms the send blocks for ever (and with it
+    the heartbeat thread and close()); with it the send raises, and a retry once the daemon is back
+    continues the numbering with no gap."""
+    import socket
+
+    from ingest import protocol
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match="send_timeout_ms"):
+        SensorPublisher(f"tcp://127.0.0.1:{port}", "g1", KINDS, bind=False, socket_type="push", send_timeout_ms=0)
+    pub = SensorPublisher(f"tcp://127.0.0.1:{port}", "g1", KINDS, bind=False, socket_type="push", context=ctx,
+                          sndhwm=1, send_timeout_ms=100)  # fmt: skip
+    img = np.zeros((4, 4), np.uint16)
+    sent = []
+    with pytest.raises(TimeoutError, match="seq not used"):
+        for i in range(10_000):  # the first one queues (high-water mark 1); a later one must time out
+            sent.append(pub.send_image("cam_vis", img, T0 + i))
+    assert sent and pub.next_seq["cam_vis"] == len(sent)
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    assert pub.send_image("cam_vis", img, T0 + len(sent)) == len(sent)  # the retry, now that a peer is back
+    pub.close()
+    seqs = []
+    while pull.poll(2000):
+        m = protocol.decode(pull.recv_multipart())
+        if m.kind == "img":
+            seqs.append(m.seq)
+    pull.close(0)
+    assert seqs == list(range(len(sent) + 1))
