@@ -54,7 +54,7 @@ default-model: setup
 	$(BIN)/sacmf synth --out data --n-train 16000 --n-val 1000 --n-test 2000 --seed 0 --overwrite
 	$(BIN)/sacmf train --data-root data/train --val-root data/val --backbone tiny \
 	    --batch-size 32 --epochs 8 --lr 1e-3 --lambda-mi 0.1 --seed 0 --threads 1 --max-minutes 58 \
-	    --out checkpoints/default --version sacmf-tiny-synth16k-s0
+	    --out checkpoints/default --overwrite --version sacmf-tiny-synth16k-s0
 	cp checkpoints/default/best.pt model/weights/default.pt
 
 clean:

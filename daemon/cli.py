@@ -10,6 +10,7 @@ from pathlib import Path
 
 from daemon import config as config_mod
 from daemon import logs
+from daemon.cli_types import integer, number
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -54,7 +55,11 @@ def _bench_model(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    try:
+        batches = [integer(1)(b) for b in args.batches.split(",") if b.strip()]
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: --batches: {exc}", file=sys.stderr)
+        return 2
     try:
         rows = backbone_latency(backbones, batches, args.frame_size, args.rounds)
     except ValueError as exc:
@@ -97,10 +102,10 @@ def _bench_ingest(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from model.synth import SynthConfig, write_dataset
 
-    cfg = SynthConfig(size=args.frame_size, seq_len=args.seq_len)
     try:
+        cfg = SynthConfig(size=args.frame_size, seq_len=args.seq_len)
         counts = write_dataset(args.out, args.n_train, args.n_val, args.n_test, args.seed, cfg, args.overwrite)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(f'{k}={v}' for k, v in counts.items())} scenes to {args.out}")
@@ -140,12 +145,16 @@ def _train(args: argparse.Namespace) -> int:
             max_minutes=args.max_minutes,
             stop_after_epochs=args.stop_after_epochs,
             resume=args.resume,
+            overwrite=args.overwrite,
             version=args.version,
         )
         result = train(opts)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # the run diverged: last.pt still holds the last finite epoch
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 1
     print(f"best epoch {result.best_epoch} (score {result.best_score:.4f}): {result.best_path}")
     return 0
 
@@ -211,12 +220,12 @@ def _model_args(p: argparse._SubParsersAction) -> None:
     """synth / train / test / evaluate: the model's offline commands (torch is imported only when run)."""
     y = p.add_parser("synth", help="write a synthetic four-modality dataset (train/val/test splits)")
     y.add_argument("--out", type=Path, default=Path("data"))
-    y.add_argument("--n-train", type=int, default=2000)
-    y.add_argument("--n-val", type=int, default=500)
-    y.add_argument("--n-test", type=int, default=1000)
+    y.add_argument("--n-train", type=integer(0), default=2000)
+    y.add_argument("--n-val", type=integer(0), default=500)
+    y.add_argument("--n-test", type=integer(0), default=1000)
     y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--frame-size", type=int, default=64, help="frame side in px (default 64)")
-    y.add_argument("--seq-len", type=int, default=256, help="radiometer samples per scene (default 256)")
+    y.add_argument("--frame-size", type=integer(1), default=64, help="frame side in px (default 64)")
+    y.add_argument("--seq-len", type=integer(1), default=256, help="radiometer samples per scene (default 256)")
     y.add_argument("--overwrite", action="store_true", help="replace existing split directories")
     y.set_defaults(func=_synth)
 
@@ -224,33 +233,36 @@ def _model_args(p: argparse._SubParsersAction) -> None:
     t.add_argument("--data-root", type=Path, required=True, help="training split directory, e.g. data/train")
     t.add_argument("--val-root", type=Path, default=None, help="validation split directory, e.g. data/val")
     t.add_argument("--out", type=Path, default=Path("checkpoints"))
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--lambda-mi", type=float, default=0.1, help="weight of the MI redundancy loss")
+    t.add_argument("--batch-size", type=integer(2), default=8)
+    t.add_argument("--epochs", type=integer(1), default=100)
+    t.add_argument("--lr", type=number(0, above=True), default=1e-4)
+    t.add_argument("--weight-decay", type=number(0), default=1e-4)
+    t.add_argument("--lambda-mi", type=number(0), default=0.1, help="weight of the MI redundancy loss")
     t.add_argument(
         "--backbone", default="mobilenet_v3_small", help="tiny | mobilenet_v3_small | resnet18 | inception_v3"
     )
-    t.add_argument("--frame-size", type=int, default=64, help="model input side in px")
+    t.add_argument("--frame-size", type=integer(4), default=64, help="model input side in px")
     t.add_argument("--modalities", default="image,sequence", help="image,sequence | image | sequence")
     t.add_argument("--no-mi", action="store_true", help="ablation: uniform fusion weights, no MI loss")
-    t.add_argument("--drop-prob", type=float, default=0.3, help="missing-modality augmentation rate")
+    t.add_argument("--drop-prob", type=number(0, 0.99), default=0.3, help="missing-modality augmentation rate")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to train")
-    t.add_argument("--max-minutes", type=float, default=None, help="start no epoch that would end later")
-    t.add_argument("--stop-after-epochs", type=int, default=None, help="end this run after N epochs")
+    t.add_argument(
+        "--max-minutes", type=number(0, above=True), default=None, help="start no epoch that would end later"
+    )
+    t.add_argument("--stop-after-epochs", type=integer(1), default=None, help="end this run after N epochs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt exactly")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in OUT")
     t.add_argument("--version", default="", help="version label stored in the checkpoints")
     t.set_defaults(func=_train)
 
     def run_args(sp: argparse.ArgumentParser, out: str) -> None:
         sp.add_argument("--ckpt", type=Path, required=True)
         sp.add_argument("--out", type=Path, default=Path(out))
-        sp.add_argument("--batch-size", type=int, default=32)
-        sp.add_argument("--det-threshold", type=float, default=0.3)
-        sp.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+        sp.add_argument("--batch-size", type=integer(1), default=32)
+        sp.add_argument("--det-threshold", type=number(0, 1), default=0.3, help="detection score cut, in [0, 1]")
+        sp.add_argument("--threads", type=integer(1), default=1, help="torch threads (default 1)")
         sp.add_argument("--modalities", default=None, help="default: what the checkpoint was trained on")
 
     e = p.add_parser("test", help="run a checkpoint on Image-A/Seq-A folders (B folders beside them)")
@@ -264,7 +276,7 @@ def _model_args(p: argparse._SubParsersAction) -> None:
 
     v = p.add_parser("evaluate", help="metrics, report.md and plots of a checkpoint on a labelled split")
     v.add_argument("--data-root", type=Path, required=True, help="labelled split directory, e.g. data/test")
-    v.add_argument("--repeats", type=int, default=20, help="timed runs per latency figure (median)")
+    v.add_argument("--repeats", type=integer(1), default=20, help="timed runs per latency figure (median)")
     run_args(v, "reports/eval")
     v.set_defaults(func=_evaluate)
 
@@ -321,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("bench-model", help="SA-CMF forward latency per image backbone at batch 1 and 8")
     m.add_argument("--backbones", default="tiny,mobilenet_v3_small,resnet18,inception_v3")
     m.add_argument("--batches", default="1,8")
-    m.add_argument("--frame-size", type=int, default=64, help="model input side in px (the default model's)")
-    m.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (the median is reported)")
-    m.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the daemon on 2 cores)")
+    m.add_argument("--frame-size", type=integer(4), default=64, help="model input side in px (the default model's)")
+    m.add_argument("--rounds", type=integer(1), default=20, help="interleaved timing rounds (the median is reported)")
+    m.add_argument("--threads", type=integer(1), default=1, help="torch threads (default 1, as the daemon on 2 cores)")
     m.set_defaults(func=_bench_model)
     _model_args(sub)
     from daemon import fusion_commands  # fuse, fusion-metrics, fuse-train, bench-fusion

@@ -1,0 +1,45 @@
+"""argparse types for numeric options: a bad value is a usage error naming the option (exit 2), not a
+traceback from deep inside torch or a value silently accepted (a negative count, a NaN threshold)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in "invalid integer value"
+    return parse
+
+
+def number(minimum: float = -math.inf, maximum: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """A finite float in [minimum, maximum] (``above``: strictly greater than ``minimum``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_ok = value > minimum if above else value >= minimum
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            low = f"> {minimum:g}" if above else f">= {minimum:g}"
+            bounds = " and ".join(
+                b for b in (low if minimum > -math.inf else "", f"<= {maximum:g}" if maximum < math.inf else "") if b
+            )
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
