@@ -72,7 +72,11 @@ def _read_labels(path: Path) -> list[dict[str, Any]]:
             rec["id"] = str(rec["id"])
             if rec["id"] in seen:
                 raise DatasetLayoutError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
-            if not isinstance(rec["class"], int) or not 0 <= rec["class"] < NUM_CLASSES:
+            if (
+                isinstance(rec["class"], bool)
+                or not isinstance(rec["class"], int)
+                or not 0 <= rec["class"] < NUM_CLASSES
+            ):
                 raise DatasetLayoutError(f"{path}:{lineno}: class must be an int in [0, {NUM_CLASSES})")
             seen.add(rec["id"])
             records.append(rec)
@@ -80,22 +84,37 @@ def _read_labels(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    else:
-        with Image.open(path) as img:
-            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "F"):
-                img = img.convert("L")  # colour files: luminance, like a monochrome sensor
-            arr = np.asarray(img)
+    """One image file as a 2-D array; a file that cannot be read is a DatasetLayoutError naming it, so
+    one bad file in thousands is found from the message, not from a traceback."""
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as img:
+                if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "F"):
+                    img = img.convert("L")  # colour files: luminance, like a monochrome sensor
+                arr = np.asarray(img)  # decodes the whole file: a truncated one fails here
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:  # PIL: OSError subclasses, SyntaxError
+        raise DatasetLayoutError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from None
     if arr.ndim != 2:
         raise DatasetLayoutError(f"{path}: expected a 2-D single-channel image, got shape {arr.shape}")
+    if arr.size == 0:
+        raise DatasetLayoutError(f"{path}: the image is empty (shape {arr.shape})")
+    if arr.dtype.kind not in "uif":
+        raise DatasetLayoutError(f"{path}: expected an integer or float image, got dtype {arr.dtype}")
     return arr
 
 
 def _load_seq(path: Path) -> np.ndarray:
-    arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else np.loadtxt(path, ndmin=1)
+    """One sequence file as float32 [T]; unreadable files are a DatasetLayoutError naming them."""
+    try:
+        arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else np.loadtxt(path, ndmin=1)
+    except (OSError, ValueError, EOFError) as exc:  # pickled object arrays, text that is not numbers
+        raise DatasetLayoutError(f"{path}: cannot read the sequence ({type(exc).__name__}: {exc})") from None
     if arr.ndim != 1:
         raise DatasetLayoutError(f"{path}: expected a 1-D sequence, got shape {arr.shape}")
+    if arr.dtype.kind not in "uif":
+        raise DatasetLayoutError(f"{path}: expected integer or float samples, got dtype {arr.dtype}")
     return arr.astype(np.float32, copy=False)
 
 
