@@ -187,7 +187,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: state_dict must map names to tensors")
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except (RuntimeError, ValueError, ArithmeticError) as exc:  # values each valid alone, not together
+        raise CheckpointError(f"{path}: the config does not build a model: {exc}") from exc
     own = model.state_dict()
     lacking = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))

@@ -22,7 +22,7 @@ Seq-B), D = d_model, H_d = W_d = S / det_stride detection cells.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -89,8 +89,30 @@ class SACMFConfig:
     sim_temperature: float = 0.1
 
     def __post_init__(self) -> None:
+        # Checked here because a config also arrives from checkpoint files: a bad value must be a clear
+        # error, not a ZeroDivisionError or "negative dimension" from deep inside the network's build.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name} must be an int, got {value!r}")
+            number = not isinstance(value, bool) and isinstance(value, int | float)
+            if f.type == "float" and not (number and math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        positive = ("num_classes", "backbone_stride", "frame_size", "seq_len", "d_model", "ffn_mult")
+        positive += ("mi_projections", "det_stride", "det_channels", "sim_temperature")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("dropout", "mi_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("lambda_sim", "lambda_mi", "lambda_det", "det_size_weight", "det_offset_weight", "aux_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.mi_reduce not in ("mean", "max"):
+            raise ValueError(f"mi_reduce must be 'mean' or 'max', got {self.mi_reduce!r}")
         if len(self.class_names) != self.num_classes:
             raise ValueError("class_names must have num_classes entries")
         if self.seq_len % self.patch_len:
