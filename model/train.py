@@ -80,6 +80,7 @@ class TrainOptions:
     max_minutes: float | None = None
     stop_after_epochs: int | None = None  # end this invocation after so many epochs (resume later)
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the checkpoints of an earlier run in ``out``
     version: str = ""
     eval_batch_size: int = 64
     progress: bool | None = None  # True: live bar with \r; False: one line per epoch; None: bar on a TTY
@@ -93,6 +94,22 @@ class TrainOptions:
             raise ValueError("batch_size must be >= 2 (BatchNorm and the batch-level MI need pairs)")
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"max_minutes must be a finite number > 0, got {self.max_minutes!r}")
+        for name in ("stop_after_epochs", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.eval_batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError("eval_batch_size must be >= 1 and warmup_steps >= 0")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in out; overwrite replaces it: choose one")
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError("drop_prob must be in [0, 1)")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
@@ -347,8 +364,16 @@ def train(opts: TrainOptions, stream: TextIO = sys.stderr) -> TrainResult:
     bar = ProgressBar(stream, opts.progress)
     t_start = time.monotonic()
     cfg = opts.model
-    opts.out.mkdir(parents=True, exist_ok=True)
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ValueError(f"--out {opts.out} is a file, not a folder")
     last_path, best_path = opts.out / "last.pt", opts.out / "best.pt"
+    earlier = [p for p in (last_path, best_path, opts.out / "metrics.json") if p.exists()]
+    if earlier and not opts.resume and not opts.overwrite:  # a new run would leave a mix of two runs
+        raise ValueError(
+            f"{opts.out} holds an earlier run ({', '.join(p.name for p in earlier)}): "
+            "--resume continues it, --overwrite replaces it"
+        )
+    opts.out.mkdir(parents=True, exist_ok=True)
 
     train_set = _prepare(opts.data_root, cfg, "train", bar)
     val_set = _prepare(opts.val_root, cfg, "val", bar) if opts.val_root else None
@@ -359,6 +384,9 @@ def train(opts: TrainOptions, stream: TextIO = sys.stderr) -> TrainResult:
     n_steps = n // opts.batch_size + (1 if n % opts.batch_size >= 2 else 0)
     if n_steps == 0:
         raise ValueError(f"{opts.data_root}: {n} samples is fewer than one batch")
+    if not opts.resume:  # --overwrite, once the data is known to be usable
+        for p in earlier:
+            p.unlink()
 
     fingerprint = opts.fingerprint()
     gen = torch.Generator().manual_seed(opts.seed)
