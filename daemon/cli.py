@@ -208,10 +208,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    c = m["classification"]
+    c, mean_ap = m["classification"], m["detection"]["map"]  # mAP is null when no image was scored
     print(
-        f"accuracy {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f} mAP@0.5 {m['detection']['map']}; "
-        f"report: {Path(args.out) / 'report.md'}"
+        f"accuracy {c['accuracy']:.4f} macro-F1 {c['macro_f1']:.4f} "
+        f"mAP@0.5 {'n/a' if mean_ap is None else f'{mean_ap:.4f}'}; report: {Path(args.out) / 'report.md'}"
     )
     return 0
 

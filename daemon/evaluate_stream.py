@@ -106,9 +106,9 @@ def classification(y_true: Sequence[str], y_pred: Sequence[str], class_names: Se
     }
     return {
         "n": s["n"],
-        "accuracy": s["accuracy"],
-        "macro_f1": s["macro_f1"],
-        "weighted_f1": s["weighted_f1"],
+        "accuracy": _finite_or_none(s["accuracy"]),
+        "macro_f1": _finite_or_none(s["macro_f1"]),
+        "weighted_f1": _finite_or_none(s["weighted_f1"]),
         "per_class": per_class,
         "labels": labels,
         "confusion": cm.tolist(),
@@ -132,9 +132,14 @@ def detection(pairs: Sequence[tuple[ResultRecord, SceneTruth]], class_names: Seq
         "detections": s["n_det"],
         "map": s["map"] if math.isfinite(s["map"]) else None,
         "ap_per_class": ap,
-        "class_agnostic": {k: s[f"box_agnostic_{k}"] for k in ("precision", "recall", "f1")},
-        "class_aware": {k: s[f"box_{k}"] for k in ("precision", "recall", "f1")},
+        # undefined (NaN: precision without detections, recall without objects) is null, not 0
+        "class_agnostic": {k: _finite_or_none(s[f"box_agnostic_{k}"]) for k in ("precision", "recall", "f1")},
+        "class_aware": {k: _finite_or_none(s[f"box_{k}"]) for k in ("precision", "recall", "f1")},
     }
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def percentiles(values: Sequence[float]) -> dict | None:

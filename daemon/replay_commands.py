@@ -165,15 +165,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     rep = ev.report
     cls, det = rep["classification"], rep["detection"]
     print(f"{rep['windows']} windows replayed, {rep['windows_with_truth']} with ground truth")
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     if cls:
-        print(f"target class: accuracy {cls['accuracy']:.3f}, macro-F1 {cls['macro_f1']:.3f}")
+        print(f"target class: accuracy {f(cls['accuracy'])}, macro-F1 {f(cls['macro_f1'])}")
     else:
         print("no ground truth in the recording's messages (meta.truth): nothing scored")
     if det:
         a = det["class_agnostic"]
-        print(
-            f"detection @IoU {det['iou']}: P {a['precision']:.3f} R {a['recall']:.3f} F1 {a['f1']:.3f} (class-agnostic)"
-        )
+        print(f"detection @IoU {det['iou']}: P {f(a['precision'])} R {f(a['recall'])} F1 {f(a['f1'])} (class-agnostic)")
     live = rep["latency_s"]["live"]
     if live:
         print(f"live latency: p50 {live['p50']:.3f} s, p90 {live['p90']:.3f} s, p99 {live['p99']:.3f} s")

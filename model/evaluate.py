@@ -4,9 +4,12 @@ Why the metrics are implemented here in numpy rather than taken from scikit-lear
 depend on it, and each definition below is a few lines that the tests check against hand-computed
 cases. Definitions follow the usual conventions (and the reference's metric list, sacmf.md section 1.2):
 
-* precision / recall / F1 with zero division counted as 0; "macro" averages over the classes that occur
-  in the truth or the predictions (scikit-learn's default label set), "weighted" weights by support,
-  "micro" pools all decisions (equal to accuracy for single-label classification);
+* per-class precision / recall / F1 with zero division counted as 0; "macro" averages over the classes
+  that occur in the truth or the predictions (scikit-learn's default label set), "weighted" weights by
+  support, "micro" pools all decisions (equal to accuracy for single-label classification);
+* a score over no samples at all (an empty subset, box precision without detections, box recall without
+  ground truth) is NaN, written as null in metrics.json and n/a in report.md: a 0 there would read as a
+  measured failure of the model;
 * one-vs-rest ROC AUC by the Mann-Whitney rank statistic (ties count one half); a class without
   positives or negatives has no AUC and is left out of the averages;
 * ECE over 10 equal-width confidence bins, confidence = top softmax probability;
@@ -66,9 +69,10 @@ def classification_scores(cm: np.ndarray) -> dict[str, Any]:
     f1 = _div(2 * precision * recall, precision + recall)
     n = cm.sum()
     used = (support + predicted) > 0  # classes seen in the truth or the predictions
+    nan = float("nan")
     out: dict[str, Any] = {
         "n": int(n),
-        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "accuracy": float(tp.sum() / n) if n else nan,
         "per_class": {
             "precision": precision.tolist(),
             "recall": recall.tolist(),
@@ -77,9 +81,9 @@ def classification_scores(cm: np.ndarray) -> dict[str, Any]:
         },
     }
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
-        out[f"macro_{name}"] = float(values[used].mean()) if used.any() else 0.0
-        out[f"weighted_{name}"] = float((values * support).sum() / n) if n else 0.0
-    micro = float(tp.sum() / n) if n else 0.0  # micro P = micro R = micro F1 = accuracy (single label)
+        out[f"macro_{name}"] = float(values[used].mean()) if used.any() else nan
+        out[f"weighted_{name}"] = float((values * support).sum() / n) if n else nan
+    micro = float(tp.sum() / n) if n else nan  # micro P = micro R = micro F1 = accuracy (single label)
     out["micro_precision"] = out["micro_recall"] = out["micro_f1"] = micro
     return out
 
@@ -199,6 +203,10 @@ def detection_scores(
 
     AP ranks every detection given (decode with a low threshold so the ranking is complete); box
     P/R/F1 count only detections scoring at least ``score_threshold``, the operating point a user sees.
+    Precision without detections and recall without ground truth are NaN: with no objects there is
+    nothing to find, which is not the same as finding none of them. F1 = 2 TP / (2 TP + FP + FN), so
+    it is 0 for a model that finds nothing among real objects and NaN only with neither objects nor
+    detections.
     """
     triples = list(zip(detections, gt_boxes, gt_classes, strict=True))
     matched = [_match(d, b, c, iou_thr, True) for d, b, c in triples]
@@ -223,9 +231,10 @@ def detection_scores(
     out["score_threshold"] = score_threshold
     for name, res in (("box", aware), ("box_agnostic", agnostic)):
         tp = sum(h for _, _, h in res)
-        precision = tp / len(res) if res else 0.0
-        recall = tp / int(n_gt.sum()) if n_gt.sum() else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        precision = tp / len(res) if res else float("nan")
+        recall = tp / int(n_gt.sum()) if n_gt.sum() else float("nan")
+        denom = len(res) + int(n_gt.sum())  # (TP + FP) + (TP + FN); 2 TP / denom = 2PR / (P + R)
+        f1 = 2 * tp / denom if denom else float("nan")
         out[f"{name}_precision"], out[f"{name}_recall"], out[f"{name}_f1"] = precision, recall, f1
     return out
 
@@ -298,16 +307,40 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _gt(split: PreparedSplit) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Ground-truth boxes (model px) and classes per sample, and which samples have box labels + image."""
+def _gt(split: PreparedSplit, given: Tensor) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Ground-truth boxes (model px) and classes per sample, and which samples can be scored.
+
+    ``given`` is the presence mask the model actually ran with (after ``--modalities``), not the data's:
+    boxes in an Image-A the model never received are not misses, so those samples are left out.
+    """
     t = split.tensors
     boxes, classes = [], []
     for i in range(len(split)):
         v = t["box_valid"][i]
         boxes.append(t["boxes"][i][v].numpy())
         classes.append(t["box_classes"][i][v].numpy())
-    usable = (t["boxes_known"] & t["presence"][:, 0]).numpy()
+    usable = (t["boxes_known"] & given[:, 0]).numpy()
     return boxes, classes, usable
+
+
+def _snr_subsets(split: PreparedSplit) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) masks; a sample is high only when both SNRs are labelled, else its SNR is unknown.
+
+    The dataset reads a missing ``low_snr`` as False, so without this a split labelled without SNRs
+    would land entirely in the high-SNR row.
+    """
+    low = np.asarray(split.low_snr, dtype=bool)
+    known = low | (np.isfinite(split.snr_img) & np.isfinite(split.snr_seq))
+    return low, known & ~low
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``out`` that cannot become a directory before minutes of evaluation, not after."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--out {out}: {path} exists and is not a directory")
+            return
 
 
 def _subset_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, Any]:
@@ -354,20 +387,32 @@ def _report(m: dict[str, Any], names: Sequence[str]) -> str:
             f"{_fmt(pc['f1'][i])} | {_fmt(m['auc']['per_class'][i])} |"
         )
     d = m["detection"]
-    lines += [
-        "",
-        f"## Detection (IoU {d['iou']}, {d['n_gt']} ground-truth boxes; AP over {d['n_det']} detections "
-        f"scoring >= {AP_MIN_SCORE}, box P/R/F1 at score >= {d['score_threshold']})",
-        "",
-        "| mAP | box P | box R | box F1 | class-agnostic P | class-agnostic R | class-agnostic F1 |",
-        "|---|---|---|---|---|---|---|",
-        f"| {_fmt(d['map'])} | {_fmt(d['box_precision'])} | {_fmt(d['box_recall'])} | {_fmt(d['box_f1'])} | "
-        f"{_fmt(d['box_agnostic_precision'])} | {_fmt(d['box_agnostic_recall'])} | {_fmt(d['box_agnostic_f1'])} |",
-        "",
-        "| class | AP |",
-        "|---|---|",
-        *[f"| {name} | {_fmt(d['ap_per_class'][i])} |" for i, name in enumerate(names)],
-    ]
+    if d["n_samples"] == 0:
+        lines += [
+            "",
+            "## Detection: not applicable",
+            "",
+            "No sample was given to the model with both an Image-A input and box labels (modalities "
+            f"{', '.join(m['modalities'])}), so there is nothing to score: every detection metric is n/a "
+            "(null in metrics.json), not 0.",
+        ]
+    else:
+        lines += [
+            "",
+            f"## Detection (IoU {d['iou']}, {d['n_samples']} frames given to the model, {d['n_gt']} ground-truth "
+            f"boxes; AP over {d['n_det']} detections scoring >= {AP_MIN_SCORE}, box P/R/F1 at score >= "
+            f"{d['score_threshold']})",
+            "",
+            "| mAP | box P | box R | box F1 | class-agnostic P | class-agnostic R | class-agnostic F1 |",
+            "|---|---|---|---|---|---|---|",
+            f"| {_fmt(d['map'])} | {_fmt(d['box_precision'])} | {_fmt(d['box_recall'])} | {_fmt(d['box_f1'])} | "
+            f"{_fmt(d['box_agnostic_precision'])} | {_fmt(d['box_agnostic_recall'])} | "
+            f"{_fmt(d['box_agnostic_f1'])} |",
+            "",
+            "| class | AP |",
+            "|---|---|",
+            *[f"| {name} | {_fmt(d['ap_per_class'][i])} |" for i, name in enumerate(names)],
+        ]
     r = m.get("retrieval")
     if r:
         lines += [
@@ -408,6 +453,8 @@ def _report(m: dict[str, Any], names: Sequence[str]) -> str:
     for key in ("low_snr", "high_snr"):
         s = low[key]
         lines.append(f"| {key} | {s['n']} | {_fmt(s['accuracy'])} | {_fmt(s['macro_f1'])} | {_fmt(s['weighted_f1'])} |")
+    if low["n_unknown"]:
+        lines += ["", f"{low['n_unknown']} sample(s) without SNR labels are in neither subset."]
     lat = m["latency"]
     lines += [
         "",
@@ -445,6 +492,8 @@ def evaluate(
     """Evaluate ``ckpt`` on the labelled split ``data_root``; write metrics.json, report.md and PNGs."""
     from model import plots
 
+    out = Path(out)
+    _check_out_dir(out)
     model, meta = load_checkpoint(ckpt)
     cfg = meta.config
     names = list(meta.class_names)
@@ -464,7 +513,7 @@ def evaluate(
     auc = roc_auc_ovr(y, probs)
     ece = expected_calibration_error(probs, y)
 
-    boxes, classes, usable = _gt(split)
+    boxes, classes, usable = _gt(split, tensors["presence"])
     idx = np.flatnonzero(usable)
     det = detection_scores(
         [preds.detections[i] for i in idx],
@@ -473,6 +522,7 @@ def evaluate(
         n_classes,
         score_threshold=det_threshold,
     )
+    det["n_samples"] = int(idx.size)
 
     metrics: dict[str, Any] = {
         "data_root": str(data_root),
@@ -513,10 +563,11 @@ def evaluate(
         rob["mean_retention"] = 0.5 * (rob["image_absent"]["retention"] + rob["sequence_absent"]["retention"])
         metrics["robustness"] = rob
 
-    low = split.low_snr
+    low, high = _snr_subsets(split)
     metrics["low_snr"] = {
         "low_snr": _subset_scores(y[low], pred[low], n_classes),
-        "high_snr": _subset_scores(y[~low], pred[~low], n_classes),
+        "high_snr": _subset_scores(y[high], pred[high], n_classes),
+        "n_unknown": int((~low & ~high).sum()),
     }
 
     lat_batches = []
@@ -533,7 +584,6 @@ def evaluate(
         "preprocess_ms_per_window": prep_ms,
     }
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = jsonable(metrics)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())

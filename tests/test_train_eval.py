@@ -25,7 +25,9 @@ from model.evaluate import (
     classification_scores,
     confusion_matrix,
     detection_scores,
+    evaluate,
     expected_calibration_error,
+    jsonable,
     retrieval_recall,
     roc_auc_ovr,
 )
@@ -271,7 +273,9 @@ def test_evaluate_command_writes_sane_metrics_report_and_plots(trained: TrainRes
     unit = [c[f"{avg}_{k}"] for avg in ("macro", "weighted", "micro") for k in ("precision", "recall", "f1")]
     unit += [c["accuracy"], m["ece"], m["auc"]["macro"], m["auc"]["weighted"]]
     d = m["detection"]
-    unit += [d["map"], d["box_precision"], d["box_recall"], d["box_f1"], d["box_agnostic_f1"]]
+    unit += [d["map"], d["box_recall"], d["box_f1"], d["box_agnostic_f1"]]  # defined: the frames have objects
+    # precision is undefined (null) when no detection reaches the threshold, as a briefly trained model may
+    unit += [d[k] for k in ("box_precision", "box_agnostic_precision") if d[k] is not None]
     unit += [v for direction in ("image_to_sequence", "sequence_to_image") for v in m["retrieval"][direction].values()]
     unit += [m["low_snr"][k]["accuracy"] for k in ("low_snr", "high_snr") if m["low_snr"][k]["n"]]
     assert all(0.0 <= v <= 1.0 for v in unit), unit
@@ -291,6 +295,74 @@ def test_evaluate_command_writes_sane_metrics_report_and_plots(trained: TrainRes
     for name in ("confusion_matrix.png", "reliability.png", "per_class.png"):
         w, h = _png(out / name)
         assert w > 200 and h > 200
+
+
+DETECTION_SCORES = ("map", "box_precision", "box_recall", "box_f1", "box_agnostic_precision")
+DETECTION_SCORES += ("box_agnostic_recall", "box_agnostic_f1")
+
+
+def test_evaluate_scores_detection_only_on_images_the_model_was_given(trained: TrainResult, data: Path, tmp_path: Path):
+    # the fused model run on the light curves alone: the frames' boxes were never in its input, so
+    # counting them as misses (the old mAP 0 and box F1 0) measures nothing about the model
+    fast = dict(repeats=1, latency_batches=(1,))
+    m = evaluate(data / "test", trained.best_path, tmp_path / "seq", modalities=("sequence",), **fast)
+    d = m["detection"]
+    assert (d["n_gt"], d["n_det"]) == (0, 0) and d["n_samples"] == 0
+    assert all(d[k] is None for k in DETECTION_SCORES) and d["ap_per_class"] == [None] * 6
+    assert json.loads((tmp_path / "seq" / "metrics.json").read_text())["detection"] == d
+    report = (tmp_path / "seq" / "report.md").read_text()
+    assert "## Detection: not applicable" in report and "| mAP |" not in report
+
+    # with the image given, every labelled frame is scored as before
+    m = evaluate(data / "test", trained.best_path, tmp_path / "img", modalities=("image",), **fast)
+    d = m["detection"]
+    assert d["n_samples"] == N_TEST and d["n_gt"] > N_TEST and d["map"] is not None
+    assert "| mAP |" in (tmp_path / "img" / "report.md").read_text()
+
+
+def test_evaluate_leaves_samples_without_snr_labels_out_of_both_snr_subsets(
+    trained: TrainResult, data: Path, tmp_path: Path
+):
+    records = [json.loads(line) for line in (data / "test" / LABELS_FILE).read_text().splitlines()]
+    # every other record loses its SNR fields; the rest keep theirs
+    kept = records[1::2]
+    want_low = sum(r["low_snr"] for r in kept)
+    assert 0 < want_low < len(kept)  # both subsets non-empty, or the counts below prove little
+    for strip, name in ((records[::2], "half"), (records, "none")):
+        root = tmp_path / name / "test"
+        shutil.copytree(data / "test", root)
+        unlabelled = [{k: v for k, v in r.items() if k not in ("snr_img", "snr_seq", "low_snr")} for r in strip]
+        ids = {r["id"] for r in strip}
+        lines = [json.dumps(r) for r in unlabelled] + [json.dumps(r) for r in records if r["id"] not in ids]
+        (root / LABELS_FILE).write_text("\n".join(lines) + "\n")
+        m = evaluate(root, trained.best_path, tmp_path / name / "eval", repeats=1, latency_batches=(1,))
+        low = m["low_snr"]
+        if name == "half":
+            assert (low["low_snr"]["n"], low["high_snr"]["n"]) == (want_low, len(kept) - want_low)
+            assert low["n_unknown"] == len(records) - len(kept)
+        else:
+            assert low["low_snr"]["n"] == low["high_snr"]["n"] == 0 and low["n_unknown"] == N_TEST
+            for key in ("low_snr", "high_snr"):
+                assert all(low[key][k] is None for k in ("accuracy", "macro_f1", "weighted_f1"))
+            report = (tmp_path / name / "eval" / "report.md").read_text()
+            assert "| low_snr | 0 | n/a | n/a | n/a |" in report and "| high_snr | 0 | n/a | n/a | n/a |" in report
+            assert f"{N_TEST} sample(s) without SNR labels" in report
+
+
+def test_evaluate_refuses_an_out_path_that_is_a_file_before_evaluating(
+    trained: TrainResult, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    taken = tmp_path / "taken"
+    taken.write_text("not a report directory\n")
+    args = ["evaluate", "--data-root", str(data / "test"), "--ckpt", str(trained.best_path), "--repeats", "1"]
+    assert cli_main([*args, "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a directory" in err
+    assert taken.read_text() == "not a report directory\n"
+    # refused before the data is read: a missing split would otherwise be the error
+    for out in (taken, taken / "sub"):
+        with pytest.raises(ValueError, match=f"{taken} exists and is not a directory"):
+            evaluate(tmp_path / "no-such-split", trained.best_path, out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,6 +436,26 @@ def test_average_precision_and_map_by_hand():
     wrong_only = detection_scores([dets[:4]], [gt_boxes], [gt_classes], n_classes=3)
     assert wrong_only["box_recall"] == pytest.approx(1 / 3)
     assert wrong_only["box_agnostic_recall"] == pytest.approx(2 / 3)
+
+
+def test_scores_over_nothing_are_undefined_not_zero():
+    empty = classification_scores(np.zeros((3, 3), dtype=np.int64))
+    keys = ["accuracy"] + [
+        f"{avg}_{k}" for avg in ("macro", "weighted", "micro") for k in ("precision", "recall", "f1")
+    ]
+    assert empty["n"] == 0 and all(jsonable(empty[k]) is None for k in keys)
+
+    no_box = np.zeros((0, 4))
+    no_class = np.zeros(0, dtype=np.int64)
+    nothing = detection_scores([[]], [no_box], [no_class], n_classes=3)
+    assert all(jsonable(nothing[k]) is None for k in DETECTION_SCORES)
+    # a false alarm on an empty frame: precision 0 is measured, recall has nothing to recall
+    alarm = detection_scores([[(0.0, 0.0, 4.0, 4.0, 1, 0.9, ())]], [no_box], [no_class], n_classes=3)
+    assert alarm["box_precision"] == 0.0 and np.isnan(alarm["box_recall"]) and alarm["box_f1"] == 0.0
+    # real objects and nothing found above the threshold: recall and F1 0, precision undefined
+    box = np.array([[0.0, 0.0, 4.0, 4.0]])
+    missed = detection_scores([[(*box[0], 1, 0.1, ())]], [box], [np.array([1])], n_classes=3, score_threshold=0.5)
+    assert np.isnan(missed["box_precision"]) and missed["box_recall"] == 0.0 and missed["box_f1"] == 0.0
 
 
 def test_retrieval_recall_by_hand():
