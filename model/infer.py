@@ -16,10 +16,13 @@ it runs on any directory of files without labels; missing B folders or files are
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
+from model.checkpoint import CheckpointError, CheckpointMeta, atomic_write, load_checkpoint
 from model.dataset import IMAGE_EXTS, SEQ_EXTS, FourModalityDataset, _load_image, _load_seq
-from model.preprocess import ROLES, RawSample, collate, preprocess, raw_from_dataset_item
+from model.preprocess import IMAGE_ROLES, ROLES, RawSample, collate, preprocess, raw_from_dataset_item
 from model.sacmf import SACMF, Detection, SACMFConfig, decode_detections
 from model.synth import LABELS_FILE
 
@@ -125,14 +128,31 @@ def sibling_b_dir(a_dir: Path) -> Path | None:
     return a_dir.with_name(name[:-1] + ("B" if name[-1] == "A" else "b"))
 
 
-def _index(directory: Path | None, exts: Sequence[str]) -> dict[str, Path]:
+def _index(directory: Path | None, exts: Sequence[str], role: str = "input") -> dict[str, Path]:
+    """Id -> file of one input folder; a file this reader would not use is an error, never a silent skip.
+
+    Why strict: a second file for one id (``x.png`` beside ``x.npy``) or a format not read here
+    (``y.bmp``) would otherwise drop an input without a word, and the operator would believe every file
+    was classified. The rules are the training reader's (:mod:`model.dataset`), so a folder that trains
+    also tests. Hidden files and subfolders are not inputs of any kind and are left alone.
+    """
     if directory is None:
         return {}
-    return {
-        p.stem: p
-        for p in sorted(directory.iterdir())
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
-    }
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in exts:
+            raise ValueError(
+                f"{path}: not a readable {role} file (extensions read: {', '.join(exts)}); "
+                f"convert it or move it out of {directory}"
+            )
+        if path.stem in found:
+            raise ValueError(
+                f"{directory}: two {role} files for id {path.stem!r}: {found[path.stem].name} and {path.name}; keep one"
+            )
+        found[path.stem] = path
+    return found
 
 
 @dataclass
@@ -143,6 +163,7 @@ class FolderInputs:
     raws: list[RawSample]
     tensors: dict[str, Tensor]
     dirs: dict[str, Path | None]  # role -> folder used (None: absent for every sample)
+    files: dict[str, dict[str, Path]] = field(default_factory=dict)  # role -> id -> file read
 
 
 def resolve_dirs(
@@ -169,7 +190,7 @@ def resolve_dirs(
 
 def prepare_folders(dirs: dict[str, Path | None], cfg: SACMFConfig) -> FolderInputs:
     """Every id found in any folder; a role whose folder or file is missing is absent for that id."""
-    index = {role: _index(dirs.get(role), IMAGE_EXTS if role.startswith("image") else SEQ_EXTS) for role in ROLES}
+    index = {role: _index(dirs.get(role), IMAGE_EXTS if role in IMAGE_ROLES else SEQ_EXTS, role) for role in ROLES}
     ids = sorted(set().union(*(set(v) for v in index.values())))
     if not ids:
         raise ValueError(f"no input files in {[str(d) for d in dirs.values() if d is not None]}")
@@ -179,11 +200,12 @@ def prepare_folders(dirs: dict[str, Path | None], cfg: SACMFConfig) -> FolderInp
         data: dict[str, np.ndarray | None] = {}
         for role in ROLES:
             path = index[role].get(sid)
-            data[role] = None if path is None else (_load_image(path) if role.startswith("image") else _load_seq(path))
+            # the readers refuse unreadable and empty files with an error naming them
+            data[role] = None if path is None else (_load_image(path) if role in IMAGE_ROLES else _load_seq(path))
         raw = RawSample(**data, meta={"id": sid})
         raws.append(raw)
         samples.append(preprocess(raw, pcfg))
-    return FolderInputs(ids, raws, collate(samples), dirs)
+    return FolderInputs(ids, raws, collate(samples), dirs, index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,6 +234,22 @@ class Predictions:
         return self.probs.argmax(1)
 
 
+def check_batching(batch_size: int, det_threshold: float) -> None:
+    """Refuse a batch size or detection threshold that would give a wrong answer instead of an error.
+
+    Why up front: ``batch_size < 1`` runs no batch at all and ends in a ``KeyError`` far from the cause,
+    and a threshold outside [0, 1] (or NaN) silently reports every candidate, or none, as a detection.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if (
+        isinstance(det_threshold, bool)
+        or not isinstance(det_threshold, numbers.Real)
+        or not (math.isfinite(det_threshold) and 0.0 <= det_threshold <= 1.0)
+    ):
+        raise ValueError(f"detection threshold must be a number in [0, 1], got {det_threshold!r}")
+
+
 @torch.inference_mode()
 def predict(
     model: SACMF,
@@ -227,6 +265,7 @@ def predict(
 
     ``raw_pixels`` decodes boxes in Image-A pixels (divides by ``scale_a``) instead of model pixels.
     """
+    check_batching(batch_size, det_threshold)
     was_training = model.training
     model.eval()
     n = int(tensors["label"].shape[0]) if "label" in tensors else int(tensors["image_a"].shape[0])
@@ -274,10 +313,14 @@ def predict(
 def trained_modalities(meta: CheckpointMeta) -> tuple[str, ...]:
     """The modalities a checkpoint was trained on (recorded by ``sacmf train``; both when unknown)."""
     mods = meta.training.get("modalities")
-    try:
-        return parse_modalities(mods) if mods else ALL_MODALITIES
-    except ValueError:
+    if not mods:
         return ALL_MODALITIES
+    try:
+        return parse_modalities(mods)
+    except (AttributeError, TypeError, ValueError) as exc:  # a damaged file: guessing "both" hides it
+        raise CheckpointError(
+            f"{meta.path}: training.modalities {mods!r} is not a list of modalities ({exc})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,16 +328,41 @@ def trained_modalities(meta: CheckpointMeta) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _labels_beside(dirs: dict[str, Path | None]) -> dict[str, int]:
-    """Ground truth from a ``labels.jsonl`` in the parent of the given folders, when there is one."""
+def _labels_beside(dirs: dict[str, Path | None], names: Sequence[str]) -> dict[str, int]:
+    """Ground truth from a ``labels.jsonl`` in the parent of the given folders, when there is one.
+
+    Why every line is checked: the file is found by position, not asked for, and a malformed line would
+    otherwise surface as a KeyError, or worse, as a wrong ``true_class`` (Python reads class -1 as the
+    last name) that the reported accuracy is then counted against.
+    """
     for d in dirs.values():
-        if d is not None and (d.parent / LABELS_FILE).is_file():
-            out = {}
-            for line in (d.parent / LABELS_FILE).read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    out[str(rec["id"])] = int(rec["class"])
-            return out
+        path = None if d is None else d.parent / LABELS_FILE
+        if path is None or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the labels ({exc})") from exc
+        out: dict[str, int] = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not rec["id"]:
+                raise ValueError(f"{path}:{lineno}: each line needs a non-empty string 'id'")
+            cls = rec.get("class")
+            if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < len(names):
+                raise ValueError(
+                    f"{path}:{lineno}: 'class' must be an integer in [0, {len(names)}) "
+                    f"(the checkpoint's classes), got {cls!r}"
+                )
+            if rec["id"] in out:
+                raise ValueError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
+            out[rec["id"]] = cls
+        return out
     return {}
 
 
@@ -363,6 +431,87 @@ def sample_record(
     }
 
 
+RESULTS_FILE = "results.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+VIS_DIRS = ("detections", "heatmaps", "fusion_weights")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output location that cannot hold the folder layout, before any work is done."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output folder {out}: {parent} exists and is not a folder")
+            break
+    for sub in ("json", *VIS_DIRS):
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise ValueError(f"output folder {out}: {out / sub} exists and is not a folder")
+    for name in (RESULTS_FILE, SKIPPED_FILE):
+        if (out / name).exists() and not (out / name).is_file():
+            raise ValueError(f"output folder {out}: {out / name} exists and is not a file")
+
+
+def _is_plain_id(sid: object) -> bool:
+    """Ids read back from an old results file name files to delete, so they must not name a path."""
+    return isinstance(sid, str) and sid not in ("", ".", "..") and Path(sid).name == sid
+
+
+def _our_record(path: Path) -> bool:
+    """Whether ``json/<id>.json`` is a record ``sacmf test`` wrote (so it may be replaced or removed)."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("id") == path.stem and "model_sha256" in rec
+
+
+def _remove_previous_outputs(out: Path) -> None:
+    """Delete the per-sample files an earlier ``sacmf test`` wrote into ``out``, and nothing else.
+
+    Ours are: ``json/<id>.json`` holding a result record for ``<id>``, and ``<vis dir>/<id>.png`` for an
+    id listed by a previous ``results.jsonl``/``skipped.jsonl`` or record. Anything else in the folder
+    (other names, other extensions, files of other tools) is left alone.
+    """
+    ids: set[str] = set()
+    for name in (RESULTS_FILE, SKIPPED_FILE):
+        if (out / name).is_file():
+            for line in (out / name).read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if isinstance(rec, dict) and _is_plain_id(rec.get("id")):
+                        ids.add(rec["id"])
+    if (out / "json").is_dir():
+        for path in sorted((out / "json").glob("*.json")):
+            if path.is_file() and _our_record(path):
+                ids.add(path.stem)
+                path.unlink()
+    for sub in VIS_DIRS:
+        if not (out / sub).is_dir():
+            continue
+        removed = False
+        for sid in sorted(ids):
+            png = out / sub / f"{sid}.png"
+            if png.is_file() and not png.is_symlink():
+                png.unlink()
+                removed = True
+        if removed and not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+
+
+def _skip_reason(sid: str, i: int, inputs: FolderInputs, seen: Tensor, used: Tensor, mods: Sequence[str]) -> str:
+    """Why sample ``i`` has no input the model can use, naming each of its files."""
+    parts = []
+    for j, role in enumerate(ROLES):
+        path = inputs.files.get(role, {}).get(sid)
+        if path is None:
+            continue
+        if not bool(seen[i, j]):
+            parts.append(f"{path}: empty or no finite value")
+        elif not bool(used[i, j]):
+            parts.append(f"{path}: {role} is not among the modalities {list(mods)}")
+    return "no usable input (" + "; ".join(parts) + ")"
+
+
 def run_test(
     ckpt: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -378,14 +527,35 @@ def run_test(
 ) -> dict[str, Any]:
     """Classify and detect every sample in the folders; write JSON (and PNGs with ``vis``); return a summary.
 
-    Files: ``out/results.jsonl`` (one record per sample), ``out/json/<id>.json``; with ``vis``
+    Files: ``out/results.jsonl`` (one record per classified sample), ``out/json/<id>.json``,
+    ``out/skipped.jsonl`` (``{"id", "reason"}`` per skipped sample); with ``vis``
     ``out/detections/<id>.png`` (Image-A with boxes and labels), ``out/heatmaps/<id>.png`` and
     ``out/fusion_weights/<id>.png``. ``modalities`` defaults to what the checkpoint was trained on.
+
+    The output folder describes this run only: the per-sample files an earlier run wrote there (see
+    :func:`_remove_previous_outputs`; nothing else is touched) are removed once every input has been
+    read and checked, so a failed run leaves the previous outputs as they were.
+
+    A sample with no usable input (its files are empty or non-finite, or are all outside
+    ``modalities``) is skipped, not classified: the model would still emit a class for it, at a
+    confidence that looks like an answer but reflects nothing. It is counted (``skipped``) with its
+    reason (``skip_reasons``, naming the files) in the summary and in ``skipped.jsonl``; no record or
+    picture is written for it. If no sample at all is usable, that is an error (almost always the wrong
+    folder or ``modalities``).
+
+    Bad arguments, an unusable output location, unreadable or ambiguous input files and malformed
+    ``labels.jsonl`` lines raise ValueError naming the file.
     """
     from model import plots  # matplotlib only when drawing
 
+    check_batching(batch_size, det_threshold)
+    out = Path(out)
+    _check_out(out)
+    wanted = parse_modalities(modalities) if modalities else None
     model, meta = load_checkpoint(ckpt)
     cfg = meta.config
+    names = list(meta.class_names)
+    mods = wanted or trained_modalities(meta)
     as_path = {k: None if v is None else Path(v) for k, v in (("a", image_dir), ("s", seq_dir))}
     dirs = resolve_dirs(
         as_path["a"],
@@ -393,9 +563,22 @@ def run_test(
         None if image_b_dir is None else Path(image_b_dir),
         None if seq_b_dir is None else Path(seq_b_dir),
     )
+    truth = _labels_beside(dirs, names)
     inputs = prepare_folders(dirs, cfg)
-    mods = parse_modalities(modalities) if modalities else trained_modalities(meta)
-    tensors = restrict(inputs.tensors, mods)
+    restricted = restrict(inputs.tensors, mods)
+    usable = restricted["presence"].any(1)
+    skipped = {
+        sid: _skip_reason(sid, i, inputs, inputs.tensors["presence"], restricted["presence"], mods)
+        for i, sid in enumerate(inputs.ids)
+        if not bool(usable[i])
+    }
+    if not bool(usable.any()):
+        detail = "; ".join(f"{sid}: {why}" for sid, why in list(skipped.items())[:5])
+        raise ValueError(f"no sample has a usable input ({len(skipped)} skipped), e.g. {detail}")
+    keep = torch.nonzero(usable).flatten()
+    tensors = take(restricted, keep)
+    ids = [inputs.ids[int(i)] for i in keep]
+    raws = [inputs.raws[int(i)] for i in keep]
     preds = predict(
         model,
         tensors,
@@ -404,16 +587,14 @@ def run_test(
         raw_pixels=True,
         keep_heatmaps=vis,
     )
-    names = list(meta.class_names)
-    truth = _labels_beside(dirs)
-    out = Path(out)
+    _remove_previous_outputs(out)
     (out / "json").mkdir(parents=True, exist_ok=True)
     if vis:
-        for sub in ("detections", "heatmaps", "fusion_weights"):
+        for sub in VIS_DIRS:
             (out / sub).mkdir(parents=True, exist_ok=True)
     records = []
-    for i, sid in enumerate(inputs.ids):
-        raw = inputs.raws[i]
+    for i, sid in enumerate(ids):
+        raw = raws[i]
         frame_hw = None if raw.image_a is None else (int(raw.image_a.shape[0]), int(raw.image_a.shape[1]))
         rec = sample_record(sid, i, preds, tensors["presence"][i], names, meta, frame_hw)
         if sid in truth:
@@ -437,9 +618,13 @@ def run_test(
                 title=f"{sid}: fusion weights",
             )
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write(out / "results.jsonl", lines.encode())
+    atomic_write(out / RESULTS_FILE, lines.encode())
+    skip_lines = "".join(json.dumps({"id": sid, "reason": why}) + "\n" for sid, why in skipped.items())
+    atomic_write(out / SKIPPED_FILE, skip_lines.encode())
     summary: dict[str, Any] = {
         "n": len(records),
+        "skipped": len(skipped),
+        "skip_reasons": skipped,
         "out": str(out),
         "folders": {k: None if v is None else str(v) for k, v in dirs.items()},
         "modalities": list(mods),

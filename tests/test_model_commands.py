@@ -138,3 +138,17 @@ def test_train_refuses_to_mix_a_new_run_into_an_earlier_one_unless_told(tmp_path
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         train(dataclasses.replace(opts, out=tmp_path / "file"))
+
+
+@pytest.mark.parametrize("stored", [5, [1, 2], ["image", "radar"]])
+def test_a_damaged_modality_list_in_a_checkpoint_is_an_error_not_a_guess(tmp_path: Path, stored):
+    from model.infer import trained_modalities
+
+    path = tmp_path / "c.pt"
+    tiny_checkpoint(path, "v1")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["training"] = {"modalities": stored}
+    torch.save(ckpt, path)
+    _, meta = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="training.modalities"):
+        trained_modalities(meta)
