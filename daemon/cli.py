@@ -19,6 +19,9 @@ def _check_config(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not cfg.model.checkpoint.is_file():  # what serve would refuse at start must not pass here
+        print(f"error: [model] checkpoint: no file at {cfg.model.checkpoint}", file=sys.stderr)
+        return 2
     ing = cfg.ingest
     print(f"{args.file}: OK ({ing.transport} on {', '.join(ing.endpoints)}, {'bind' if ing.bind else 'connect'})")
     for g in ing.groups.values():
@@ -91,6 +94,25 @@ def _sensor_delay(text: str) -> tuple[str, float]:
         names = ", ".join(sensors)
         raise argparse.ArgumentTypeError(f"expected SENSOR=MS with SENSOR in {names} and MS >= 0, got {text!r}")
     return sensor, value
+
+
+def _frame_size(text: str) -> str:
+    """``--size HxW``, checked here and parsed by the simulator."""
+    from daemon.simulate import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _group_name(text: str) -> str:
+    from ingest.protocol import NAME_RE
+
+    if not NAME_RE.match(text):
+        raise argparse.ArgumentTypeError(f"must match [A-Za-z0-9_.-]{{1,64}}, got {text!r}")
+    return text
 
 
 def _bench_ingest(args: argparse.Namespace) -> int:
@@ -292,13 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check_config)
 
     def sim_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--group", default="g1")
-        sp.add_argument("--frame-rate", type=float, default=10.0, help="frames per second per camera")
-        sp.add_argument("--sample-rate", type=float, default=1000.0, help="radiation samples per second")
-        sp.add_argument("--chunk", type=int, default=100, help="samples per radiation message")
-        sp.add_argument("--size", default="128x128", help="frame size HxW")
+        sp.add_argument("--group", type=_group_name, default="g1")
+        sp.add_argument(
+            "--frame-rate", type=number(0, 1000, above=True), default=10.0, help="frames per second per camera"
+        )
+        sp.add_argument(
+            "--sample-rate", type=number(0, 1e6, above=True), default=1000.0, help="radiation samples per second"
+        )
+        sp.add_argument("--chunk", type=integer(1), default=100, help="samples per radiation message")
+        sp.add_argument("--size", type=_frame_size, default="128x128", help="frame size HxW")
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+        sp.add_argument("--duration", type=number(0, above=True), default=None, help="seconds (default: until Ctrl-C)")
         sp.add_argument(
             "--delay",
             type=_sensor_delay,

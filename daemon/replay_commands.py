@@ -16,8 +16,11 @@ import sys
 import threading
 from pathlib import Path
 
+import zmq
+
 from daemon import config as config_mod
 from daemon import logs
+from daemon.cli_types import number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.choices["simulate"]
     s.add_argument("--record", default=None, metavar="FILE", help="also write every published message to this MCAP")
-    s.add_argument("--scene-ms", type=float, default=1000.0, help="one scene per this span (the daemon's window)")
+    s.add_argument(
+        "--scene-ms", type=number(0, above=True), default=1000.0, help="one scene per this span (the daemon's window)"
+    )
     s.set_defaults(func=_simulate, size="64x64")  # the synthetic scenes' native size, what models train on
 
     d = sub.choices["demo"]
@@ -198,13 +203,34 @@ def _simulate(args: argparse.Namespace) -> int:
     from ingest.publisher import SensorPublisher
     from sinks.mcap_recorder import McapRecorder
 
-    s = simulate.settings_from_args(args)
+    try:
+        s = simulate.settings_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     _stop_on_signals(stop)
     sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
-    recorder = McapRecorder(args.record) if args.record else None
     try:
-        with SensorPublisher(args.endpoint, s.group, sensors, bind=not args.connect, socket_type=args.socket) as pub:
+        pub = SensorPublisher(
+            args.endpoint,
+            s.group,
+            sensors,
+            bind=not args.connect,
+            socket_type=args.socket,
+            send_timeout_ms=simulate.SEND_TIMEOUT_MS,  # --duration and a signal still stop a blocked PUSH
+        )
+    except (ValueError, zmq.ZMQError) as exc:  # endpoint in use or malformed
+        print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        recorder = McapRecorder(args.record) if args.record else None
+    except OSError as exc:
+        pub.close()
+        print(f"error: cannot record to {args.record}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with pub:
             print(f"publishing group {s.group} on {', '.join(pub.endpoints)} (session {pub.session:#x}); Ctrl-C stops")
             if recorder is not None:
                 print(f"recording to {args.record}")
@@ -221,8 +247,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     level = args.log_level or "warning"  # the live view is the output; info logs would drown it
     logs.configure(level, args.log_format or "auto")
+    try:
+        settings = simulate.settings_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return demo.run(
-        simulate.settings_from_args(args),
+        settings,
         threading.Event(),
         args.duration,
         out_dir=args.out,

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
+import zmq
 
 from ingest import protocol
 from ingest.publisher import SensorPublisher
@@ -55,6 +56,13 @@ from sinks.mcap_recorder import McapRecorder
 TRUTH_KEY = "truth"
 MIN_SCENE_SIDE = 32  # model.synth needs at least this many pixels per side
 NATIVE_SKY_SPAN_S = SynthConfig().seq_len / SynthConfig().seq_rate_hz  # 25.6 s
+
+
+MAX_FRAME_RATE_HZ = 1000.0
+MAX_SAMPLE_RATE_HZ = 1e6
+# A PUSH send waits at most this long for the daemon to take a message before the loop looks at the stop
+# flag and the end of the run again: with no daemon reading, a blocking send would ignore both.
+SEND_TIMEOUT_MS = 200
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,20 @@ class SimSettings:
     delays_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.frame_rate_hz <= 0 or self.sample_rate_hz <= 0 or self.chunk_samples < 1:
-            raise ValueError("frame_rate_hz and sample_rate_hz must be > 0 and chunk_samples >= 1")
+        # upper bounds: the pacing works in whole ns per frame and per sample
+        if not (0 < self.frame_rate_hz <= MAX_FRAME_RATE_HZ and 0 < self.sample_rate_hz <= MAX_SAMPLE_RATE_HZ):
+            raise ValueError(
+                f"frame_rate_hz must be in (0, {MAX_FRAME_RATE_HZ:g}] and sample_rate_hz in "
+                f"(0, {MAX_SAMPLE_RATE_HZ:g}], got {self.frame_rate_hz} and {self.sample_rate_hz}"
+            )
+        if self.chunk_samples < 1:
+            raise ValueError(f"chunk_samples must be >= 1, got {self.chunk_samples}")
+        if not protocol.NAME_RE.match(self.group):
+            raise ValueError(f"group name {self.group!r} must match [A-Za-z0-9_.-]{{1,64}}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
-        if self.scene_ms <= 0 or self.sky_span_s <= 0:
-            raise ValueError("scene_ms and sky_span_s must be > 0")
+        if not (0 < self.scene_ms < math.inf and 0 < self.sky_span_s < math.inf):
+            raise ValueError(f"scene_ms and sky_span_s must be finite and > 0, got {self.scene_ms}, {self.sky_span_s}")
         sensors = (*self.cameras, *self.radiometers)
         for sensor, ms in self.delays_ms.items():
             if sensor not in sensors:
@@ -249,13 +265,22 @@ def run(
     delays = {sensor: int(ms * 1e6) for sensor, ms in s.delays_ms.items() if ms > 0}
     held: list[tuple] = []  # heap of (send at ns, order, sensor, payload, t_ns, exp_ns or dt_ns, meta)
 
+    def over() -> bool:
+        return stop.is_set() or (end is not None and time.time_ns() >= end)
+
     def publish(sensor: str, payload: np.ndarray, t_ns: int, extra: int, meta: dict) -> None:
-        if sensor in s.cameras:
-            seq = publisher.send_image(sensor, payload, t_ns, extra, meta=meta)
-            kind, header = "img", protocol.encode_image_header
-        else:
-            seq = publisher.send_samples(sensor, payload, t_ns, extra, meta=meta)
-            kind, header = "rad", protocol.encode_rad_header
+        camera = sensor in s.cameras
+        while True:  # a PUSH socket without a reader times out (publisher's send_timeout_ms): try again
+            try:
+                if camera:
+                    seq = publisher.send_image(sensor, payload, t_ns, extra, meta=meta)
+                else:
+                    seq = publisher.send_samples(sensor, payload, t_ns, extra, meta=meta)
+                break
+            except TimeoutError:
+                if over():
+                    return  # not sent, so not counted or recorded
+        kind, header = ("img", protocol.encode_image_header) if camera else ("rad", protocol.encode_rad_header)
         if recorder is not None:
             head = header(group, sensor, session, seq, t_ns, extra, payload, meta)
             recorder.record_input([protocol.topic(kind, group, sensor), head, payload], time.time_ns())
@@ -268,10 +293,8 @@ def run(
             publish(sensor, payload, t_ns, extra, meta)
 
     order = itertools.count()
-    while not stop.is_set():
+    while not over():
         now = time.time_ns()
-        if end is not None and now >= end:
-            break
         if now >= next_frame:
             t_ns = next_frame + offset_ns
             for band, cam in enumerate(s.cameras):
@@ -295,9 +318,20 @@ def run(
 # ---------------------------------------------------------------- the command line
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``HxW`` (``--size``) as (height, width); ValueError names the expected form."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 128x128 (height x width in px), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return h, w
+
+
 def settings_from_args(args: argparse.Namespace) -> SimSettings:
     """The simulator options of `sacmf simulate` and `sacmf demo` (daemon/cli.py ``sim_args``)."""
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = parse_size(args.size)
     return SimSettings(
         group=args.group,
         frame_rate_hz=args.frame_rate,
@@ -320,7 +354,11 @@ def curve_command(args: argparse.Namespace) -> int:
 
     from ingest.security import KeyFileError
 
-    s = settings_from_args(args)
+    try:
+        s = settings_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -336,11 +374,17 @@ def curve_command(args: argparse.Namespace) -> int:
             curve_secret=args.curve_secret,
             curve_server_public=args.curve_server_public,
             curve_clients=args.curve_clients,
+            send_timeout_ms=SEND_TIMEOUT_MS,
         )
-    except (KeyFileError, ValueError, RuntimeError) as exc:
+    except (KeyFileError, ValueError, RuntimeError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    recorder = McapRecorder(record) if record else None
+    try:
+        recorder = McapRecorder(record) if record else None
+    except OSError as exc:
+        pub.close()
+        print(f"error: cannot record to {record}: {exc}", file=sys.stderr)
+        return 2
     try:
         with pub:
             print(f"publishing group {s.group} with CURVE on {', '.join(pub.endpoints)} (session {pub.session:#x})")

@@ -201,6 +201,12 @@ def test_check_config_cli(tmp_path: Path):
     assert out.returncode == 2 and "not valid TOML" in out.stderr
     out = run_cli("check-config", str(tmp_path / "missing.toml"))
     assert out.returncode == 2 and "cannot read config" in out.stderr
+    text = (ROOT / "config.toml").read_text()
+    assert 'checkpoint = "model/weights/default.pt"' in text
+    no_model = tmp_path / "no_model.toml"  # serve refuses it at start, so check-config must not say OK
+    no_model.write_text(text.replace('checkpoint = "model/weights/default.pt"', 'checkpoint = "nowhere.pt"'))
+    out = run_cli("check-config", str(no_model))
+    assert out.returncode == 2 and "[model] checkpoint: no file at nowhere.pt" in out.stderr
 
 
 def test_help_lists_subcommands():
