@@ -13,9 +13,18 @@ Why these choices:
   ``WatchedFileHandler``): if someone moved or deleted the file, or its directory vanished, we reopen
   instead of writing into an unlinked inode where records would silently disappear. If the reopen
   fails the OSError reaches the supervisor, which counts it and retries with backoff.
+* The size that decides rotation is the open file's own (``fstat`` before each write), not a count
+  kept in memory: a file truncated in place (logrotate's ``copytruncate``, ``: > file``) is neither
+  rotated at once as an empty backup nor, after a failed write, "truncated back" to its old length.
+* A file whose last line is cut short (power loss under ``"rotate"``, or a failed write that could
+  not be truncated back) is cut back to its last whole line when it is opened, with a warning giving
+  the bytes dropped: the next record would otherwise be glued onto the fragment, and the file would
+  stop parsing there.
 * ``fsync``: ``"always"`` (each record durable on power loss; one disk flush per record),
   ``"rotate"`` (at rotation and close; the default: power loss can cost the tail of the current
-  file, a process crash cannot), ``"never"`` (leave it to the kernel).
+  file, a process crash cannot), ``"never"`` (leave it to the kernel). Unless ``"never"``, the
+  directory is flushed too after a rotation or a file creation, so the renames and the new file
+  survive a power loss as well.
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import structlog
+
 from sinks.record import LateRecord, ResultRecord, to_wire
+
+log = structlog.get_logger("sacmf.sinks")
 
 FSYNC_POLICIES = ("always", "rotate", "never")
 
@@ -43,7 +56,11 @@ def rotated_paths(path: str | os.PathLike[str], backups: int) -> list[Path]:
 
 
 def read_jsonl(path: str | os.PathLike[str], backups: int = 0) -> Iterator[dict]:
-    """Every object in a rotated log, oldest first (missing files are skipped)."""
+    """Every object in a rotated log, oldest first (missing files are skipped).
+
+    A last line without its newline is a write cut short (a crash; the sink removes it when it next
+    opens the file) and is skipped; a bad line anywhere else is corruption and raises.
+    """
     for p in rotated_paths(path, backups):
         try:
             fh = open(p, "rb")  # noqa: SIM115 - closed by the with below
@@ -51,6 +68,8 @@ def read_jsonl(path: str | os.PathLike[str], backups: int = 0) -> Iterator[dict]
             continue
         with fh:
             for line in fh:
+                if not line.endswith(b"\n"):
+                    break  # only the last line can lack it
                 if line.strip():
                     yield json.loads(line)
 
@@ -84,6 +103,7 @@ class JsonlSink:
         self._size = 0
         self.written = 0
         self.rotations = 0
+        self.torn_bytes_dropped = 0  # fragments of a cut-short last line removed at open
         self._closed = False
         # Open eagerly so that a bad path is reported at start-up; the directory is not created:
         # a missing directory is a configuration error (or a vanished mount) that must be visible.
@@ -115,9 +135,43 @@ class JsonlSink:
 
     # ------------------------------------------------------------------ internals
     def _open(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = self._cut_torn_tail(fd)
+            if created and self.fsync != "never":
+                self._fsync_dir()
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+        self._size = size
+
+    def _cut_torn_tail(self, fd: int) -> int:
+        """Truncate the file after its last newline when its last byte is not one; returns the size."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        end = size
+        while end > 0:  # scan back for the last newline, 64 KiB at a time
+            start = max(0, end - 65536)
+            chunk = os.pread(fd, end - start, start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        os.ftruncate(fd, end)
+        self.torn_bytes_dropped += size - end
+        log.warning("jsonl_torn_tail_dropped", sink=self.name, path=str(self.path), bytes=size - end)
+        return end
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def _drop_fd(self) -> None:
         if self._fd is not None:
@@ -134,6 +188,7 @@ class JsonlSink:
             except OSError:
                 same = False
             if same:
+                self._size = ours.st_size  # truncated in place by someone else: the file's size counts
                 return
             self._drop_fd()
         self._open()
@@ -172,4 +227,4 @@ class JsonlSink:
                 if newer.exists():
                     os.replace(newer, older)
         self.rotations += 1
-        self._open()
+        self._open()  # creates the new file and, unless fsync is "never", flushes the directory

@@ -73,6 +73,8 @@ class _Lane:
         self.thread: threading.Thread | None = None
         self.consecutive_failures = 0
         self.done = threading.Event()
+        self.in_flight = False  # the worker holds a record it took from the queue (under ``cond``)
+        self.given_up = False  # close() counted that record as abandoned: it must not count again
 
 
 class SinkSupervisor:
@@ -80,8 +82,8 @@ class SinkSupervisor:
 
     Counters (plain dicts keyed by sink name, read at any time, e.g. by a Prometheus collector):
     ``written``, ``errors`` (failed write attempts), ``dropped`` (oldest records dropped on a full
-    queue), ``failed`` (records abandoned after ``max_attempts``), ``abandoned`` (left in the queue
-    when ``close`` timed out).
+    queue), ``failed`` (records abandoned after ``max_attempts``), ``abandoned`` (left in the queue, or
+    inside a hung ``write``, when ``close`` timed out). Their sum is the number of records submitted.
     """
 
     def __init__(
@@ -155,7 +157,10 @@ class SinkSupervisor:
             lane.thread.join(max(0.0, deadline - time.monotonic()))
             if lane.thread.is_alive():  # stuck inside the sink: give up on what it still holds
                 with lane.cond:
-                    self.abandoned[lane.name] += len(lane.queue)
+                    # the record inside the hung write() too, so the counters still add up to what
+                    # was submitted; should the write return after all, it is not counted again
+                    self.abandoned[lane.name] += len(lane.queue) + int(lane.in_flight)
+                    lane.given_up = lane.in_flight
                     lane.queue.clear()
                 clean = False
             elif self.abandoned[lane.name]:
@@ -176,7 +181,14 @@ class SinkSupervisor:
                         lane.queue.clear()
                         break
                     record = lane.queue.popleft()
-                self._deliver(lane, record)
+                    lane.in_flight = True
+                outcome = self._deliver(lane, record)
+                with lane.cond:
+                    lane.in_flight = False
+                    if not lane.given_up:
+                        counter = self.written if outcome == "written" else self.failed
+                        counter[lane.name] += 1
+                    lane.given_up = False
         finally:
             try:
                 lane.sink.close()
@@ -184,7 +196,8 @@ class SinkSupervisor:
                 log.warning("sink_close_failed", sink=lane.name, error=repr(exc))
             lane.done.set()
 
-    def _deliver(self, lane: _Lane, record: Any) -> None:
+    def _deliver(self, lane: _Lane, record: Any) -> str:
+        """Write with retries: "written" or "failed" (the caller counts it)."""
         attempts = 0
         while True:
             try:
@@ -194,18 +207,13 @@ class SinkSupervisor:
                 lane.consecutive_failures += 1
                 self.errors[lane.name] += 1
                 self._log_failure(lane, exc)
-                if attempts >= self.retry.max_attempts:
-                    self.failed[lane.name] += 1
-                    return
-                if not self._backoff(lane):
-                    self.failed[lane.name] += 1
-                    return
+                if attempts >= self.retry.max_attempts or not self._backoff(lane):
+                    return "failed"
                 continue
-            self.written[lane.name] += 1
             if lane.consecutive_failures:
                 log.info("sink_recovered", sink=lane.name, failures=lane.consecutive_failures)
                 lane.consecutive_failures = 0
-            return
+            return "written"
 
     def _backoff(self, lane: _Lane) -> bool:
         """Sleep before the next attempt; False when close's deadline leaves no time for it."""
