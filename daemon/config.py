@@ -8,6 +8,7 @@ below is the single list of keys; config.toml at the repository root documents e
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ SINKS = {
     "mcap_inputs": Key(bool, True),
     "png_dir": Key(str, ""),
     "png_max_per_s": Key(NUM, 1.0, _positive),
+    "png_keep_windows": Key(int, 3600, lambda v: None if 0 <= v < 2**31 else "must be in 0..2^31-1"),
     "queue_size": Key(int, 1024, _positive),
 }
 ADMIN = {
@@ -234,6 +236,7 @@ class SinkSettings:
     mcap_inputs: bool = True  # record every valid input message in the MCAP file too
     png_dir: Path | None = None  # pictures of detections, heatmaps and fusion weights
     png_max_per_s: float = 1.0  # per group
+    png_keep_windows: int = 3600  # newest windows whose pictures are kept; 0 = all
     queue_size: int = 1024
     zmq_curve: security.CurveConfig | None = None  # CURVE on the results socket ([security])
 
@@ -459,7 +462,30 @@ def _inference(i: dict[str, Any], mode: str) -> InferenceSettings:
     )
 
 
+def _check_sink_files(s: dict[str, Any]) -> None:
+    """No two sinks may write the same file (rotated backups included): each sink counts only its own
+    bytes, so a shared file grows past its limit and one sink's cleanup after a failed write would cut
+    away the other's records."""
+    from sinks.jsonl import rotated_paths
+
+    claimed: dict[str, str] = {}
+    for key in ("jsonl_path", "late_path", "mcap_path", "png_dir"):
+        if not s[key]:
+            continue
+        path = Path(s[key])
+        files = rotated_paths(path, s["jsonl_backups"]) if key in ("jsonl_path", "late_path") else [path]
+        for f in files:
+            name = os.path.abspath(f)
+            if name in claimed:
+                raise ConfigError(
+                    f"sinks.{key} = {s[key]!r}: the file {f} is also written by sinks.{claimed[name]} "
+                    "(rotated backups included); give each sink its own"
+                )
+            claimed[name] = key
+
+
 def _sinks(s: dict[str, Any], curve: security.CurveConfig | None = None) -> SinkSettings:
+    _check_sink_files(s)
     return SinkSettings(
         zmq_endpoint=s["zmq_endpoint"] or None,
         zmq_bind=s["zmq_bind"],
@@ -473,6 +499,7 @@ def _sinks(s: dict[str, Any], curve: security.CurveConfig | None = None) -> Sink
         mcap_inputs=s["mcap_inputs"],
         png_dir=_path_or_none(s["png_dir"]),
         png_max_per_s=float(s["png_max_per_s"]),
+        png_keep_windows=s["png_keep_windows"],
         queue_size=s["queue_size"],
         zmq_curve=curve,
     )

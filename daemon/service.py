@@ -692,7 +692,7 @@ class Service:
             if s.late_path:
                 late.append(LateSink(s.late_path, max_bytes=s.jsonl_max_bytes, backups=s.jsonl_backups, fsync=s.fsync))
             if s.png_dir:
-                pictures.append(PngSink(s.png_dir, max_per_s=s.png_max_per_s))
+                pictures.append(PngSink(s.png_dir, max_per_s=s.png_max_per_s, keep_windows=s.png_keep_windows))
         except BaseException:
             for sink in [*late, *results]:
                 sink.close()

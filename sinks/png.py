@@ -12,6 +12,11 @@ more than a window's inference on a small model; a person looks at a few picture
 A token bucket admits at most ``max_per_s`` windows per second per group (burst 1); the others are
 counted in ``skipped`` but still feed the fusion-weight history, so the sparkline has no holes.
 
+Why a retention count (``keep_windows``): a daemon runs for months, and at one picture set per second
+per group a directory gains over 250,000 files a day. The sink keeps the newest ``keep_windows``
+windows' pictures (those already in the directory at start count too, oldest by file time first)
+and deletes older ones; 0 keeps everything (then clean the directory up some other way).
+
 Drawing uses Pillow only (no matplotlib): it is thread-safe, fast, and the sink runs in a supervisor
 worker thread. Files are written to a temporary name and renamed, so a viewer never opens half a PNG.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sinks.record import ResultRecord
 
 SUBDIRS = ("detections", "heatmaps", "fusion_weights")
+RECENT_FILES = 300  # how many of the latest file paths ``files`` remembers (the demo's summary, tests)
+_OWN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}_\d+\.png")  # <group>_<window start ns>.png: what we write
 MIN_DISPLAY_SIDE = 256  # small frames are enlarged (nearest neighbour) to at least this many pixels
 HISTORY = 120  # windows of fusion-weight history drawn per group
 
@@ -111,17 +119,23 @@ class PngSink:
         max_per_s: float = 1.0,
         name: str = "png",
         clock: Callable[[], float] = time.monotonic,
+        keep_windows: int = 0,
     ) -> None:
+        if keep_windows < 0:
+            raise ValueError(f"keep_windows must be >= 0 (0: keep all), got {keep_windows}")
         self.name = name
         self.out_dir = Path(out_dir)
         for sub in SUBDIRS:
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.keep_windows = keep_windows
+        self._kept: deque[str] = deque(self._existing_stems() if keep_windows else ())  # oldest first
+        self.deleted = 0  # windows whose pictures the retention removed
         self.limiter = RateLimiter(max_per_s, clock=clock)
         self._history: dict[str, _History] = {}
         self._font = ImageFont.load_default()
         self.drawn = 0  # windows drawn (each gives up to three files)
         self.skipped = 0  # windows not drawn because of the rate limit
-        self.files: list[Path] = []  # every file written, in order (for the demo's summary and tests)
+        self.files: deque[Path] = deque(maxlen=RECENT_FILES)  # the latest files written, in order
         self._failed: tuple | None = None  # the window whose drawing last failed: its retry is no new window
 
     def write(self, item: PngFrame | ResultRecord) -> None:
@@ -148,9 +162,30 @@ class PngSink:
         self._save(_draw_fusion(rec, hist, self._font), "fusion_weights", stem)
         self._failed = None
         self.drawn += 1
+        if self.keep_windows:
+            self._retain(stem)
 
     def close(self) -> None:
         pass  # every file is complete once written
+
+    def _existing_stems(self) -> list[str]:
+        """Pictures a previous run left, oldest first (by file time): the retention counts them too."""
+        newest: dict[str, float] = {}
+        for sub in SUBDIRS:
+            for entry in os.scandir(self.out_dir / sub):
+                if entry.is_file(follow_symlinks=False) and _OWN_NAME.fullmatch(entry.name):
+                    newest[entry.name] = max(newest.get(entry.name, 0.0), entry.stat().st_mtime)
+        return sorted(newest, key=lambda stem: (newest[stem], stem))
+
+    def _retain(self, stem: str) -> None:
+        if stem in self._kept:  # a window drawn again (a revision): it is the newest now
+            self._kept.remove(stem)
+        self._kept.append(stem)
+        while len(self._kept) > self.keep_windows:
+            old = self._kept.popleft()
+            for sub in SUBDIRS:
+                (self.out_dir / sub / old).unlink(missing_ok=True)
+            self.deleted += 1
 
     def _save(self, img: Image.Image, sub: str, stem: str) -> None:
         path = self.out_dir / sub / stem

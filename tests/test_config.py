@@ -214,3 +214,24 @@ def test_help_lists_subcommands():
     assert out.returncode == 0
     for cmd in ("check-config", "simulate", "demo", "bench-ingest", "serve"):
         assert cmd in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        ({"jsonl_path": "out/r.jsonl", "late_path": "out/r.jsonl"}, "sinks.late_path = 'out/r.jsonl': the file"),
+        ({"jsonl_path": "out/r.jsonl", "late_path": "out/./r.jsonl.2"}, "also written by sinks.jsonl_path"),
+        ({"jsonl_path": "out/r.jsonl", "mcap_path": "out/r.jsonl.1"}, "sinks.mcap_path"),
+        ({"mcap_path": "out/x", "png_dir": "out/x"}, "sinks.png_dir"),
+    ],
+)
+def test_two_sinks_writing_one_file_is_refused(paths, message):
+    """Each sink counts only its own bytes: sharing a file (a rotated backup included) breaks rotation
+    and lets one sink's clean-up after a failed write cut the other's records."""
+    raw = base()
+    raw["sinks"].update({"jsonl_path": "", "late_path": "", "mcap_path": "", "png_dir": ""} | paths)
+    raw["sinks"]["jsonl_backups"] = 3
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(raw)
+    raw["sinks"].update({k: f"out/{k}" for k in paths})
+    config.parse(raw)  # distinct paths are fine

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sinks.png import _CLASS_COLOURS, _IMAGE_COLOUR, _SEQ_COLOUR, MIN_DISPLAY_SIDE, PngFrame, PngSink, RateLimiter
+from sinks.png import (
+    _CLASS_COLOURS,
+    _IMAGE_COLOUR,
+    _SEQ_COLOUR,
+    MIN_DISPLAY_SIDE,
+    RECENT_FILES,
+    PngFrame,
+    PngSink,
+    RateLimiter,
+)
 from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
 from sinks.supervisor import SinkSupervisor
 
@@ -159,3 +168,38 @@ def test_a_failed_picture_is_retried_as_the_same_window(tmp_path: Path):
     assert [p.name for p in (tmp_path / "fusion_weights").iterdir()] == [f"g1_{T0}.png"]
     sink.write(record("g1", 1))  # a new window within the same second is still rate-limited
     assert (sink.drawn, sink.skipped) == (1, 1)
+
+
+def test_retention_keeps_the_newest_windows_across_a_restart_and_memory_stays_bounded(tmp_path: Path):
+    """A months-long run: the directory holds at most keep_windows windows' pictures (those a previous run
+    left count too, oldest first), unrelated files stay, and the sink remembers only recent paths."""
+    clock = FakeClock()
+    image, heat = _frame()
+    first = PngSink(tmp_path, max_per_s=1.0, clock=clock, keep_windows=3)
+    (tmp_path / "detections" / "notes.txt").write_text("an operator's file")
+    for k in range(5):
+        clock.t = 100.0 + k
+        first.write(PngFrame(record(k=k), image, heat, (64.0, 64.0)))
+    assert first.deleted == 2
+
+    def kept(sub: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / sub).iterdir() if p.suffix == ".png")
+
+    newest = [f"g1_{T0 + k * SEC}.png" for k in (2, 3, 4)]
+    assert all(kept(sub) == newest for sub in ("detections", "heatmaps", "fusion_weights"))
+    second = PngSink(tmp_path, max_per_s=1.0, clock=clock, keep_windows=3)  # a restart
+    clock.t = 200.0
+    second.write(PngFrame(record(k=5), image, heat, (64.0, 64.0)))
+    assert kept("detections") == [*newest[1:], f"g1_{T0 + 5 * SEC}.png"]
+    assert (tmp_path / "detections" / "notes.txt").exists()
+
+    unbounded = PngSink(tmp_path / "all", max_per_s=1e9, clock=clock)  # keep_windows 0: keep everything
+    for k in range(RECENT_FILES):
+        clock.t = 300.0 + k
+        unbounded.write(record(k=k))
+    clock.t = 1000.0
+    unbounded.write(record(k=RECENT_FILES))
+    assert unbounded.drawn == RECENT_FILES + 1 == len(list((tmp_path / "all" / "fusion_weights").iterdir()))
+    assert len(unbounded.files) == RECENT_FILES  # the latest paths only
+    with pytest.raises(ValueError, match="keep_windows"):
+        PngSink(tmp_path, keep_windows=-1)
