@@ -1,25 +1,32 @@
 """`sacmf demo`: the whole system in one command - simulator -> daemon -> outputs, with a live view.
 
 It starts the simulator (realistic scenes with known truth, daemon/simulate.py) and the real daemon
-(daemon/service.py: ingest process, windows, SA-CMF, sinks, admin HTTP) in this process, subscribes to
-the daemon's ZeroMQ results like any consumer would, and prints once a second what an operator wants to
-see: windows per second, latency percentiles, the latest window's target class against the truth, its
-detections, the fusion weights (image vs sequence) and the MI estimate. Outputs go to ``outputs/demo/``:
+(daemon/service.py: ingest process, windows, SA-CMF, sinks, admin HTTP) in this process, reads the
+daemon's ZeroMQ results like any consumer would (its SUB binds on loopback and the daemon's PUB connects,
+so there is no socket file to clean up), and prints once a second what an operator wants to see: windows
+per second, latency percentiles, the latest window's target class against the truth, its detections, the
+fusion weights (image vs sequence) and the MI estimate. Outputs go to ``outputs/demo/``:
 ``results.jsonl``, pictures in ``detections/``, ``heatmaps/`` and ``fusion_weights/``, and an MCAP
 ``recording.mcap`` of inputs and results that ``sacmf evaluate-stream`` scores afterwards.
 
 Why in one process with the daemon rather than beside a ``sacmf serve`` subprocess: one Ctrl-C, one
 exit status, and the daemon's own signal handling (first signal: drain and exit 0; second: exit at
-once) is what stops the demo, so the demo shows the real shutdown path.
+once) is what stops the demo, so the demo shows the real shutdown path. ``--duration``, ``stop`` and a
+closed stdout (``sacmf demo | head``) start that same clean shutdown from a thread of their own.
+
+Options are checked (checkpoint read, output folder writable) before anything is started or deleted;
+only then are an earlier demo's outputs - its own files, nothing else in the folder - replaced.
 
 The model: ``model/weights/default.pt`` when it exists (or ``--checkpoint``); otherwise a tiny random
-network is saved to a temporary checkpoint and the view says, in capitals, that results are untrained.
+network is saved to ``untrained.pt`` in the output folder and the view says, in capitals, that results
+are untrained.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
+import stat
 import sys
 import tempfile
 import threading
@@ -70,13 +77,106 @@ def untrained_checkpoint(directory: Path) -> Path:
     return path
 
 
+# What the demo itself writes into its output folder, and nothing else: ``_fresh_outputs`` deletes only
+# these, because ``--out`` may point at a folder holding other files (``sacmf test --vis`` writes its
+# pictures into the same ``detections/``, ``heatmaps/`` and ``fusion_weights/`` sub-folders, named by
+# scene id). The daemon's picture sink names a picture ``<group>_<window start in ns>.png`` - a 19-digit
+# wall-clock time - and writes it through ``.<name>.tmp``; the JSONL sinks rotate to ``<file>.<N>``.
+_OWN_FILES = re.compile(r"(results\.jsonl|late\.jsonl)(\.\d+)?|recording\.mcap|untrained\.pt")
+_OWN_PICTURES = re.compile(r"[A-Za-z0-9_.-]{1,64}_\d{19}\.png|\.[A-Za-z0-9_.-]{1,64}_\d{19}\.png\.tmp")
+PICTURE_DIRS = ("detections", "heatmaps", "fusion_weights")
+
+
+def _own_pictures(out: Path) -> list[Path]:
+    """The demo's pictures under ``out`` (finished ones and leftover temporaries)."""
+    return [p for sub in PICTURE_DIRS for p in sorted((out / sub).glob("*")) if _OWN_PICTURES.fullmatch(p.name)]
+
+
 def _fresh_outputs(out: Path) -> None:
-    """Remove what an earlier demo wrote there (only the demo's own files), so the outputs are this run's."""
-    for name in ("results.jsonl", "late.jsonl", "recording.mcap", "untrained.pt"):
-        for old in out.glob(f"{name}*"):
-            old.unlink()
-    for sub in ("detections", "heatmaps", "fusion_weights"):
-        shutil.rmtree(out / sub, ignore_errors=True)
+    """Remove what an earlier demo wrote there (only the demo's own files), so the outputs are this run's.
+
+    Called only once every option has been checked: a demo that refuses to start leaves the results of
+    the last one alone. Sub-folders stay (the picture sink re-creates them anyway), with whatever else
+    is in them.
+    """
+    for old in [p for p in out.glob("*") if _OWN_FILES.fullmatch(p.name)] + _own_pictures(out):
+        if old.is_file() or old.is_symlink():
+            old.unlink(missing_ok=True)
+
+
+def _prepare_out(out: Path) -> str | None:
+    """Create ``out`` and check that files can be written there; the reason when not (``--out /proc/x``).
+
+    Checked up front so a bad folder is a one-line error (exit 2) before anything starts or is deleted,
+    rather than a traceback, or a daemon that loads its model and then fails to open its sinks.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".sacmf-demo-probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot use {out} as the output folder: {exc.strerror or exc}"
+    return None
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be served, or None. Read and checked (no forward pass) before the demo replaces
+    earlier outputs: a garbage ``--checkpoint`` must not cost the user their last demo's results."""
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+class _Stdout:
+    """The demo's printing, which must survive the reader going away (``sacmf demo | head -3``).
+
+    The conventional reaction to a closed pipe is to stop writing, quietly; the demo then also stops (see
+    ``run``). On the first broken write, fd 1 (and fd 2 when it is the same pipe, as with ``2>&1 |``) is
+    pointed at /dev/null: the rest of the shutdown, log lines and the interpreter's final flush of
+    whatever was left in the buffer then go nowhere instead of raising BrokenPipeError in some thread.
+    """
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def say(self, text: str) -> bool:
+        """Print ``text``; False once the reader has gone."""
+        if self.closed.is_set():
+            return False
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            self._detach()
+            return False
+        return True
+
+    def _detach(self) -> None:
+        self.closed.set()
+        try:
+            out = sys.stdout.fileno()
+            fds = [out]
+            if _same_pipe(out, 2):
+                fds.append(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                for fd in fds:
+                    os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real stdout (embedded use): nothing to redirect
+            pass
+
+
+def _same_pipe(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(sa.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def demo_config(
@@ -93,6 +193,7 @@ def demo_config(
         "inference": {"max_batch_size": 4, "max_delay_ms": 50},
         "sinks": {
             "zmq_endpoint": results_ep,
+            "zmq_bind": False,  # the view's SUB binds (run): no socket file
             "jsonl_path": str(out / "results.jsonl"),
             "late_path": str(out / "late.jsonl"),
             "mcap_path": str(out / "recording.mcap") if record else "",
@@ -165,29 +266,92 @@ def run(
     record: bool = True,
     log_level: str = "warning",
 ) -> int:
-    """Run the demo until Ctrl-C/SIGTERM, ``stop`` or ``duration_s``; returns the daemon's exit status."""
-    from daemon.service import Service
+    """Run the demo until Ctrl-C/SIGTERM, ``stop``, ``duration_s`` or a closed stdout; the exit status.
 
+    The status is the daemon's (0: drained cleanly, 1: the drain missed its deadline or a part died,
+    2: it could not start), 2 for a bad option (nothing started, nothing deleted), and at least 1 when
+    the console view itself failed. A reader closing stdout (``| head``) stops the demo like Ctrl-C does:
+    nobody is watching any more, and without it a demo with no ``--duration`` would hold the shell's
+    pipeline open forever; the daemon drains, so the outputs are complete and the status is still 0.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _fresh_outputs(out)
-    tmp = Path(tempfile.mkdtemp(prefix="sacmf-demo-"))
     ckpt = find_checkpoint(checkpoint)
     untrained = ckpt is None
-    if untrained:
-        ckpt = untrained_checkpoint(out)  # kept beside the recording, which it can then be scored with
-    elif not ckpt.is_file():
-        print(f"error: no checkpoint at {ckpt}", file=sys.stderr)
+    # the cheap checks first: a typo costs a second, not the import of torch that reading a checkpoint needs
+    problem = (
+        (None if untrained or ckpt.is_file() else f"no checkpoint at {ckpt}")
+        or _prepare_out(out)
+        or (None if untrained else _checkpoint_problem(ckpt))
+    )
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     ctx = zmq.Context()
+    try:
+        return _run_checked(sim, stop, duration_s, out, ckpt, untrained, bool(checkpoint), record, log_level, ctx)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _run_checked(
+    sim: SimSettings,
+    stop: threading.Event,
+    duration_s: float | None,
+    out: Path,
+    ckpt: Path | None,
+    untrained: bool,
+    explicit: bool,
+    record: bool,
+    log_level: str,
+    ctx: zmq.Context,
+) -> int:
+    from daemon.config import ConfigError
+    from daemon.service import Service
+
+    # The view's SUB binds on loopback and the daemon's PUB connects to it: no ipc socket file, so no
+    # temporary folder that a signal during start-up (before the daemon's handlers exist) could leak.
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"det/")
+    sub.bind("tcp://127.0.0.1:*")
+    results_ep = sub.getsockopt(zmq.LAST_ENDPOINT).decode()
     sensors = {c: "img" for c in sim.cameras} | {r: "rad" for r in sim.radiometers}
     pub = SensorPublisher("tcp://127.0.0.1:*", sim.group, sensors, context=ctx)
-    results_ep = f"ipc://{tmp}/results.ipc"
-    service = Service(demo_config(sim, pub.endpoints[0], ckpt, out, results_ep, record, log_level))
+    try:
+        served = out / "untrained.pt" if untrained else ckpt
+        try:
+            cfg = demo_config(sim, pub.endpoints[0], served, out, results_ep, record, log_level)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        service = Service(cfg)
+        # Every option has been checked: only now are the earlier demo's outputs replaced.
+        _fresh_outputs(out)
+        if untrained:
+            untrained_checkpoint(out)  # kept beside the recording, which it can then be scored with
+        return _serve(service, sim, stop, duration_s, out, served, untrained, explicit, record, pub, sub)
+    finally:
+        pub.close()
+
+
+def _serve(
+    service,
+    sim: SimSettings,
+    stop: threading.Event,
+    duration_s: float | None,
+    out: Path,
+    ckpt: Path,
+    untrained: bool,
+    explicit: bool,
+    record: bool,
+    pub: SensorPublisher,
+    sub: zmq.Socket,
+) -> int:
     scenes = SceneSource(sim)
     view = ConsoleView(scenes)
+    output = _Stdout()
     finished = threading.Event()  # service.run() returned
     sim_stop = threading.Event()
+    console_failed = threading.Event()
 
     def wait_ready() -> bool:
         while not (service.stop.is_set() or finished.is_set() or stop.is_set()):
@@ -201,6 +365,19 @@ def run(
             time.sleep(0.3)  # the ingest process's subscription reaches the publisher (ZeroMQ slow joiner)
             simulate.run(pub, sim, sim_stop, None, source=scenes)
 
+    def stopper() -> None:
+        # Its own thread, apart from the console's: whatever happens to the view (a closed pipe, a bug),
+        # ``stop`` and ``--duration`` still end the demo. The duration counts from ready, like the view's
+        # clock; ``stop`` and a closed stdout count from the start, even before the model has loaded.
+        ready_at = None
+        while not finished.wait(0.05):
+            if ready_at is None and service.ready()[0]:
+                ready_at = time.monotonic()
+            timed_out = duration_s is not None and ready_at is not None and time.monotonic() - ready_at >= duration_s
+            if stop.is_set() or output.closed.is_set() or console_failed.is_set() or timed_out:
+                service.stop.set()  # the daemon drains and returns, as on the first Ctrl-C
+                return
+
     banner = [f"sacmf demo: simulator on {pub.endpoints[0]} -> daemon ({sim.scene_ms / 1000:g} s windows) -> {out}/"]
     if untrained:
         banner.append(
@@ -212,36 +389,41 @@ def run(
     banner.append("Ctrl-C stops.")
     redraw = sys.stdout.isatty()  # a terminal gets the view redrawn in place; a pipe or file gets a log
 
+    def show(rec_body: bytes) -> None:
+        try:
+            rec = from_wire(msgpack.unpackb(rec_body, raw=False))
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+            return  # the results port is on loopback: a stray sender must not take the view down
+        if isinstance(rec, ResultRecord):
+            view.add(rec)
+
     def console() -> None:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"det/")
-        sub.connect(results_ep)
         try:
             if not wait_ready():
                 return
             host, port = service.admin.address
             banner.append(f"metrics: http://{host}:{port}/metrics   (also /healthz, /readyz)")
-            print(banner[-1], flush=True)
+            if not output.say(banner[-1]):
+                return
             started = next_draw = time.monotonic()
             while not finished.is_set():
-                if stop.is_set():
-                    service.stop.set()  # the daemon drains and returns; then we finish
-                if duration_s is not None and time.monotonic() - started >= duration_s:
-                    service.stop.set()
                 if sub.poll(100):
-                    _, body = sub.recv_multipart()
-                    rec = from_wire(msgpack.unpackb(body, raw=False))
-                    if isinstance(rec, ResultRecord):
-                        view.add(rec)
+                    frames = sub.recv_multipart()
+                    if len(frames) == 2:
+                        show(frames[1])
                 if time.monotonic() >= next_draw and not service.stop.is_set():
                     next_draw += REFRESH_S
                     block = view.render(time.monotonic() - started)
-                    print("\x1b[H\x1b[J" + "\n".join([*banner, "", block]) if redraw else block, flush=True)
+                    if not output.say("\x1b[H\x1b[J" + "\n".join([*banner, "", block]) if redraw else block):
+                        return
+        except Exception:  # a bug in the view: say so, and stop the demo (exit status 1), not a silent view
+            log.exception("demo_console_failed")
+            console_failed.set()
         finally:
             sub.close(linger=0)
 
-    print("\n".join(banner), flush=True)
-    threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (simulator, console)]
+    output.say("\n".join(banner))
+    threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (simulator, console, stopper)]
     for t in threads:
         t.start()
     try:
@@ -251,24 +433,29 @@ def run(
         sim_stop.set()
         for t in threads:
             t.join(10)
-        pub.close()
-        ctx.destroy(linger=0)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if console_failed.is_set():
+        status = status or 1
     snap = service.state.snapshot
     families = snap.families if snap else []
     messages = _family_total(families, "sacmf_ingest_messages")
     rejected = _family_total(families, "sacmf_ingest_rejected_messages")
-    pictures = sum(1 for _ in out.glob("*/*.png"))
-    print(
+    output.say(
         f"demo: {service.state.results_published} windows, {messages} messages, {rejected} rejected, "
         f"{view.correct}/{view.total} target classes right{' (untrained model)' if untrained else ''}; "
         f"exit status {status}"
     )
-    outputs = f"{out}/results.jsonl, {pictures} PNGs in {out}/{{detections,heatmaps,fusion_weights}}/"
-    if record:
-        outputs += f", {out}/recording.mcap"
-    print(f"outputs: {outputs}")
-    if record:
-        model = f" --checkpoint {ckpt}" if untrained or checkpoint else ""
-        print(f"score the recording: sacmf evaluate-stream {out}/recording.mcap{model}", flush=True)
+    # Only what this run left on disk: a daemon that never opened its sinks (a checkpoint that fails its
+    # warm-up, say) wrote nothing, and pointing the user at missing files would send them hunting.
+    written = [f"{out}/results.jsonl"] if (out / "results.jsonl").is_file() else []
+    pictures = len([p for p in _own_pictures(out) if p.suffix == ".png"])
+    if pictures:
+        written.append(f"{pictures} PNGs in {out}/{{{','.join(PICTURE_DIRS)}}}/")
+    recording = out / "recording.mcap"
+    if record and recording.is_file():
+        written.append(str(recording))
+    if written:
+        output.say(f"outputs: {', '.join(written)}")
+    if record and recording.is_file():
+        model = f" --checkpoint {ckpt}" if untrained or explicit else ""
+        output.say(f"score the recording: sacmf evaluate-stream {recording}{model}")
     return status
