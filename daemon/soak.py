@@ -3,7 +3,8 @@
 Why a command and not only a test: leaks that matter (a file descriptor per reconnect, a few KiB per
 session in the loss tracker) show after an hour, not after twenty seconds. This runs ``sacmf serve`` as
 a subprocess with a generated config, drives it with sensor groups at the simulator's default rate,
-closes and re-creates the publishers ``--reconnects`` times spread evenly over the run, and checks:
+closes and re-creates the publishers ``--reconnects`` times spread evenly over the run (outside the short
+quiet windows the file-descriptor counts need, so that a count never holds a reconnect off), and checks:
 
 * **memory**: RSS of the daemon's processes (serve, the ingest child, multiprocessing's helpers)
   sampled every few seconds; the growth from a baseline taken after the warm-up must stay under 5 %;
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import signal
 import statistics
@@ -43,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ from typing import Any
 import structlog
 import zmq
 
+from daemon.cli_types import integer, number
 from daemon.serve_process import (
     DaemonProcess,
     ServeError,
@@ -73,6 +77,20 @@ RECONNECT_KINDS = ("restart", "resume", "resume_gap", "restart", "resume", "resu
 GAP_SEQS = 3  # seqs skipped per sensor by a resume_gap
 DUP_SEQS = 2  # messages re-sent per sensor by a resume_dup
 QUIET_S = 0.3  # file descriptors are counted at least this long after the end of a reconnect
+# No reconnect is planned from QUIET_S + SAMPLE_LEAD_S before a sample time to SAMPLE_HOLD_S after it, so
+# that the fd count finds its quiet without holding the reconnects off (one that waited on the count went
+# undone when it was among the last of the run, and a backlog done back to back reorders messages across
+# the sockets closed and opened).
+SAMPLE_LEAD_S = 0.05  # the sampler may wake a little early
+SAMPLE_HOLD_S = 0.2  # what an fd count may take on a busy machine
+# A reconnect takes about 1 ms (5 ms at the 95th percentile on two busy cores), and the sockets it closes
+# need a moment to deliver what they hold: reconnects planned closer than this are refused up front
+# instead of failing the run at the end.
+MIN_RECONNECT_SPACING_S = 0.01
+# Reconnects held up anyway (a late wake-up on a busy machine) are done this far apart, and the load goes
+# on past its end, at most CATCH_UP_S, until the last of them is done.
+CATCH_UP_SPACING_S = 0.005
+CATCH_UP_S = 5.0
 TRANSPORTS = {"push": "replay", "pub": "live"}  # publisher socket -> the daemon's [ingest] mode
 NOMINAL = SimSettings(height=64, width=64)  # `sacmf simulate` defaults: 10 fps 64x64, 1000 Hz in 100s
 READY_TIMEOUT_S = 180.0
@@ -104,16 +122,48 @@ class SoakOptions:
     torch_threads: int = 0  # [model] torch_threads of the daemon (0: its automatic choice)
 
     def __post_init__(self) -> None:
-        if self.minutes <= 0 or self.reconnects < 0 or self.groups < 1:
-            raise ValueError("minutes must be > 0, reconnects >= 0 and groups >= 1")
+        # not (x > 0) also refuses NaN, and isfinite infinity: either would start the daemon, then crash
+        if not (math.isfinite(self.minutes) and self.minutes > 0) or self.reconnects < 0 or self.groups < 1:
+            raise ValueError(
+                f"minutes must be finite and > 0, reconnects >= 0 and groups >= 1, got minutes={self.minutes}, "
+                f"reconnects={self.reconnects}, groups={self.groups}"
+            )
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}, not {self.transport!r}")
-        if self.sample_interval_s <= 0:
-            raise ValueError("sample_interval_s must be > 0")
+        if not (math.isfinite(self.sample_interval_s) and self.sample_interval_s > 0):
+            raise ValueError(f"sample_interval_s must be finite and > 0, got {self.sample_interval_s}")
+        if self.warmup_s is not None and not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise ValueError(f"warmup_s must be finite and >= 0, got {self.warmup_s}")
+        if not (math.isfinite(self.max_rss_growth_pct) and self.max_rss_growth_pct > 0):
+            raise ValueError(f"max_rss_growth_pct must be finite and > 0, got {self.max_rss_growth_pct}")
+        if self.reconnects:
+            free = sum(b - a for a, b in free_segments(self.duration_s, self.fd_count_windows()))
+            fit = int(free / MIN_RECONNECT_SPACING_S)
+            if self.reconnects > fit:
+                raise ValueError(
+                    f"{self.reconnects} reconnects do not fit in {self.duration_s:g} s with a sample every "
+                    f"{self.sample_interval_s:g} s: at most {fit} (one per {MIN_RECONNECT_SPACING_S * 1000:g} ms "
+                    f"in the {free:.3g} s the fd counts leave free); lower --reconnects, raise --minutes or "
+                    f"--sample-interval"
+                )
 
     @property
     def duration_s(self) -> float:
         return self.minutes * 60.0
+
+    def fd_count_windows(self) -> list[tuple[float, float]]:
+        """(from, to) in seconds of the load around each sample time (every ``sample_interval_s`` from the
+        start): no reconnect is planned there."""
+        span = QUIET_S + SAMPLE_LEAD_S + SAMPLE_HOLD_S
+        if self.sample_interval_s <= span:  # they cover everything; and no list of a million windows
+            return [(0.0, self.duration_s)]
+        n = math.ceil(self.duration_s / self.sample_interval_s)
+        times = (j * self.sample_interval_s for j in range(n))
+        return [(max(0.0, t - QUIET_S - SAMPLE_LEAD_S), min(self.duration_s, t + SAMPLE_HOLD_S)) for t in times]
+
+    def reconnect_times(self) -> list[float]:
+        """When the reconnects are due (seconds from the start of the load)."""
+        return reconnect_schedule(self.duration_s, self.reconnects, self.fd_count_windows())
 
     @property
     def warmup(self) -> float:
@@ -257,6 +307,10 @@ class _Shared:
 
     quiet: threading.Lock = field(default_factory=threading.Lock)  # held by a reconnect and by an fd count
     last_reconnect: float = 0.0  # monotonic end of the last reconnect
+    # set by the driver when the load starts (load_start: its monotonic time): the sampler's times count
+    # from there, the same clock the reconnect plan leaves the fd counts' quiet windows on
+    started: threading.Event = field(default_factory=threading.Event)
+    load_start: float = 0.0
     abort: threading.Event = field(default_factory=threading.Event)
     died: bool = False
 
@@ -284,7 +338,10 @@ def take_sample(root: int, shared: _Shared | None = None) -> dict:
 def _sampler(
     daemon: DaemonProcess, opts: SoakOptions, t0: float, shared: _Shared, samples: list, done: threading.Event
 ) -> None:
-    next_at = time.monotonic()
+    while not shared.started.wait(0.1):
+        if done.is_set():
+            return
+    next_at = shared.load_start
     last_log = time.monotonic()
     while not done.wait(max(0.0, next_at - time.monotonic())):
         next_at += opts.sample_interval_s
@@ -307,16 +364,48 @@ def _sampler(
 # ---------------------------------------------------------------- the load
 
 
-def reconnect_schedule(duration_s: float, n: int) -> list[float]:
-    """``n`` reconnect times (seconds from the start), evenly spread: one in the middle of each 1/n."""
-    return [(i + 0.5) * duration_s / n for i in range(n)]
+def free_segments(duration_s: float, blocked: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of ``[0, duration_s]`` outside the ``blocked`` (from, to) windows, in order."""
+    free, at = [], 0.0
+    for a, b in sorted(blocked):
+        if a > at:
+            free.append((at, min(a, duration_s)))
+        at = max(at, b)
+        if at >= duration_s:
+            break
+    if at < duration_s:
+        free.append((at, duration_s))
+    return [(a, b) for a, b in free if b > a]
+
+
+def reconnect_schedule(duration_s: float, n: int, blocked: Sequence[tuple[float, float]] = ()) -> list[float]:
+    """``n`` reconnect times (seconds from the start), evenly spread over the time outside ``blocked``:
+    one in the middle of each 1/n of it."""
+    free = free_segments(duration_s, list(blocked))
+    total = sum(b - a for a, b in free)
+    if n and not free:
+        raise ValueError(f"no time outside {list(blocked)} for {n} reconnects")
+    times, passed, seg = [], 0.0, 0
+    for i in range(n):
+        x = (i + 0.5) * total / n
+        while seg < len(free) - 1 and x > passed + free[seg][1] - free[seg][0]:
+            passed += free[seg][1] - free[seg][0]
+            seg += 1
+        times.append(free[seg][0] + x - passed)
+    return times
 
 
 def _drive(
     groups: list[_Group], opts: SoakOptions, scenes: SceneSource, shared: _Shared, stop: threading.Event
 ) -> float:
     """Publishes every group at the nominal rate, paced on the wall clock (like `sacmf simulate`), and
-    performs the reconnects when due. Returns the time the load really ran (s)."""
+    performs the reconnects when due (``opts.reconnect_times``: none in the fd counts' quiet windows).
+    Returns the time the load really ran (s).
+
+    A reconnect held up past its time anyway (a late wake-up, an fd count that ran long) is done as soon
+    as possible, at most one per CATCH_UP_SPACING_S, and the load goes on past its end (at most
+    CATCH_UP_S) until every planned reconnect is done: the last one is due 1/2n of the run before the
+    end, and one held up there used to be left undone."""
     s = opts.sim
     exp_ns = int(s.exposure_ms * 1e6)
     dt_ns = scenes.dt_ns
@@ -325,13 +414,18 @@ def _drive(
     scenes.scene(scenes.index(time.time_ns()))  # generated before the clock starts
     start = time.time_ns()
     end = start + int(opts.duration_s * 1e9)
-    due = [start + int(t * 1e9) for t in reconnect_schedule(opts.duration_s, opts.reconnects)]
+    shared.load_start = time.monotonic()
+    shared.started.set()
+    give_up = end + int(CATCH_UP_S * 1e9)
+    due = [start + int(t * 1e9) for t in opts.reconnect_times()]
+    spacing_ns = int(CATCH_UP_SPACING_S * 1e9)
+    last_ns = 0  # when the last reconnect ended
     k = 0
     for g in groups:
         g.next_frame = g.next_chunk = start
     while not stop.is_set() and not shared.abort.is_set():
         now = time.time_ns()
-        if now >= end:
+        if now >= end and (k >= len(due) or now >= give_up):
             break
         for g in groups:
             if now >= g.next_frame:
@@ -347,22 +441,25 @@ def _drive(
                     g.send(rad, ("rad", values, t_ns, dt_ns, truth.to_meta(full=False)))
                 g.next_chunk += chunk_ns
         retry = False
-        if k < len(due) and now >= due[k]:
+        if k < len(due) and now >= max(due[k], last_ns + spacing_ns):
             # never while the sampler counts file descriptors; the data keeps flowing meanwhile
             if shared.quiet.acquire(blocking=False):
                 try:
                     g = groups[k % len(groups)]
                     g.reconnect(RECONNECT_KINDS[(k // len(groups)) % len(RECONNECT_KINDS)])
                     shared.last_reconnect = time.monotonic()
+                    last_ns = time.time_ns()
                 finally:
                     shared.quiet.release()
                 k += 1
             else:
                 retry = True
         scenes.scene(scenes.index(now) + 1)  # the next scene is made while idle, not when due
-        wake = min([end, *(g.next_frame for g in groups), *(g.next_chunk + chunk_ns for g in groups)])
+        wake = min([*(g.next_frame for g in groups), *(g.next_chunk + chunk_ns for g in groups)])
+        if now < end:
+            wake = min(wake, end)
         if k < len(due):
-            wake = min(wake, due[k] if not retry else time.time_ns() + 10_000_000)
+            wake = min(wake, max(due[k], last_ns + spacing_ns) if not retry else time.time_ns() + 10_000_000)
         stop.wait(max(0.0, (wake - time.time_ns()) / 1e9))
     return (time.time_ns() - start) / 1e9
 
@@ -561,10 +658,12 @@ def run_soak(opts: SoakOptions, stop: threading.Event | None = None) -> dict:
     """Run the soak; returns the report (``report["ok"]`` is the verdict). Raises SoakError when the run
     could not start. ``stop`` ends the load early (Ctrl-C); the checks still run on what was done."""
     stop = stop or threading.Event()
-    ckpt = Path(opts.checkpoint)
+    # absolute: the daemon runs in the repository root, so a relative config path (or checkpoint) would
+    # name a file there, not the one written here
+    ckpt = Path(opts.checkpoint).resolve()
     if not ckpt.is_file():
         raise SoakError(f"no model checkpoint at {ckpt} (--checkpoint)")
-    workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="sacmf-soak-"))
+    workdir = Path(opts.workdir).resolve() if opts.workdir else Path(tempfile.mkdtemp(prefix="sacmf-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ipc_dir = tempfile.mkdtemp(prefix="sacmf-soak-ipc-")  # short: ipc paths are limited to ~100 bytes
     results_ep = f"ipc://{ipc_dir}/results.ipc"
@@ -799,15 +898,17 @@ def format_summary(report: dict) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `sacmf soak`."""
     p = sub.add_parser("soak", help="run the daemon at nominal load with reconnecting publishers; check leaks")
-    p.add_argument("--minutes", type=float, default=60.0, help="load duration (default 60)")
-    p.add_argument("--reconnects", type=int, default=1000, help="publisher reconnects in total (default 1000)")
-    p.add_argument("--groups", type=int, default=1, help="sensor groups, each 2 cameras + 2 radiometers")
+    p.add_argument("--minutes", type=number(0, above=True), default=60.0, help="load duration (default 60)")
+    p.add_argument("--reconnects", type=integer(0), default=1000, help="publisher reconnects in total (default 1000)")
+    p.add_argument("--groups", type=integer(1), default=1, help="sensor groups, each 2 cameras + 2 radiometers")
     p.add_argument("--checkpoint", type=Path, default=Path("model/weights/default.pt"), help="model to serve")
     p.add_argument("--transport", default="push", choices=sorted(TRANSPORTS),
                    help="push: lossless PUSH/PULL, exact ledger (default); pub: live PUB/SUB")  # fmt: skip
-    p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between RSS/fd samples")
-    p.add_argument("--warmup", type=float, default=None, help="seconds before the baseline (default 10 %%, >= 60)")
-    p.add_argument("--max-rss-growth", type=float, default=5.0, help="failing RSS growth in %% (default 5)")
+    p.add_argument("--sample-interval", type=number(0, above=True), default=5.0,
+                   help="seconds between RSS/fd samples")  # fmt: skip
+    p.add_argument("--warmup", type=number(0), default=None, help="seconds before the baseline (default 10 %%, >= 60)")
+    p.add_argument("--max-rss-growth", type=number(0, above=True), default=5.0,
+                   help="failing RSS growth in %% (default 5)")  # fmt: skip
     p.add_argument("--workdir", type=Path, default=None, help="config, daemon log (default: a new /tmp dir)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the full report here")
     p.set_defaults(func=main)

@@ -7,6 +7,11 @@ with 30 reconnects exercises every reconnect kind several times and must account
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +114,61 @@ def test_cli_registers_soak():
     assert args.func is soak.main and (args.minutes, args.reconnects, args.json) == (2.0, 7, Path("r.json"))
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--minutes", "nan"],
+        ["--minutes", "inf"],
+        ["--minutes", "0"],
+        ["--minutes", "-1"],
+        ["--reconnects", "-1"],
+        ["--groups", "0"],
+        ["--sample-interval", "0"],
+        ["--sample-interval", "nan"],
+        ["--warmup", "-5"],
+        ["--warmup", "inf"],
+        ["--max-rss-growth", "nan"],
+    ],
+)
+def test_soak_refuses_bad_numbers_before_starting_anything(argv, tmp_path: Path, capsys):
+    """--minutes nan passed the options' check, started the daemon and crashed at the end of the load:
+    a bad number is a usage error naming the option. (The checkpoint is missing on purpose: a run that got
+    past the options would stop there, with exit 2 but without argparse's message.)"""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["soak", *argv, "--checkpoint", str(tmp_path / "missing.pt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {argv[0]}:" in err and "Traceback" not in err
+
+
+def test_soak_refuses_reconnects_that_cannot_fit(tmp_path: Path, capsys):
+    """Reconnects planned closer than MIN_RECONNECT_SPACING_S, counting out the fd counts' quiet windows,
+    cannot all happen: refused up front, not a FAIL after the run."""
+    with pytest.raises(ValueError, match="do not fit"):
+        soak.SoakOptions(minutes=0.01, reconnects=100)
+    with pytest.raises(ValueError, match="do not fit"):  # a sample every 0.5 s leaves no quiet-free time
+        soak.SoakOptions(minutes=1, reconnects=10, sample_interval_s=0.5)
+    soak.SoakOptions(minutes=1, reconnects=0, sample_interval_s=0.5)  # no reconnect: nothing to fit
+    ckpt = tmp_path / "tiny.pt"
+    tiny_checkpoint(ckpt, "soak-test")
+    assert cli.main(["soak", "--minutes", "0.01", "--reconnects", "100", "--checkpoint", str(ckpt)]) == 2
+    assert "error: 100 reconnects do not fit in 0.6 s" in capsys.readouterr().err
+
+
+def test_reconnects_are_planned_outside_the_fd_counts_quiet_windows():
+    """An fd count needs QUIET_S without a reconnect; a reconnect planned in that time was held off by the
+    count, and one held off near the end of the run was never done."""
+    opts = soak.SoakOptions(minutes=0.1, reconnects=300)  # the reviewer's run: a sample at 0 s and at 5 s
+    windows = opts.fd_count_windows()
+    assert windows == [(0.0, soak.SAMPLE_HOLD_S), (5.0 - soak.QUIET_S - soak.SAMPLE_LEAD_S, 5.0 + soak.SAMPLE_HOLD_S)]
+    times = opts.reconnect_times()
+    assert len(times) == 300 and times == sorted(times) and times[0] > 0 and times[-1] < opts.duration_s
+    assert not [t for t in times if any(a <= t < b for a, b in windows)]
+    assert min(b - a for a, b in itertools.pairwise(times)) >= soak.MIN_RECONNECT_SPACING_S
+    # with nothing to leave out the plan is the plain even one
+    assert soak.reconnect_schedule(60.0, 3, []) == [10.0, 30.0, 50.0]
+
+
 # ---------------------------------------------------------------- a short real run
 
 
@@ -150,3 +210,40 @@ def test_short_soak_accounts_exactly_and_leaks_nothing(tmp_path: Path):
     assert report["after_publishers_closed"]["fds"] <= res["fds"]["final"]
     assert report["results_received"].get("det/soak1", 0) > 0
     assert (tmp_path / "soak" / "serve.log").is_file()
+
+
+def test_dense_reconnects_all_happen_when_a_sample_falls_at_the_end(tmp_path: Path):
+    """150 reconnects in 3 s (one per 20 ms) with a sample due 0.15 s before the end: the sampler used to
+    hold the reconnects off while it waited QUIET_S for its quiet, and the load ended with 10 of them
+    undone (`completed` FAIL, "140 of 150"). They are now planned around the sample, and all are done."""
+    ckpt = tmp_path / "tiny.pt"
+    tiny_checkpoint(ckpt, "soak-test")
+    opts = soak.SoakOptions(
+        minutes=0.05, reconnects=150, checkpoint=ckpt, sample_interval_s=1.425, workdir=tmp_path / "soak", settle_s=30.0
+    )
+    report = soak.run_soak(opts)
+    checks = {c["name"]: c for c in report["checks"]}
+    summary = soak.format_summary(report)
+    assert report["reconnects_total"] == 150, summary
+    for name in ("completed", "daemon_alive", "clean_exit", "accounting", "pipeline", "fds"):
+        assert checks[name]["ok"], summary
+
+
+def test_soak_with_relative_paths_from_another_folder(tmp_path: Path):
+    """The daemon runs in the repository root: a relative --workdir used to reach it as a relative config
+    path there ("the daemon exited (2) before 'admin_listening'"). Paths are made absolute first."""
+    tiny_checkpoint(tmp_path / "tiny.pt", "soak-test")
+    root = Path(soak.__file__).resolve().parents[1]
+    argv = ["soak", "--minutes", "0.03", "--reconnects", "3", "--sample-interval", "1", "--checkpoint", "tiny.pt",
+            "--workdir", "rel/work", "--json", "rel/report.json"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    out = proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode in (0, 1) and (tmp_path / "rel" / "report.json").is_file(), out
+    report = json.loads((tmp_path / "rel" / "report.json").read_text())
+    checks = {c["name"]: c["ok"] for c in report["checks"]}
+    for name in ("completed", "daemon_alive", "clean_exit", "results_flowing", "accounting", "pipeline"):
+        assert checks[name], out
+    assert report["workdir"] == str(tmp_path / "rel" / "work")
+    assert (tmp_path / "rel" / "work" / "serve.log").is_file()
