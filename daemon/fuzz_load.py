@@ -21,18 +21,23 @@ settle and checks:
   no duplicates; no internal errors in ingest;
 * the pipeline did not stall: the windows after the flood produce results on the results socket, no
   window was dropped or failed in the model, and the counters never stopped moving for ``stall_s``;
+* every window went through: windows emitted by ingest == received by inference == succeeded == results
+  received here (a window lost between ingest and the model would otherwise pass every check above);
 * SIGTERM then shuts the daemon down cleanly (exit status 0).
 
 It prints messages sent, msgs/s, per-reason counts, valid messages delivered, the daemon's RSS before
 and after (its main and ingest processes) and the elapsed time, optionally writes them as JSON, and
-exits 1 if any check fails.
+exits 1 if any check fails. SIGINT or SIGTERM (Ctrl-C) stops the run where it is, stops the daemon and
+reports what was done, with the folder the daemon's log was kept in, and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -46,7 +51,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from daemon.serve_process import DaemonProcess, metric
+from daemon.cli_types import integer
+from daemon.serve_process import DaemonProcess, ServeError, metric
+from daemon.soak import pipeline_counts, pipeline_ok
 from ingest import fuzzcases, protocol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +111,8 @@ class LoadReport:
     internal_errors: int = 0
     windows_emitted: int = 0
     windows_dropped: int = 0
+    windows_received: int = 0  # by inference
+    windows_succeeded: int = 0  # went through the model
     results_received: int = 0
     results_after_flood: int = 0
     health_checks: int = 0
@@ -128,6 +137,16 @@ class LoadReport:
         out = {k: v for k, v in self.__dict__.items()}
         out["ok"] = self.ok
         return out
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM during the run: raised at the next point the run waits or sends, so that it stops
+    the daemon and reports instead of leaving a traceback, a running daemon and an unnamed folder."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Interrupted("interrupted by SIGINT/SIGTERM")
 
 
 # ---------------------------------------------------------------- the valid stream
@@ -216,12 +235,16 @@ class _Health:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # the first poll right away: waiting an interval first meant a flood shorter than the interval was
+        # never polled at all, and "0 checks, 0 failures" passed
+        while True:
             status, body = self.daemon.get("/healthz", timeout=10.0)
             self.checks += 1
             if status != 200:
                 self.failures += 1
                 self.last_failure = f"{status} {body[:200]}"
+            if self._stop.wait(self.interval):
+                return
 
     def __enter__(self) -> _Health:
         self._thread.start()
@@ -257,9 +280,12 @@ class _Results:
         self.sub.close(linger=0)
 
 
-def _lossless_sender(push: zmq.Socket, stall_s: float, daemon: DaemonProcess) -> Callable[[list[bytes]], None]:
+def _lossless_sender(
+    push: zmq.Socket, stall_s: float, daemon: DaemonProcess, stop: threading.Event | None = None
+) -> Callable[[list[bytes]], None]:
     """``send(frames)`` that waits while the daemon is behind (PUSH is lossless), but not forever: a daemon
-    that takes nothing for ``stall_s``, or exits, ends the flood with TimeoutError instead of a hang."""
+    that takes nothing for ``stall_s``, or exits, ends the flood with TimeoutError instead of a hang; a set
+    ``stop`` ends it with Interrupted."""
     raw = push.send_multipart
     stall_ms = int(stall_s * 1000)
 
@@ -271,6 +297,7 @@ def _lossless_sender(push: zmq.Socket, stall_s: float, daemon: DaemonProcess) ->
             pass
         waited = 0
         while not push.poll(1000, zmq.POLLOUT):
+            _check_stop(stop)
             waited += 1000
             if waited >= stall_ms or not daemon.alive():
                 raise TimeoutError(f"the daemon took no message for {waited / 1000:g} s (alive: {daemon.alive()})")
@@ -279,7 +306,9 @@ def _lossless_sender(push: zmq.Socket, stall_s: float, daemon: DaemonProcess) ->
     return send
 
 
-def _send(push: zmq.Socket, opts: LoadOptions, report: LoadReport, daemon: DaemonProcess) -> tuple[ValidStream, int]:
+def _send(
+    push: zmq.Socket, opts: LoadOptions, report: LoadReport, daemon: DaemonProcess, stop: threading.Event | None = None
+) -> tuple[ValidStream, int]:
     """The flood: malformed messages with the valid stream interleaved, then the valid tail.
 
     Returns the valid stream and its tick at the end of the flood (the tail starts there)."""
@@ -288,11 +317,13 @@ def _send(push: zmq.Socket, opts: LoadOptions, report: LoadReport, daemon: Daemo
     stream = ValidStream(np.random.default_rng(opts.seed + 1))
     families: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    send = _lossless_sender(push, opts.stall_s, daemon)
+    send = _lossless_sender(push, opts.stall_s, daemon, stop)
     k = opts.valid_every
     since_valid = 0
     sent_valid = 0
-    for _ in range(opts.messages):
+    for i in range(opts.messages):
+        if not i & 1023:
+            _check_stop(stop)
         case = factory.make(rng)
         families[case.family] += 1
         reasons[case.reason] += 1
@@ -314,11 +345,14 @@ def _send(push: zmq.Socket, opts: LoadOptions, report: LoadReport, daemon: Daemo
     return stream, flood_end_tick
 
 
-def _settle(daemon: DaemonProcess, report: LoadReport, stream: ValidStream, stall_s: float) -> dict:
+def _settle(
+    daemon: DaemonProcess, report: LoadReport, stream: ValidStream, stall_s: float, stop: threading.Event | None = None
+) -> dict:
     """Metrics once every message is counted; raises if the counters stop moving for ``stall_s``."""
     want_valid = sum(stream.sent.values())
     last, last_change = (-1, -1), time.monotonic()
     while True:
+        _check_stop(stop)
         m = daemon.metrics()
         if m is None:
             raise RuntimeError("/metrics did not answer")
@@ -338,48 +372,84 @@ def _settle(daemon: DaemonProcess, report: LoadReport, stream: ValidStream, stal
         time.sleep(0.25)
 
 
-def run(opts: LoadOptions) -> LoadReport:
-    """The whole run: start the daemon, flood it, check it, stop it. Never raises for a failed check."""
+def _wait_ready(daemon: DaemonProcess, timeout: float, stop: threading.Event | None) -> None:
+    """``daemon.wait_ready`` in short steps, so that Ctrl-C during the start (a minute on a slow machine)
+    is not ignored until the daemon is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _check_stop(stop)
+        try:
+            daemon.wait_ready(max(0.0, min(0.5, deadline - time.monotonic())))
+            return
+        except ServeError:
+            if not daemon.alive():
+                raise
+            if time.monotonic() >= deadline:
+                raise ServeError(f"the daemon was not ready within {timeout:g} s; log: {daemon.log_path}") from None
+
+
+def check_options(opts: LoadOptions) -> None:
+    """ValueError for options the run cannot use, before anything starts (the command line refuses them
+    already; this is for callers of :func:`run`)."""
     if opts.valid_every < 2:
         raise ValueError("valid_every must be >= 2 (every K-th message is valid, the other K-1 malformed)")
     if opts.messages < 1:
         raise ValueError("messages must be >= 1")
+    if opts.seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy's generators take no negative seed), got {opts.seed}")
+    for name in ("start_timeout_s", "stall_s", "health_interval_s"):
+        value = getattr(opts, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def run(opts: LoadOptions, stop: threading.Event | None = None) -> LoadReport:
+    """The whole run: start the daemon, flood it, check it, stop it. Never raises for a failed check.
+
+    ``stop`` (set by SIGINT/SIGTERM in the command) ends the run early: the daemon is stopped, the report
+    fails ``run_completed`` and names the folder its log was kept in."""
+    check_options(opts)
     checkpoint = Path(opts.checkpoint).resolve()
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (--checkpoint)")
     t_start = time.perf_counter()
     report = LoadReport(messages=opts.messages, valid_every=opts.valid_every, seed=opts.seed)
     own_dir = opts.workdir is None
-    workdir = Path(opts.workdir) if opts.workdir is not None else Path(tempfile.mkdtemp(prefix="sacmf-fuzz-load-"))
+    # absolute: the daemon runs in the repository root, where a relative config path names another file
+    workdir = Path(opts.workdir).resolve() if not own_dir else Path(tempfile.mkdtemp(prefix="sacmf-fuzz-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    ipc_dir = tempfile.mkdtemp(prefix="sacmf-fuzz-ipc-")  # short and absolute: ipc paths hold ~100 bytes
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 1000)
     push.setsockopt(zmq.LINGER, 0)
     push.bind("tcp://127.0.0.1:*")
     endpoint = push.getsockopt_string(zmq.LAST_ENDPOINT)
-    results_ep = f"ipc://{workdir}/results.ipc"
+    results_ep = f"ipc://{ipc_dir}/results.ipc"
     results = _Results(ctx, results_ep)
     config = workdir / "serve.toml"
     config.write_text(_config(endpoint, results_ep, checkpoint))
     daemon = DaemonProcess(config, workdir / "daemon.log")
     try:
-        daemon.start().wait_ready(opts.start_timeout_s)
+        daemon.start()
+        _wait_ready(daemon, opts.start_timeout_s, stop)
         report.rss_before_mb = daemon.rss_mb()
         cpu_before = daemon.cpu_s()
         with _Health(daemon, opts.health_interval_s) as health:
             t0 = time.perf_counter()
-            stream, flood_end_tick = _send(push, opts, report, daemon)
+            stream, flood_end_tick = _send(push, opts, report, daemon, stop)
             report.send_s = time.perf_counter() - t0
             try:
-                m = _settle(daemon, report, stream, opts.stall_s)
+                m = _settle(daemon, report, stream, opts.stall_s, stop)
                 report.check("no_stall", True)
             except (TimeoutError, RuntimeError) as exc:
                 report.check("no_stall", False, str(exc))
                 m = (daemon.metrics() if daemon.alive() else None) or {}
             report.processed_s = time.perf_counter() - t0
             report.msgs_per_s = report.sent_total / report.processed_s if report.processed_s else 0.0
-            _wait_results(daemon, results, flood_end_tick, opts.stall_s)
+            _wait_results(daemon, results, flood_end_tick, opts.stall_s, stop)
+            if report.checks["no_stall"]:  # a stalled daemon has waited long enough: report what it did
+                m = _wait_pipeline(daemon, results, opts.stall_s, stop) or m
         report.health_checks, report.health_failures = health.checks, health.failures
         _evaluate(report, daemon, m, stream, results, flood_end_tick, health)
         report.rss_after_mb = daemon.rss_mb()
@@ -388,15 +458,22 @@ def run(opts: LoadOptions) -> LoadReport:
         report.cpu_s = {k: round(v, 2) for k, v in spent.items()}
         report.exit_code = daemon.stop(timeout=90)
         report.check("clean_shutdown", report.exit_code == 0, f"exit status {report.exit_code}")
+    except Interrupted as exc:
+        report.check("run_completed", False, str(exc))
     except TimeoutError as exc:  # the flood could not be delivered: the daemon stopped taking input
         report.check("no_stall", False, str(exc))
     except Exception as exc:  # a daemon that never started, or died: a failed run with its reason
         report.check("run_completed", False, f"{type(exc).__name__}: {exc}")
     finally:
+        if stop is not None and stop.is_set() and "run_completed" not in report.checks:
+            report.check("run_completed", False, "interrupted by SIGINT/SIGTERM")  # after the last wait
         results.close()
+        if daemon.alive():  # SIGTERM first: killed, its ingest process would be left behind
+            daemon.stop(timeout=30)
         daemon.close()
         push.close(linger=0)
         ctx.term()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
         report.elapsed_s = time.perf_counter() - t_start
         if own_dir and report.ok:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -405,14 +482,46 @@ def run(opts: LoadOptions) -> LoadReport:
     return report
 
 
-def _wait_results(daemon: DaemonProcess, results: _Results, flood_end_tick: int, timeout: float) -> None:
+def _wait_results(
+    daemon: DaemonProcess, results: _Results, flood_end_tick: int, timeout: float, stop: threading.Event | None = None
+) -> None:
     """Until the window holding the flood's last valid data has a result (or ``timeout`` passes)."""
     last_window = (T0 + (flood_end_tick - 1) * TICK_NS) // (WINDOW_MS * 1_000_000) * WINDOW_MS * 1_000_000
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and daemon.alive():
+        _check_stop(stop)
         if results.starts and max(results.starts) >= last_window:
             return
         time.sleep(0.1)
+
+
+def _wait_pipeline(
+    daemon: DaemonProcess, results: _Results, timeout: float, stop: threading.Event | None = None
+) -> dict | None:
+    """Metrics once every window ingest emitted went through the model and its result arrived here, the
+    same three scrapes 0.5 s apart (the ingest process's counters are snapshots up to 0.5 s old); after
+    ``timeout`` the last metrics, for the ``pipeline`` check to report what is missing."""
+    deadline = time.monotonic() + timeout
+    previous, stable, m = None, 0, None
+    while True:
+        _check_stop(stop)
+        m = daemon.metrics() or m
+        if m is not None:
+            now = (pipeline_counts(m), len(results.starts))
+            stable = stable + 1 if now == previous else 0
+            previous = now
+            if stable >= 2 and _pipeline_through(now[0], now[1]):
+                return m
+        if time.monotonic() > deadline or not daemon.alive():
+            return m
+        time.sleep(0.5)
+
+
+def _pipeline_through(p: dict[str, int], results: int) -> bool:
+    """Every window emitted was received by inference, succeeded and its result received (soak's
+    ``pipeline_ok``, which allows counted drops, and none dropped, failed or queued). At least one: a
+    check that saw no window proves nothing."""
+    return pipeline_ok(p) and p["emitted"] == p["succeeded"] == results > 0
 
 
 def _evaluate(
@@ -427,7 +536,7 @@ def _evaluate(
     report.check("daemon_alive", daemon.alive(), f"exit status {daemon.returncode}")
     status, body = daemon.get("/healthz")
     report.check("healthz_ok", status == 200, f"{status} {body[:200]}")
-    report.check("healthz_ok_throughout", health.failures == 0, f"{health.failures} failures: {health.last_failure}")
+    check_health_polls(report, health.checks, health.failures, health.last_failure)
     reasons = protocol.REJECT_REASONS
     rejected = {r: int(metric(m, "sacmf_ingest_rejected_messages_total", reason=r)) for r in reasons}
     report.rejected = {r: v for r, v in rejected.items() if v}
@@ -461,6 +570,28 @@ def _evaluate(
     report.results_after_flood = sum(1 for s in results.starts if s >= last_window)
     report.check("results_after_flood", report.results_after_flood > 0,
                  f"no result for windows from {last_window} on; {len(results.starts)} results in all")  # fmt: skip
+    check_pipeline(report, m, len(results.starts))
+
+
+def check_health_polls(report: LoadReport, checks: int, failures: int, last_failure: str) -> None:
+    """``healthz_ok_throughout``: polled at least once, never failed (0 polls observed nothing)."""
+    detail = f"{failures} of {checks} polls failed: {last_failure}" if checks else "/healthz was never polled"
+    report.check("healthz_ok_throughout", checks > 0 and failures == 0, detail)
+
+
+def check_pipeline(report: LoadReport, m: dict, results_received: int) -> None:
+    """``pipeline``: windows emitted by ingest == received by inference == succeeded == results received.
+    The other checks count messages and drops; a window lost between ingest and the model, or a result
+    lost on the way out, would pass all of them."""
+    p = pipeline_counts(m)
+    report.windows_received, report.windows_succeeded = p["received"], p["succeeded"]
+    report.results_received = results_received
+    report.check(
+        "pipeline",
+        _pipeline_through(p, results_received),
+        f"windows emitted {p['emitted']}, received {p['received']}, succeeded {p['succeeded']}, failed "
+        f"{p['failed']}, dropped {p['dropped_queue_full']}, queued {p['queue_depth']}; results {results_received}",
+    )
 
 
 # ---------------------------------------------------------------- the command
@@ -477,8 +608,9 @@ def format_report(r: LoadReport) -> str:
         f"  families: {', '.join(f'{k} {v:,}' for k, v in r.families.items())}",
         f"  valid delivered: {sum(r.valid_delivered.values()):,} / {sum(r.valid_expected.values()):,} "
         f"(gaps {r.gaps}, duplicates {r.duplicates}, internal errors {r.internal_errors})",
-        f"  windows emitted {r.windows_emitted:,}, dropped {r.windows_dropped}; results received "
-        f"{r.results_received:,} ({r.results_after_flood} after the flood)",
+        f"  windows emitted {r.windows_emitted:,}, received by inference {r.windows_received:,}, succeeded "
+        f"{r.windows_succeeded:,}, dropped {r.windows_dropped}; results received {r.results_received:,} "
+        f"({r.results_after_flood} after the flood)",
         f"  /healthz: {r.health_checks} checks, {r.health_failures} failures; exit status {r.exit_code}",
         f"  daemon RSS MB before {r.rss_before_mb}, after {r.rss_after_mb}",
         f"  daemon CPU s during the run {r.cpu_s}"
@@ -490,24 +622,36 @@ def format_report(r: LoadReport) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """0: every check passed; 1: a check failed or the run was interrupted; 2: bad options."""
     opts = LoadOptions(messages=args.messages, valid_every=args.valid_every, seed=args.seed,
                        checkpoint=args.checkpoint, workdir=args.workdir)  # fmt: skip
+    # Ctrl-C and SIGTERM only set ``stop``: the run notices it where it waits or sends, stops the daemon
+    # and reports; a KeyboardInterrupt could strike in the middle of the clean-up
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        report = run(opts)
+        report = run(opts, stop)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(format_report(report), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        print(f"  report {out}")
     return 0 if report.ok else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("fuzz-load", help="flood a live daemon with malformed messages; check every one is counted")
-    f.add_argument("--messages", type=int, default=1_000_000, help="malformed messages to send (default 1,000,000)")
-    f.add_argument("--valid-every", type=int, default=10, help="every K-th message is valid (default 10)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--messages", type=integer(1), default=1_000_000,
+                   help="malformed messages to send (default 1,000,000)")  # fmt: skip
+    f.add_argument("--valid-every", type=integer(2), default=10, help="every K-th message is valid (default 10)")
+    f.add_argument("--seed", type=integer(0), default=0, help="of the malformed messages and the valid stream")
     f.add_argument("--checkpoint", type=Path, default=Path("model/weights/default.pt"), help="the model to serve")
     f.add_argument("--workdir", type=Path, default=None, help="keep the config and daemon log here")
     f.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
