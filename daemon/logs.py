@@ -7,6 +7,7 @@ pipeable; under systemd or a container runtime both streams are collected anyway
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -14,15 +15,51 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+lost_lines = 0  # log lines that could not be written (a vanished reader, a full disk): never an error
+
+
 class _CurrentStderr:
     """Writes to whatever sys.stderr is at the time of writing, not the stream of configure() time:
-    a stream replaced and closed since (test capture, a redirected CLI call) must not break logging."""
+    a stream replaced and closed since (test capture, a redirected CLI call) must not break logging.
+
+    A failed write is counted in ``lost_lines`` and otherwise ignored: the daemon must outlive whatever
+    reads its log. When the reader of a pipe has gone (a supervisor killed with SIGKILL), fd 2 is pointed
+    at /dev/null, so nothing else that writes to stderr (a traceback, the interpreter's last flush)
+    raises either. Before, the first log line after that raised BrokenPipeError in the thread that
+    logged it: on SIGTERM that was the shutdown itself, and the daemon hung at exit until killed.
+    """
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        global lost_lines
+        try:
+            return sys.stderr.write(text)
+        except BrokenPipeError:
+            lost_lines += 1
+            _silence_stderr()
+        except (OSError, ValueError):  # a full disk, a closed stream
+            lost_lines += 1
+        return 0
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        global lost_lines
+        try:
+            sys.stderr.flush()
+        except BrokenPipeError:
+            lost_lines += 1
+            _silence_stderr()
+        except (OSError, ValueError):
+            pass
+
+
+def _silence_stderr() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stderr.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stderr
+        pass
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
