@@ -22,8 +22,22 @@ def _check_config(args: argparse.Namespace) -> int:
     if not cfg.model.checkpoint.is_file():  # what serve would refuse at start must not pass here
         print(f"error: [model] checkpoint: no file at {cfg.model.checkpoint}", file=sys.stderr)
         return 2
+    fusion_line = None
+    if cfg.image_fusion.method != "none":  # load and warm up the fusion weights as serve would (loads torch)
+        from daemon.fusion_stage import FusionLoadError, FusionStage
+
+        try:
+            stage = FusionStage.from_settings(cfg.image_fusion)
+        except (FusionLoadError, ValueError) as exc:
+            print(f"error: [image_fusion] checkpoint: {str(exc)[:600]}", file=sys.stderr)
+            return 2
+        assert stage is not None
+        weights = f"weights sha256 {stage.sha256}" if stage.sha256 else "no weights"
+        fusion_line = f"  image fusion: {stage.method.name} ({weights}, warm-up OK), feed {stage.feed}"
     ing = cfg.ingest
     print(f"{args.file}: OK ({ing.transport} on {', '.join(ing.endpoints)}, {'bind' if ing.bind else 'connect'})")
+    if fusion_line:
+        print(fusion_line)
     for g in ing.groups.values():
         w = g.window
         kind = "tumbling" if w.hop_ns is None else f"sliding hop {w.hop_ns / 1e6:g} ms"

@@ -56,6 +56,7 @@ from daemon.scheduler import BatchQueue, QueueClosed
 from daemon.window_view import model_view
 from ingest.settings import IngestSettings
 from ingest.windowing import Window
+from sinks.record import ImageFusion
 
 log = structlog.get_logger("sacmf.daemon")
 
@@ -384,10 +385,12 @@ class _SharedRecorder:
 class _Prepared:
     """A batch on its way from the prepare thread to the inference thread."""
 
-    windows: list[Window]
-    prepared: Any  # the runner's PreparedBatch, or the exception preparing raised
+    windows: list[Window]  # what goes to the model (fused where the stage fused them)
+    prepared: Any  # the runner's PreparedBatch, None for no window, or the exception preparing raised
     prepare_s: float
-    waits: list[float]  # per window: scheduler queue wait until the preparation began
+    waits: list[float]  # per window of the batch (failed ones too): scheduler queue wait until preparation
+    fusion: list[dict | None] = field(default_factory=list)  # per window: the stage's identity if fed fused
+    failed: list[tuple[Window, Exception]] = field(default_factory=list)  # windows whose fusion failed
 
 
 @dataclass
@@ -451,7 +454,11 @@ class Service:
         self.metrics.register_state(self._state_for_metrics)
         from daemon.fusion_stage import FusionStage
 
-        self.fusion = FusionStage.from_settings(cfg.image_fusion)  # None unless [image_fusion] method is set
+        # None unless [image_fusion] method is set; weights that do not load and warm up raise
+        # FusionLoadError, which serve() turns into exit status 2
+        self.fusion = FusionStage.from_settings(cfg.image_fusion)
+        self._fusion_metrics = _FusionMetrics(self.metrics.registry, cfg, self.fusion) if self.fusion else None
+        self._reload_lock = threading.Lock()  # SIGHUP and POST /reload: one reload (model + fusion) at a time
         if cfg.ingest.curve is not None or cfg.sinks.zmq_curve is not None:
             from ingest.security import AuthCollector
 
@@ -475,6 +482,8 @@ class Service:
         self._zmq_sink: Any = None
         self._drain_deadline = float("inf")  # monotonic
         self._fail_log_at = 0.0
+        self._fusion_log_at = 0.0  # image_fusion_failed is logged by the prepare thread, at most every 10 s
+        self._fusion_failures = 0  # kept by the prepare thread, for the log line
 
     # ------------------------------------------------------------------ probes and admin
     def _auth_rejected(self) -> dict:
@@ -535,21 +544,67 @@ class Service:
         return ok, detail
 
     def reload(self) -> tuple[int, dict]:
-        """Reload the configured checkpoint (SIGHUP or POST /reload); the old model serves on failure."""
+        """Reload the configured checkpoint and fusion weights (SIGHUP or POST /reload).
+
+        The served model must have been trained on windows fused by the served fusion weights, so both
+        are validated beside the serving pair (fusion first: loaded, checked finite, warmed up) and
+        swapped only when both passed; on any failure the old pair keeps serving and
+        ``sacmf_model_reloads_total{result="failure"}`` counts it. Fusion weights whose sha256 has not
+        changed are kept as they are. A batch prepared just before the swap may still pair the old fusion
+        with the new model; every record names both (``model_version``, ``image_fusion.sha256``).
+        """
         if self.state.draining or self.stop.is_set():
             return 503, {"result": "refused", "error": "draining"}
         if not self.runner.warm:  # the first load is still running
             return 503, {"result": "refused", "error": "starting"}
-        key = self.runner.preprocess_key
-        outcome = self.runner.reload()
-        if outcome.ok:
+        with self._reload_lock:
+            candidate = None
+            stage = self.fusion
+            if stage is not None and stage.checkpoint is not None:
+                try:
+                    candidate = self._fusion_candidate(stage)
+                except Exception as exc:  # the old model and fusion keep serving
+                    self.runner.reloads["failure"] += 1
+                    log.error("image_fusion_reload_failed", path=str(stage.checkpoint), error=str(exc)[:500])
+                    return 422, {
+                        "result": "failure",
+                        "error": f"[image_fusion] {exc}"[:1000],
+                        "version": self.runner.model_version,
+                        "image_fusion": stage.identity,
+                    }
+            key = self.runner.preprocess_key
+            outcome = self.runner.reload()
+            if not outcome.ok:
+                body = {"result": "failure", "error": outcome.error[:1000], "version": outcome.version}
+                if stage is not None:
+                    body["image_fusion"] = stage.identity
+                return 422, body
             self.metrics.set_model(outcome.version, outcome.sha256)
+            if candidate is not None:
+                self.fusion = candidate  # one reference swap: the prepare thread takes it at its next batch
+                self._fusion_metrics.set_info(candidate)
+                log.info(
+                    "image_fusion_reloaded",
+                    method=candidate.method.name,
+                    sha256=candidate.sha256,
+                    previous=stage.sha256 if stage else None,
+                )
             if self._child_control is not None and self.runner.preprocess_key != key:
                 # until the ingest process takes it (<= STATS_INTERVAL_S), windows prepared under the old
                 # key are made again here: correct, only slower
                 self._child_control.put(self.runner.preprocess_key)
-            return 200, {"result": "success", "version": outcome.version, "sha256": outcome.sha256}
-        return 422, {"result": "failure", "error": outcome.error[:1000], "version": outcome.version}
+            body = {"result": "success", "version": outcome.version, "sha256": outcome.sha256}
+            if self.fusion is not None:
+                body["image_fusion"] = self.fusion.identity
+            return 200, body
+
+    def _fusion_candidate(self, stage: Any) -> Any:
+        """A new stage from the configured fusion weights, validated; None when their sha256 is unchanged."""
+        from daemon.fusion_stage import FusionStage, weights_sha256
+
+        if weights_sha256(stage.checkpoint) == stage.sha256:
+            return None
+        return FusionStage.from_settings(self.cfg.image_fusion)
 
     # ------------------------------------------------------------------ lifecycle
     def _install_signals(self) -> None:
@@ -609,6 +664,11 @@ class Service:
             log.error("model_load_failed", error=str(exc))
             return 2
         self.metrics.set_model(loaded.version, loaded.sha256)
+        if self.fusion is not None:
+            f = self.fusion
+            log.info(
+                "image_fusion_loaded", method=f.method.name, sha256=f.sha256, feed=f.feed, path=str(f.checkpoint or "")
+            )
         if self.stop.is_set():
             return 0
         # 2. sinks
@@ -914,10 +974,14 @@ class Service:
                 started = time.monotonic()
                 waits = [started - q.enqueued_s for q in batch]
                 prepared: Any = None
+                stage = self.fusion  # one stage for the whole batch, even if a reload swaps it meanwhile
+                fusion: list[dict | None] = [None] * len(windows)
+                failed: list[tuple[Window, Exception]] = []
+                if stage is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
+                    windows, fusion, failed = self._fuse(stage, windows)
                 try:
-                    if self.fusion is not None:  # pixel-level fusion of the two cameras first (docs/FUSION.md)
-                        windows = self.fusion.process(windows, self.metrics.observe_fusion_quality)
-                        prepared = self.runner.prepare(windows)
+                    if stage is not None:
+                        prepared = self.runner.prepare(windows) if windows else None
                     else:  # inputs the ingest process made under the current model's key are used as they are
                         key = self.runner.preprocess_key
                         ready = [
@@ -927,11 +991,59 @@ class Service:
                         prepared = self.runner.prepare(windows, ready)
                 except Exception as exc:  # the finish thread isolates the bad window(s)
                     prepared = exc
-                self._hand_on("prepare", self._handoff, _Prepared(windows, prepared, time.monotonic() - started, waits))
+                item = _Prepared(windows, prepared, time.monotonic() - started, waits, fusion, failed)
+                self._hand_on("prepare", self._handoff, item)
         except Exception:  # a bug here must not leave a zombie daemon: the main thread sees it and exits
             log.exception("prepare_loop_failed")
         finally:
             self._handoff.put(None)
+
+    def _fuse(self, stage: Any, windows: list[Window]) -> tuple[list[Window], list[dict | None], list]:
+        """Each window through the fusion stage on its own: (windows for the model, per kept window the
+        stage's identity when it was fed fused, [(window, error)] of windows failed by their fusion).
+
+        One window's failure costs only that window. Under ``feed = "image_a"`` such a window is failed
+        (counted like a failed model pass: the served model was trained on fused frames, so its answer on
+        an unfused one would be served as if it were valid); under ``feed = "none"`` the model never sees
+        fused frames and the window goes on. Either way ``sacmf_image_fusion_failures_total{reason}`` and
+        ``sacmf_image_fusion_windows_total{group,result="failed"}`` count it and ``image_fusion_failed``
+        is logged (at most every 10 s). The loop ticks after every window: one network pass can take
+        seconds, and a batch of them is work, not a hang (``/healthz``).
+        """
+        from daemon.fusion_stage import FAILED, FUSED
+
+        kept: list[Window] = []
+        fusion: list[dict | None] = []
+        failed: list[tuple[Window, Exception]] = []
+        fm = self._fusion_metrics
+        for w in windows:
+            outcome = stage.apply(w)
+            self.state.ticks["prepare"] = time.monotonic()
+            fm.windows.labels(w.group, outcome.status).inc()
+            if outcome.status == FAILED:
+                err = outcome.error
+                fm.failures.labels(err.reason).inc()
+                self._fusion_failures += 1
+                now = time.monotonic()
+                if now - self._fusion_log_at >= 10.0:
+                    self._fusion_log_at = now
+                    log.error(
+                        "image_fusion_failed",
+                        group=w.group,
+                        start_ns=w.start_ns,
+                        reason=err.reason,
+                        error=str(err)[:300],
+                        window="failed" if stage.feed == "image_a" else "served (feed none)",
+                        failures_total=self._fusion_failures,
+                    )
+                if stage.feed == "image_a":
+                    failed.append((w, err))
+                    continue
+            elif outcome.quality is not None:
+                self.metrics.observe_fusion_quality(w.group, outcome.quality)
+            kept.append(outcome.window)
+            fusion.append(stage.identity if outcome.status == FUSED and stage.feed == "image_a" else None)
+        return kept, fusion, failed
 
     def _hand_on(self, name: str, q: queue.Queue, item: Any) -> None:
         """A bounded hand-off to the next stage: the slower stage sets the pace, and the waiting loop keeps
@@ -972,6 +1084,8 @@ class Service:
 
     def _forward(self, item: _Prepared) -> _Forwarded:
         started = time.monotonic()
+        if not item.windows:  # every window of the batch failed its fusion: nothing for the model
+            return _Forwarded(item, None, 0.0)
         try:
             if isinstance(item.prepared, Exception):
                 raise item.prepared
@@ -987,15 +1101,22 @@ class Service:
         """Model outputs -> records -> sinks; a failed batch is retried window by window."""
         windows = item.prep.windows
         started = time.monotonic()
-        try:
-            if isinstance(item.forwarded, Exception):
-                raise item.forwarded
-            records = list(self.runner.records(windows, item.forwarded))
-        except Exception as exc:
-            records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
+        for w, exc in item.prep.failed:  # failed by their fusion (logged by the prepare thread)
+            self._failed(w, exc, logged=True)
+        records: list = []
+        if windows:
+            try:
+                if isinstance(item.forwarded, Exception):
+                    raise item.forwarded
+                records = list(self.runner.records(windows, item.forwarded))
+            except Exception as exc:
+                records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
+            for record, identity in zip(records, item.prep.fusion or [None] * len(records), strict=True):
+                if record is not None and identity is not None:  # the model was fed this window fused
+                    record.image_fusion = ImageFusion(identity["method"], identity["sha256"])
         # inference duration: this batch's own work (preparation, model, decoding), not the hand-off waits
         duration = item.prep.prepare_s + item.forward_s + time.monotonic() - started
-        self.metrics.observe_batch(len(windows), duration, item.prep.waits)
+        self.metrics.observe_batch(len(windows) + len(item.prep.failed), duration, item.prep.waits)
         for record in records:
             if record is None:
                 continue
@@ -1003,7 +1124,7 @@ class Service:
             self.results.submit(record)
             self.state.results_published += 1
             self.metrics.observe_published(record)
-        if self.png is not None:
+        if self.png is not None and windows:
             from daemon.replay import heatmaps, png_frames
 
             # the batch's own heatmaps; windows retried one by one after a failure get pictures without
@@ -1012,8 +1133,11 @@ class Service:
                 self.png.submit(item_png)
 
     def _isolate(self, windows: list[Window], exc: Exception) -> list:
-        """A batch failed: retry each window alone so one bad window costs only itself."""
-        out = []
+        """A batch failed: retry each window alone so one bad window costs only itself.
+
+        The windows are the ones the model was given (fused where the stage fused them). The result is
+        aligned with ``windows``: None where the window failed again."""
+        out: list = []
         for w in windows:
             try:
                 out.extend(self.runner.run([w]))
@@ -1021,11 +1145,12 @@ class Service:
                 out.extend(self._failed(w, one))
         return out
 
-    def _failed(self, window: Window, exc: Exception) -> list:
+    def _failed(self, window: Window, exc: Exception, logged: bool = False) -> list:
+        """Count one failed window ([None], to keep a batch's records aligned with its windows)."""
         self.state.failed_windows += 1
         self.metrics.requests.labels("failure").inc()
         now = time.monotonic()
-        if now - self._fail_log_at >= 10.0:  # bounded: a broken model must not flood the log
+        if not logged and now - self._fail_log_at >= 10.0:  # bounded: a broken model must not flood the log
             self._fail_log_at = now
             log.error(
                 "inference_failed",
@@ -1034,7 +1159,53 @@ class Service:
                 error=repr(exc)[:300],
                 failed_total=self.state.failed_windows,
             )
-        return []
+        return [None]
+
+
+class _FusionMetrics:
+    """The [image_fusion] stage's metrics, registered only when the stage is on.
+
+    ``sacmf_image_fusion_quality`` shows the latest *fused* frame of a group and keeps its value while
+    windows go through unfused; ``sacmf_image_fusion_windows_total{group,result}`` (``fused``,
+    ``not_fused``: a camera missing, ``failed``) shows how many windows each value stands for.
+    """
+
+    RESULTS = ("fused", "not_fused", "failed")
+    REASONS = ("error", "non_finite")
+
+    def __init__(self, registry: Any, cfg: Config, stage: Any) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.windows = Counter(
+            "sacmf_image_fusion_windows",
+            "Windows through the [image_fusion] stage, by group and result (fused; not_fused: a camera "
+            "missing, passed through; failed: the fusion raised or gave non-finite pixels)",
+            ["group", "result"],
+            registry=registry,
+        )
+        for group in cfg.ingest.groups:
+            for result in self.RESULTS:
+                self.windows.labels(group, result)
+        self.failures = Counter(
+            "sacmf_image_fusion_failures",
+            "Windows whose pixel fusion failed, by reason (error: the stage raised; non_finite: NaN/Inf "
+            'out of the network); with feed = "image_a" each is also a failed window',
+            ["reason"],
+            registry=registry,
+        )
+        for reason in self.REASONS:
+            self.failures.labels(reason)
+        self.info = Gauge(
+            "sacmf_image_fusion_info",
+            "The fusion method and weights in use (value 1; sha256 empty for mean)",
+            ["method", "sha256"],
+            registry=registry,
+        )
+        self.set_info(stage)
+
+    def set_info(self, stage: Any) -> None:
+        self.info.clear()
+        self.info.labels(stage.method.name, stage.sha256 or "").set(1)
 
 
 def _pinned_runner(base: type, sha256: str) -> type:
@@ -1105,4 +1276,16 @@ def serve(cfg: Config) -> int:
             )
             return 2
     structlog.contextvars.bind_contextvars(process="main")
-    return Service(cfg).run()
+    from daemon.fusion_stage import FusionLoadError
+
+    try:
+        service = Service(cfg)
+    except FusionLoadError as exc:  # weights that do not load or warm up: a clear refusal, not a traceback
+        print(
+            f"error: [image_fusion] checkpoint in {cfg.source}: {str(exc)[:600]}\n"
+            "Point [image_fusion] checkpoint at the fusion network's weights the served model was trained "
+            'with, or set [image_fusion] method = "none".',
+            file=sys.stderr,
+        )
+        return 2
+    return service.run()

@@ -24,6 +24,7 @@ SCHEMA_VERSION = 1
 KIND_RESULT = "result"
 KIND_LATE = "late"
 MODALITIES = ("image", "sequence")
+NOT_FUSED = "none"  # image_fusion.method on the wire for a window whose Image-A was not fused
 LATE_REASONS = ("closed", "expired")
 
 
@@ -158,6 +159,27 @@ class FusionWeights:
 
 
 @dataclass(slots=True)
+class ImageFusion:
+    """How the window's Image-A was pixel-fused with Image-B before the model ([image_fusion]).
+
+    Set only when the model was fed a fused frame, so a consumer can tell a fused window from one that
+    went through unfused (a camera missing, or the stage off): a model trained on fused windows answers
+    differently on raw ones. On the wire an unfused window says ``{"method": "none", "sha256": nil}``
+    (always a map, so every record has the same keys).
+    """
+
+    method: str  # "mean", "cddfuse", "crossfuse" or "cmmdl"
+    sha256: str | None = None  # of the fusion weights (file, or folder of files); None for "mean"
+
+    def __post_init__(self) -> None:
+        self.method = _str("image_fusion.method", self.method)
+        if not self.method or self.method == NOT_FUSED:
+            raise RecordError(f"image_fusion.method must name a method, got {self.method!r} (unfused: None)")
+        if self.sha256 is not None:
+            self.sha256 = _str("image_fusion.sha256", self.sha256)
+
+
+@dataclass(slots=True)
 class ResultRecord:
     """What the daemon publishes for one fired window. Window id = (group, start_ns)."""
 
@@ -174,6 +196,7 @@ class ResultRecord:
     model_version: str = ""
     revision: int = 0  # 0 for the first emission; +1 per late-data update of the same window
     flushed: bool = False  # force-fired (shutdown / end of replay) before the watermark passed its end
+    image_fusion: ImageFusion | None = None  # the pixel fusion the model's Image-A went through; None: unfused
 
     def __post_init__(self) -> None:
         self.group = _str("group", self.group)
@@ -211,6 +234,8 @@ class ResultRecord:
         self.revision = _int("revision", self.revision, 0)
         if not isinstance(self.flushed, bool):
             raise RecordError("flushed must be a bool")
+        if self.image_fusion is not None and not isinstance(self.image_fusion, ImageFusion):
+            raise RecordError("image_fusion must be an ImageFusion or None")
 
     @property
     def window_id(self) -> tuple[str, int]:
@@ -303,6 +328,11 @@ def to_wire(record: ResultRecord | LateRecord) -> dict:
             "mi_nats": record.mi_nats,
             "latency_s": record.latency_s,
             "model_version": record.model_version,
+            "image_fusion": (
+                {"method": NOT_FUSED, "sha256": None}
+                if record.image_fusion is None
+                else {"method": record.image_fusion.method, "sha256": record.image_fusion.sha256}
+            ),
         }
     if isinstance(record, LateRecord):
         return {
@@ -354,7 +384,22 @@ def _result_from_wire(d: dict) -> ResultRecord:
         model_version=_get(d, "model_version", w),
         revision=_get(d, "revision", w),
         flushed=_get(d, "flushed", w),
+        image_fusion=_image_fusion_from_wire(d.get("image_fusion")),  # absent in records written before it
     )
+
+
+def _image_fusion_from_wire(v: Any) -> ImageFusion | None:
+    """None for an unfused window, and for a record written before the field existed (no key)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise RecordError(f"image_fusion must be a map, got {type(v).__name__}")
+    method = _get(v, "method", "image_fusion")
+    if method == NOT_FUSED:
+        if v.get("sha256") is not None:
+            raise RecordError("image_fusion.sha256 must be nil when method is 'none'")
+        return None
+    return ImageFusion(method, v.get("sha256"))
 
 
 def from_wire(d: dict) -> ResultRecord | LateRecord:
