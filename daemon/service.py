@@ -313,7 +313,7 @@ def ingest_process_main(
         ctx.term()
         return
     collector = IngestCollector([worker])
-    limits = RateLimitCollector(lambda: [worker.rate_limiter])
+    limits = RateLimitCollector(lambda: [worker.rate_limiter, worker.unrouted_limiter])
 
     def snapshot(flushed: int = 0) -> IngestSnapshot:
         families = [*collector.collect(), *limits.collect()]

@@ -22,7 +22,9 @@ Security properties worth knowing (SECURITY.md has the full threat model):
 * A ZAP handler must be running *before* a server socket binds, and ``ZMQ_ZAP_ENFORCE_DOMAIN`` is set,
   so a handshake can never be admitted by default when the handler is missing.
 * ZAP runs once per connection. Removing a key from the directory refuses its next handshake but does
-  not cut an established connection; restart the daemon to cut them.
+  not cut an established connection; restart the daemon to cut them. A removal takes effect whatever
+  else is wrong in the directory: a bad file beside it is refused on its own and never keeps, or
+  brings back, a key whose file is gone.
 * ``inproc://`` endpoints never run a security mechanism (they cannot leave the process); sockets whose
   endpoints are all inproc are left without CURVE.
 """
@@ -62,6 +64,7 @@ AUTH_REJECT_REASONS = (
     "mechanism",  # a peer without CURVE (NULL/PLAIN) on a CURVE socket: mechanism mismatch
     "handshake",  # a malformed or undecryptable handshake, e.g. a client using the wrong server key
     "bad_request",  # a ZAP request that is not ZAP 1.0 or not CURVE (never sent by a sound libzmq)
+    "key_file",  # a certificate in the directory of admitted keys was refused (counted once per file and problem)
 )
 # monitor events that mean "refused before any data"; ZAP denials arrive as HANDSHAKE_FAILED_AUTH too,
 # but those are counted by the handler itself (with the address), so the monitor skips them
@@ -198,6 +201,42 @@ def load_authorized_keys(directory: str | os.PathLike[str]) -> dict[bytes, str]:
     return keys
 
 
+def scan_authorized_keys(
+    directory: str | os.PathLike[str], previous: Mapping[bytes, str] | None = None
+) -> tuple[dict[bytes, str], dict[str, str]]:
+    """(public key -> name for every ``*.key`` that loads, path -> why for every one that does not).
+
+    Never raises for one file: the ZAP handler re-reads the directory while serving, and one bad file
+    must neither admit nor lock out any other key. Two files with one key are ambiguous (a key has one
+    name, the one its groups are granted to): the file that already held that key under its name in
+    ``previous`` keeps it and the other is refused; with no such file both are refused.
+    """
+    directory = Path(directory)
+    previous = previous or {}
+    found: dict[bytes, list[str]] = {}
+    problems: dict[str, str] = {}
+    for cert in sorted(directory.glob("*.key")):
+        try:
+            public = load_public_certificate(cert)
+        except KeyFileError as exc:
+            problems[str(cert)] = str(exc)
+            continue
+        found.setdefault(public, []).append(key_name(cert))
+    keys: dict[bytes, str] = {}
+    for public, names in found.items():
+        if len(names) == 1:
+            keys[public] = names[0]
+            continue
+        keep = previous.get(public) if previous.get(public) in names else None
+        if keep is not None:
+            keys[public] = keep
+        for name in names:
+            if name != keep:
+                others = ", ".join(f"{n}.key" for n in names if n != name)
+                problems[str(directory / f"{name}.key")] = f"same public key as {others}; a key must have one name"
+    return keys, problems
+
+
 # ---------------------------------------------------------------- settings
 
 
@@ -322,6 +361,7 @@ class ZapHandler:
         self.socket_name = socket_name
         self.domain = domain.encode()
         self.keys = load_authorized_keys(self.directory)  # public key -> name; raises on a bad directory
+        self.refused_files: dict[str, str] = {}  # path -> why, for files the last reading refused
         self.rejected: Counter[str] = Counter(dict.fromkeys(AUTH_REJECT_REASONS, 0))  # fixed keys: safe to copy
         self.admitted = 0
         self._log = _BoundedLog(log_interval_s)
@@ -423,13 +463,32 @@ class ZapHandler:
         """Pick up added, removed or rewritten certificates without a restart: the directory is read
         again at every ZAP request. That costs a file read per key, but a request needs a complete
         CURVE handshake first, and comparing timestamps instead would miss a file rewritten in place
-        within the filesystem's timestamp granularity. A refused client does not retry on its own."""
+        within the filesystem's timestamp granularity. A refused client does not retry on its own.
+
+        Why file by file: revoking is deleting a file, and a revocation must never depend on the rest
+        of the directory being in order (an operator adding a key with a loose umask while deleting
+        another must not keep the deleted one admitted). So a key is admitted only while its own file,
+        under its name, loads cleanly now; a bad file is refused and reported on its own (logged, and
+        counted as ``reason="key_file"``) and costs the other keys nothing. A directory others may write
+        cannot be trusted to add keys: then no key is added, but removals and rewrites still apply."""
+        previous = self.keys
         try:
-            keys = load_authorized_keys(self.directory)
-        except KeyFileError as exc:  # keep the last good set rather than open or close the door
-            self._log("error", "curve_keys_reload_failed", "reload_failed", socket=self.socket_name, error=str(exc))
-            return
-        if keys != self.keys:
+            if not self.directory.is_dir():
+                raise KeyFileError(f"{self.directory}: not a directory of public certificates")
+            check_public_location(self.directory)
+            os.listdir(self.directory)  # unreadable: glob would see no file at all, silently
+        except (KeyFileError, OSError) as exc:
+            keys, problems = scan_authorized_keys(self.directory, previous)
+            keys = {public: name for public, name in keys.items() if previous.get(public) == name}  # no additions
+            problems[str(self.directory)] = f"{exc} (no key is added until it is fixed; removals still apply)"
+        else:
+            keys, problems = scan_authorized_keys(self.directory, previous)
+        for path, error in problems.items():
+            if self.refused_files.get(path) != error:  # once per file and problem: bounded by file changes
+                self.rejected["key_file"] += 1
+                log.error("curve_key_file_refused", socket=self.socket_name, file=path, error=error)
+        self.refused_files = problems
+        if keys != previous:
             log.info("curve_keys_reloaded", socket=self.socket_name, keys=sorted(keys.values()))
             self.keys = keys
 
@@ -467,7 +526,10 @@ class ZapHandler:
         public = z85.encode(request[6])
         name = self.keys.get(public)
         if name is None:
-            self._refuse("unknown_key", address, hint="public key not in the directory of admitted keys", key=public)
+            hint = "public key not in the directory of admitted keys"
+            if self.refused_files:  # the operator may have meant to admit it: point at the refused files
+                hint += f" ({len(self.refused_files)} refused file(s) there: see curve_key_file_refused)"
+            self._refuse("unknown_key", address, hint=hint, key=public)
             return [ZAP_VERSION, request_id, b"400", b"unknown key", b"", b""]
         self.admitted += 1
         self._log("info", "curve_peer_admitted", f"ok:{name}", socket=self.socket_name, key=name, address=address)
@@ -537,6 +599,10 @@ class RateLimit:
 class TokenBucket:
     """Messages/s and bytes/s with bursts; admits or refuses one message at a time.
 
+    Times must come from a monotonic clock (``time.monotonic_ns``), never the wall clock: a wall clock
+    stepped back (NTP, a VM resumed) would refill nothing until it caught up again, starving every
+    limited sensor for as long as the step.
+
     A message needs one message token and a non-negative byte balance; its size is then charged, so
     a message larger than the byte burst is still admitted (it pays back over time) instead of being
     refused forever. Refusals cost nothing: a flood spends no tokens and the sensor recovers at the
@@ -558,7 +624,7 @@ class TokenBucket:
 
     def admit(self, nbytes: int, now_ns: int) -> bool:
         elapsed = now_ns - self.last_ns
-        if elapsed > 0:  # a clock step backwards refills nothing and is not remembered
+        if elapsed > 0:  # defensive: a time earlier than the last refills nothing and is not remembered
             self.last_ns = now_ns
             if self.msg_rate:
                 self.msgs = min(self.msg_cap, self.msgs + elapsed * self.msg_rate)
@@ -597,21 +663,50 @@ class RateLimiter:
     def __bool__(self) -> bool:
         return bool(self.buckets)
 
-    def admit(self, frames: list, now_ns: int) -> bool:
-        """False when the message's sensor is over its limit; unknown topics pass (validation rejects them)."""
+    def admit(self, frames: list, now_ns: int, extra_bytes: int = 0) -> bool:
+        """False when the message's sensor is over its limit; unknown topics pass here (the worker
+        refuses them by topic before decoding, under an ``UnroutedLimiter``). ``extra_bytes``: what the
+        frames beyond the kept ones carried; every received byte is charged, kept or not, or a message
+        of many frames would pass ``bytes_per_s``. ``now_ns`` must come from a monotonic clock."""
         bucket = self._by_topic.get(frames[0]) if frames else None
         if bucket is None:
             return True
-        return bucket.admit(sum(map(len, frames)), now_ns)
+        return bucket.admit(sum(map(len, frames)) + extra_bytes, now_ns)
+
+
+class UnroutedLimiter:
+    """Messages whose topic names no configured sensor: one bucket per configured group, one shared by
+    every unknown group (attacker-chosen names must not create buckets: the set of keys is fixed).
+
+    Why a limit of their own: such messages are refused by topic before decoding, so what they still
+    cost is the dead-letter record and its disk; without a bucket a flooder that renames its sensor
+    would escape its own limit and fill the dead-letter file. Messages over this limit are counted
+    (reason ``unknown_sensor`` / ``unknown_group`` as any other, and in the bucket) but not written.
+    The limit is fixed (``LIMIT``): these messages are never useful data, only evidence of a misconfigured
+    or misbehaving sender, and a few per second per group show what is wrong.
+    """
+
+    LIMIT = RateLimit(messages_per_s=10.0, burst_s=1.0)
+    ANY = "*"  # the sensor label of a group's bucket, and the group label of the unknown groups' bucket
+
+    def __init__(self, groups: Iterable[str], now_ns: int) -> None:
+        self.buckets: dict[str, TokenBucket] = {f"{g}/{self.ANY}": TokenBucket(self.LIMIT, now_ns) for g in groups}
+        self._unknown_groups = self.buckets[f"{self.ANY}/{self.ANY}"] = TokenBucket(self.LIMIT, now_ns)
+
+    def admit(self, group: str, nbytes: int, now_ns: int) -> bool:
+        """True while ``group``'s unrouted messages are within the limit (``now_ns``: monotonic)."""
+        bucket = self.buckets.get(f"{group}/{self.ANY}", self._unknown_groups)
+        return bucket.admit(nbytes, now_ns)
 
 
 # ---------------------------------------------------------------- metrics
 
 
 class RateLimitCollector(Collector):
-    """``sacmf_ingest_rate_limited_{messages,bytes}_total{group,sensor}`` from the workers' limiters."""
+    """``sacmf_ingest_rate_limited_{messages,bytes}_total{group,sensor}`` from the workers' limiters
+    (an ``UnroutedLimiter``'s buckets appear as ``sensor="*"``, and ``group="*"`` for unknown groups)."""
 
-    def __init__(self, limiters: Callable[[], Iterable[RateLimiter | None]]) -> None:
+    def __init__(self, limiters: Callable[[], Iterable[RateLimiter | UnroutedLimiter | None]]) -> None:
         self._limiters = limiters
 
     def collect(self) -> Iterable[Metric]:
@@ -641,7 +736,9 @@ class AuthCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         fam = CounterMetricFamily(
-            "sacmf_auth_rejected", "Peers refused by CURVE/ZAP, by socket and reason", labels=["socket", "reason"]
+            "sacmf_auth_rejected",
+            "Peers refused by CURVE/ZAP, and refused key files (reason key_file), by socket and reason",
+            labels=["socket", "reason"],
         )
         for sock, counts in sorted(self._read().items()):
             for reason in AUTH_REJECT_REASONS:

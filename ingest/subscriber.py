@@ -37,25 +37,32 @@ log = structlog.get_logger("sacmf.ingest")
 RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 MAX_FRAMES_READ = 64  # frames beyond this are drained and dropped without being kept
+# A message to a topic no route serves is dead-lettered with at most this many frames of at most this many
+# bytes each: enough to see the topic and the header (what an operator needs to find the sender), and a
+# bound on what an unconfigured sensor name can cost on disk whatever its payload size.
+UNROUTED_DEAD_LETTER_FRAMES = 3
+UNROUTED_DEAD_LETTER_FRAME_BYTES = 4096
 
 
-def _read_rest(topic: bytes, recv: Callable, more: Callable) -> tuple[list, int]:
-    """The frames after the topic, read to the end of the message (ZeroMQ delivers it whole).
+def _read_rest(topic: bytes, recv: Callable, more: Callable) -> tuple[list, int, int]:
+    """The frames after the topic, read to the end of the message (ZeroMQ delivers it whole), the
+    number of frames beyond MAX_FRAMES_READ, and their bytes.
 
     Image payloads are received without a copy (the array is a view of the ZeroMQ frame); small
     radiation payloads are cheaper to copy than to wrap in a zmq.Frame. Frames beyond MAX_FRAMES_READ are
-    drained and only counted, so a message of a million frames cannot hold memory.
+    drained (without a copy) and only counted, so a message of a million frames cannot hold memory; their
+    bytes are counted too, so that the rate limit charges every byte received, kept or not.
     """
     frames = [topic]
-    extra = 0
+    extra = extra_bytes = 0
     zero_copy = topic.startswith(b"img/")
     while more(RCVMORE):
-        part = recv(copy=not zero_copy or len(frames) < 2)
         if len(frames) < MAX_FRAMES_READ:
-            frames.append(part)
+            frames.append(recv(copy=not zero_copy or len(frames) < 2))
         else:
             extra += 1
-    return frames, extra
+            extra_bytes += len(recv(copy=False))
+    return frames, extra, extra_bytes
 
 
 class RateLimitedLog:
@@ -86,15 +93,17 @@ class DeadLetterFile:
         self.written = self._fh.tell()
         self.skipped = 0
 
-    def write(self, recv_ns: int, reason: str, detail: str, frames: list) -> None:
-        record = msgpack.packb(
-            {
-                "recv_ns": recv_ns,
-                "reason": reason,
-                "detail": detail,
-                "frames": [bytes(protocol._buffer(f)) for f in frames],
-            }
-        )
+    def write(self, recv_ns: int, reason: str, detail: str, frames: list, max_frame_bytes: int | None = None) -> None:
+        """One record; ``max_frame_bytes`` cuts each frame (the record then says ``truncated: true``)."""
+        entry: dict = {
+            "recv_ns": recv_ns,
+            "reason": reason,
+            "detail": detail,
+            "frames": [bytes(protocol._buffer(f)[:max_frame_bytes]) for f in frames],
+        }
+        if max_frame_bytes is not None:
+            entry["truncated"] = True
+        record = msgpack.packb(entry)
         if self.written + len(record) > self.max_bytes:
             self.skipped += 1
             return
@@ -150,6 +159,7 @@ class IngestWorker:
         on_raw: Callable[[list, int, protocol.Message], None] | None = None,
         context: zmq.Context | None = None,
         clock: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.settings = settings
         self.on_window = on_window
@@ -158,7 +168,10 @@ class IngestWorker:
         # deduplication, so a recorder sees the stream exactly as it arrived (duplicates and heartbeats
         # included) and a replay reproduces the accounting too. None costs one attribute test per message.
         self.on_raw = on_raw
-        self.clock = clock
+        self.clock = clock  # wall clock: receive times, event-time windows, clock-skew estimates
+        # Rate-limit buckets run on this one: a wall clock stepped back (NTP, a VM resumed) must not starve
+        # every limited sensor for the length of the step.
+        self.monotonic = monotonic
         self.stats = IngestStats()
         self.tracker = SequenceTracker()
         self.windowers: dict[str, GroupWindower] = {}
@@ -172,6 +185,11 @@ class IngestWorker:
                 self.routes[g.name, sensor] = Route(
                     g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew
                 )
+        # Every topic a route serves (all kinds): anything else is refused by its topic, before decoding.
+        self._routed_topics = frozenset(
+            protocol.topic(kind, group, sensor) for (group, sensor) in self.routes for kind in protocol.KINDS
+        )
+        self.unrouted_limiter = security.UnroutedLimiter(self.windowers, monotonic())
         self.limits = settings.limits
         self._reject_log = RateLimitedLog(settings.reject_log_interval_s)
         self.dead_letter = (
@@ -185,7 +203,7 @@ class IngestWorker:
         self._acl: dict[str, frozenset[bytes]] | None = None  # key name -> groups it may publish into
         self._peers: dict[zmq.Socket, str | None] = {}  # with an ACL: socket -> its pinned publisher, or None
         self._poller: zmq.Poller | None = None
-        limiter = security.RateLimiter(settings.rate_limits, protocol.KINDS, clock())
+        limiter = security.RateLimiter(settings.rate_limits, protocol.KINDS, monotonic())
         self.rate_limiter: security.RateLimiter | None = limiter if limiter else None
         self.sock = self._open_socket()
         self._last_advance = 0
@@ -298,9 +316,9 @@ class IngestWorker:
                     first = recv(NOBLOCK)
                 except zmq.Again:
                     break
-                frames, extra = _read_rest(first, recv, more)
+                frames, extra, extra_bytes = _read_rest(first, recv, more)
                 try:
-                    self.handle(frames, extra)
+                    self.handle(frames, extra, extra_bytes=extra_bytes)
                 except Exception:  # a bug in our own code: count it, keep serving the other messages
                     self._internal_error(frames)
                 n += 1
@@ -338,7 +356,7 @@ class IngestWorker:
                     break
                 who = peer if peer is not None else security.user_id(first)
                 topic = first.bytes
-                frames, extra = _read_rest(topic, recv, more)
+                frames, extra, extra_bytes = _read_rest(topic, recv, more)
                 n += 1
                 parts = topic.split(b"/", 2)
                 granted = acl.get(who) if who is not None else None
@@ -348,20 +366,29 @@ class IngestWorker:
                     self._reject(protocol.ProtocolError("unauthorised_group", detail), frames, self.clock())
                     continue
                 try:
-                    self.handle(frames, extra)
+                    self.handle(frames, extra, extra_bytes=extra_bytes)
                 except Exception:  # a bug in our own code: count it, keep serving the other messages
                     self._internal_error(frames)
         return n
 
-    def handle(self, frames: list, extra_frames: int = 0, recv_ns: int | None = None) -> None:
-        """Validate one message and route it; never raises for bad input."""
+    def handle(self, frames: list, extra_frames: int = 0, recv_ns: int | None = None, *, extra_bytes: int = 0) -> None:
+        """Validate one message and route it; never raises for bad input.
+
+        Order, cheapest refusal first: the sensor's rate limit (by topic, on every received byte), then
+        the frame count, then the topic: a topic that names no configured (group, sensor) is refused
+        before its header or payload is looked at, so an unconfigured name costs what a rate-limited
+        message costs, whatever its size. Only then is the message decoded.
+        """
         recv_ns = self.clock() if recv_ns is None else recv_ns
-        if self.rate_limiter is not None and not self.rate_limiter.admit(frames, recv_ns):
+        if self.rate_limiter is not None and not self.rate_limiter.admit(frames, self.monotonic(), extra_bytes):
             self._rate_limited(frames, recv_ns)
             return
         try:
             if extra_frames:
                 raise protocol.ProtocolError("frame_count", f"{len(frames) + extra_frames} frames")
+            routed = frames and type(frames[0]) is bytes and frames[0] in self._routed_topics  # the common case
+            if frames and not routed and self._unrouted(frames, recv_ns, extra_bytes):
+                return
             msg = protocol.decode(frames, self.limits)
             route = self.routes.get((msg.group, msg.sensor))
             if route is None:
@@ -440,6 +467,34 @@ class IngestWorker:
                 self.stats.late_callback_errors += 1
                 log.exception("late_callback_failed", group=group, sensor=sensor)
 
+    def _unrouted(self, frames: list, recv_ns: int, extra_bytes: int) -> bool:
+        """True when a well-framed message's topic names a (group, sensor) no route serves: refused,
+        counted under unknown_group / unknown_sensor whatever its header and payload, and dead-lettered
+        (cut to a few KiB) only while the group's ``UnroutedLimiter`` bucket allows. A topic that does not
+        parse, or the wrong number of frames for its kind, is left to the decoder, which names the fault."""
+        topic = frames[0]
+        if type(topic) is not bytes:  # a zmq.Frame (replayed or received without a copy)
+            topic = bytes(protocol._buffer(topic))
+            if topic in self._routed_topics:
+                return False
+        try:
+            kind, group, sensor = protocol.parse_topic(topic)
+        except protocol.ProtocolError:
+            return False
+        if len(frames) != (2 if kind == "hb" else 3):  # structural: the decoder's frame_count, as before
+            return False
+        if group in self.windowers:
+            exc = protocol.ProtocolError("unknown_sensor", f"sensor {sensor!r} not in group {group!r}")
+        else:
+            exc = protocol.ProtocolError("unknown_group", f"group {group!r} is not configured here")
+        nbytes = sum(map(len, frames)) + extra_bytes
+        if self.unrouted_limiter.admit(group, nbytes, self.monotonic()):
+            kept = frames[:UNROUTED_DEAD_LETTER_FRAMES]
+            self._reject(exc, kept, recv_ns, max_frame_bytes=UNROUTED_DEAD_LETTER_FRAME_BYTES)
+        else:  # over the limit: counted (here and in the bucket), neither logged nor written
+            self.stats.rejected[exc.reason] += 1
+        return True
+
     def _rate_limited(self, frames: list, recv_ns: int) -> None:
         """Counted (by reason and per sensor, in the bucket) and logged at a bounded rate; never
         dead-lettered: copying a flood to disk would spend the very resources the limit protects."""
@@ -452,8 +507,10 @@ class IngestWorker:
         with contextlib.suppress(Exception):
             log.exception("ingest_internal_error", frames=len(frames))
 
-    def _reject(self, exc: protocol.ProtocolError, frames: list, recv_ns: int) -> None:
+    def _reject(
+        self, exc: protocol.ProtocolError, frames: list, recv_ns: int, max_frame_bytes: int | None = None
+    ) -> None:
         self.stats.rejected[exc.reason] += 1
         self._reject_log("message_rejected", exc.reason, recv_ns, reason=exc.reason, detail=exc.detail[:200])
         if self.dead_letter is not None:
-            self.dead_letter.write(recv_ns, exc.reason, exc.detail, frames)
+            self.dead_letter.write(recv_ns, exc.reason, exc.detail, frames, max_frame_bytes)

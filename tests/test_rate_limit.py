@@ -6,6 +6,7 @@ the same socket lose nothing. Counts are exact wherever the transport is lossles
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import tomllib
@@ -22,7 +23,7 @@ from ingest.metrics import IngestCollector
 from ingest.publisher import SensorPublisher
 from ingest.security import RateLimit, RateLimitCollector, RateLimiter, TokenBucket
 from ingest.settings import GroupSettings, IngestSettings
-from ingest.subscriber import IngestWorker
+from ingest.subscriber import IngestWorker, read_dead_letters
 from ingest.windowing import WindowSpec
 from tests.ingest_helpers import SEC, T0, WorkerThread, wait_for
 
@@ -97,7 +98,8 @@ def test_limiter_shares_one_bucket_per_sensor_across_kinds_and_passes_unknown_to
 def test_worker_drops_a_flooding_sensors_excess_before_decoding_and_counts_it(ctx: zmq.Context) -> None:
     limits = {"g1/rad_ir": RateLimit(messages_per_s=5, burst_s=1.0)}
     clock = [T0]
-    w = IngestWorker(_settings("inproc://rl-worker", limits), lambda win: None, context=ctx, clock=lambda: clock[0])
+    settings = _settings("inproc://rl-worker", limits)
+    w = IngestWorker(settings, lambda win: None, context=ctx, clock=lambda: clock[0], monotonic=lambda: clock[0])
     try:
         for i in range(100):  # a burst at one instant: the burst (5) passes, 95 are dropped
             w.handle(_rad("rad_ir", i))
@@ -121,6 +123,87 @@ def test_worker_drops_a_flooding_sensors_excess_before_decoding_and_counts_it(ct
         assert 'sacmf_ingest_rejected_messages_total{reason="rate_limited"} 101.0' in text
         assert 'sensor="rad_vis"' not in text.split("sacmf_ingest_rate_limited_messages_total")[1].split("#")[0]
     finally:
+        w.close()
+
+
+def test_buckets_run_on_the_monotonic_clock_so_a_wall_clock_step_back_starves_nobody(ctx: zmq.Context) -> None:
+    """NTP stepping the wall clock back, or a VM resumed, must not stop the refill: on the wall clock a
+    bucket saw no time pass until the clock caught up again (300 s of silence for a 300 s step). Receive
+    times (and so the windows) stay on the wall clock; only the buckets moved."""
+    limits = {"g1/rad_ir": RateLimit(messages_per_s=100, burst_s=0.1)}  # 10 tokens, refilled in 0.1 s
+    wall = [T0]
+    w = IngestWorker(_settings("inproc://rl-step", limits), lambda win: None, context=ctx, clock=lambda: wall[0])
+    try:
+        for i in range(11):
+            w.handle(_rad("rad_ir", i))
+        assert w.messages()["g1", "rad_ir", "rad"] == 10 and w.stats.rejected["rate_limited"] == 1
+        wall[0] -= 300 * SEC  # the wall clock steps back five minutes
+        time.sleep(0.15)  # real time passes: the bucket refills to its burst
+        for i in range(11, 21):
+            w.handle(_rad("rad_ir", i))
+        assert w.messages()["g1", "rad_ir", "rad"] == 20 and w.stats.rejected["rate_limited"] == 1
+    finally:
+        w.close()
+
+
+def test_an_unconfigured_sensor_name_is_refused_by_topic_before_decoding(ctx: zmq.Context, tmp_path: Path) -> None:
+    """Renaming a limited sensor (rad_ir -> rad_irX) must not buy a flooder decoding and disk.
+
+    Before, a topic of no configured sensor passed the rate limit and was decoded and NaN-checked
+    across its whole payload before the route lookup refused it, and every copy was written whole to
+    the dead-letter file (50 x 4 MB: 0.4 s and 200 MB). Now it is refused by its topic: counted under
+    its reason as before, never decoded (a broken header or a NaN payload still reads unknown_sensor),
+    and dead-lettered cut to a few KiB and only within a bucket of its own per group, so a renamed
+    flood writes a burst of records, not its payload. The valid neighbour loses nothing."""
+    dead = tmp_path / "dead.msgpack"
+    limits = {"g1/rad_ir": RateLimit(messages_per_s=5, burst_s=1.0)}
+    settings = dataclasses.replace(_settings("inproc://rl-unrouted", limits), dead_letter_path=dead)
+    w = IngestWorker(settings, lambda win: None, context=ctx)
+    big = np.full(1 << 18, np.nan, dtype=np.float32)  # 1 MiB of NaN: decoding would reject it non_finite
+    header = protocol.encode_rad_header("g1", "rad_irX", 9, 0, T0, MS, big, None)
+    renamed = [b"rad/g1/rad_irX", header, big.tobytes()]
+    try:
+        w.handle([b"rad/g1/rad_irX", b"\xc1 not msgpack", b""])  # decoded, this would be "msgpack"
+        n = 50
+        for i in range(n):
+            w.handle(renamed)
+            w.handle(_rad("rad_vis", i))  # a configured neighbour, interleaved
+        w.handle(_rad("rad_vis", 0, group="g9"))  # an unknown group: its own shared bucket
+        assert dict(+w.stats.rejected) == {"unknown_sensor": n + 1, "unknown_group": 1}
+        assert w.messages()["g1", "rad_vis", "rad"] == n
+    finally:
+        w.close()  # flushes the dead-letter file
+    letters = read_dead_letters(dead)
+    assert 11 <= len(letters) <= 14  # g1's burst (10/s) plus what real time refilled meanwhile, and g9's one
+    assert {r["reason"] for r in letters} == {"unknown_sensor", "unknown_group"}
+    assert all(r["truncated"] and all(len(f) <= 4096 for f in r["frames"]) for r in letters)
+    assert letters[1]["frames"][:2] == [renamed[0], renamed[1]]  # topic and header: who sent it
+    assert dead.stat().st_size < 200_000  # not 50 MiB
+    unrouted = w.unrouted_limiter.buckets
+    assert unrouted["g1/*"].dropped == n + 1 - (len(letters) - 1) and unrouted["*/*"].dropped == 0
+
+
+def test_frames_beyond_the_kept_ones_are_charged_to_the_byte_bucket(ctx: zmq.Context) -> None:
+    """A message of many frames keeps 64 and drains the rest, but every byte was received: charging only
+    the kept frames let a sender pass ``bytes_per_s`` by splitting its bytes across frames."""
+    limits = {"g1/rad_vis": RateLimit(bytes_per_s=100_000, burst_s=1.0)}
+    w = IngestWorker(_settings("tcp://127.0.0.1:*", limits), lambda win: None, context=ctx)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        push.connect(w.bound_endpoints[0])
+        chunk = b"\0" * 1000
+        many = [b"rad/g1/rad_vis"] + [chunk] * 1000  # 1 MB: 64 KB in the kept frames, the rest drained
+        for _ in range(2):
+            push.send_multipart(many)
+        deadline = time.monotonic() + 10
+        while sum(w.stats.rejected.values()) < 2 and time.monotonic() < deadline:
+            w.poll(50)
+        # the first is admitted on credit and pays for all of its 1 MB: the second finds the bucket in debt
+        assert dict(+w.stats.rejected) == {"frame_count": 1, "rate_limited": 1}
+        assert w.rate_limiter is not None and w.rate_limiter.buckets["g1/rad_vis"].bytes < -800_000
+    finally:
+        push.close(linger=0)
         w.close()
 
 

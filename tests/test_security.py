@@ -194,6 +194,97 @@ def test_zap_handler_admits_by_directory_names_keys_and_sees_changes_without_res
         ctx.term()
 
 
+def _handshake(port: int, keys: Keys, name: str, server: zmq.Socket) -> bytes | None:
+    """A fresh CURVE client with ``name``'s key sends one message to ``server`` (a PULL with RCVTIMEO):
+    what arrived, or None when ZAP refused the handshake (a refused client never gets a message through)."""
+    client_ctx = zmq.Context()
+    try:
+        push = _client(client_ctx, zmq.PUSH, f"tcp://127.0.0.1:{port}", keys, name)
+        push.send(name.encode())
+        try:
+            return server.recv()
+        except zmq.Again:
+            return None
+    finally:
+        client_ctx.destroy(linger=0)
+
+
+def test_revoking_a_key_takes_effect_even_beside_a_bad_new_key_file(keys: Keys) -> None:
+    """Deleting a key file must refuse that key at its next handshake whatever else is in the directory.
+
+    The bug: one bad file (an operator's loose umask on a newly added key, or a file that is not a
+    certificate) made the whole re-read fail and the handler kept its last good set, so a deleted key
+    stayed admitted, silently. Now each file stands alone: the revoked key is refused, the bad files are
+    refused and reported by name (counted as reason key_file, once each), the other key keeps working."""
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.PULL)
+    server.setsockopt(zmq.LINGER, 0)
+    server.setsockopt(zmq.RCVTIMEO, 1000)
+    auth = security.ZapHandler(ctx, keys.sensors)
+    try:
+        security.make_server(server, keys.pair("daemon"))
+        auth.watch(server)
+        auth.start()
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        assert _handshake(port, keys, "cam", server) == b"cam"
+
+        loose = keys.sensors / "stranger.key"  # a new key added with umask 002: group-writable
+        loose.write_bytes(keys.public("stranger").read_bytes())
+        os.chmod(loose, 0o664)
+        (keys.sensors / "notes.key").write_text("not a certificate\n")
+        (keys.sensors / "cam.key").unlink()  # revoked
+
+        assert _handshake(port, keys, "cam", server) is None
+        assert _handshake(port, keys, "other", server) == b"other"  # untouched by the bad files beside it
+        assert _handshake(port, keys, "stranger", server) is None  # its file is refused, not half-trusted
+        assert auth.rejected["unknown_key"] == 2 and auth.admitted == 2
+        assert auth.rejected["key_file"] == 2  # each bad file once, not once per handshake
+        assert set(auth.refused_files) == {str(loose), str(keys.sensors / "notes.key")}
+        assert "mode 0664" in auth.refused_files[str(loose)] and "chmod go-w" in auth.refused_files[str(loose)]
+
+        os.chmod(loose, 0o644)  # fixed: admitted at its next handshake, and no longer reported
+        assert _handshake(port, keys, "stranger", server) == b"stranger"
+        assert set(auth.refused_files) == {str(keys.sensors / "notes.key")}
+    finally:
+        server.close(linger=0)
+        auth.stop()
+        ctx.term()
+
+
+def test_key_directory_problems_never_keep_a_removed_key_nor_admit_an_unchecked_one(keys: Keys) -> None:
+    """The other ways the directory can go wrong while the daemon runs, decided as ZAP requests.
+
+    A directory others may write cannot vouch for a new file (whoever can write it admits themselves),
+    so nothing is added then; but deletions and rewrites still apply, so revoking never waits for the
+    permissions to be fixed. Two files with one key are ambiguous: the name that already held the key
+    keeps it. A rewritten file that no longer loads admits nothing."""
+    ctx = zmq.Context()
+    try:
+        h = security.ZapHandler(ctx, keys.sensors)
+        assert h.answer(_zap(keys, "cam"))[2] == b"200" and h.answer(_zap(keys, "other"))[2] == b"200"
+
+        os.chmod(keys.sensors, 0o775)  # group-writable
+        (keys.sensors / "intruder.key").write_bytes(keys.public("intruder").read_bytes())
+        (keys.sensors / "cam.key").unlink()
+        assert h.answer(_zap(keys, "cam"))[2] == b"400"  # removed: refused at once
+        assert h.answer(_zap(keys, "intruder"))[2] == b"400"  # added to a directory others may write
+        assert h.answer(_zap(keys, "other"))[2:5] == [b"200", b"OK", b"other"]
+        assert list(h.refused_files) == [str(keys.sensors)] and "0775" in h.refused_files[str(keys.sensors)]
+        os.chmod(keys.sensors, 0o755)
+        assert h.answer(_zap(keys, "intruder"))[2:5] == [b"200", b"OK", b"intruder"]  # fixed: now it counts
+
+        (keys.sensors / "alias.key").write_bytes(keys.public("other").read_bytes())  # a second name for other
+        assert h.answer(_zap(keys, "other"))[2:5] == [b"200", b"OK", b"other"]  # the name its grants know
+        assert list(h.refused_files) == [str(keys.sensors / "alias.key")]
+        assert "same public key as other.key" in h.refused_files[str(keys.sensors / "alias.key")]
+
+        (keys.sensors / "intruder.key").write_text("garbage\n")  # rewritten in place, badly
+        assert h.answer(_zap(keys, "intruder"))[2] == b"400"
+        assert h.rejected["key_file"] == 3 and h.rejected["unknown_key"] == 3
+    finally:
+        ctx.term()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sensor input: the daemon binds (CURVE server), publishers connect
 # ----------------------------------------------------------------------------------------------------
@@ -428,9 +519,9 @@ def test_admin_beyond_loopback_needs_the_token_everywhere_but_healthz() -> None:
 
     server = _admin("127.0.0.1", token="s3cret")
     base = f"http://127.0.0.1:{server.address[1]}"
-    try:  # loopback stays as it was: reads open, reload with the token
-        assert _get(f"{base}/metrics") == 200 and _get(f"{base}/readyz") == 200
-        assert _get(f"{base}/reload", method="POST") == 403
+    try:  # with a token, loopback is no exception (a proxy on the host forwards from 127.0.0.1)
+        assert _get(f"{base}/metrics") == 403 and _get(f"{base}/readyz") == 403 and _get(f"{base}/healthz") == 200
+        assert _get(f"{base}/metrics", "s3cret") == 200 and _get(f"{base}/reload", method="POST") == 403
     finally:
         server.stop()
 
@@ -570,8 +661,10 @@ sensors = {{ "g1/rad_vis" = {{ messages_per_s = 1000 }} }}
         port = next(json.loads(line)["port"] for line in lines if "admin_listening" in line)
         admin, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
 
+        assert http(f"{admin}/metrics")[0] == 403  # a token is set: required on loopback too
+
         def sample(name: str, **labels: str) -> float | None:
-            for line in http(f"{admin}/metrics")[1].splitlines():
+            for line in http(f"{admin}/metrics", headers=auth)[1].splitlines():
                 if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
                     return float(line.rsplit(" ", 1)[1])
             return None

@@ -236,6 +236,20 @@ def _accepted(worker: IngestWorker) -> int:
     return sum(r.data_messages + r.heartbeats for r in worker.routes.values())
 
 
+def _unrouted_reason(worker: IngestWorker, frames: list) -> str | None:
+    """The worker refuses a message with the right number of frames for its topic's kind, whose topic
+    names no configured (group, sensor), by that topic alone: its header and payload are never decoded."""
+    if not frames:
+        return None
+    try:
+        kind, group, sensor = protocol.parse_topic(frames[0])
+    except protocol.ProtocolError:
+        return None
+    if len(frames) != (2 if kind == "hb" else 3) or (group, sensor) in worker.routes:
+        return None
+    return "unknown_sensor" if group in worker.windowers else "unknown_group"
+
+
 def run_input(data: bytes) -> None:
     """The fuzz target: decode each message, feed it to the worker, check every property."""
     flags, messages = unpack_input(data)
@@ -256,6 +270,7 @@ def run_input(data: bytes) -> None:
                     expected = "unknown_group" if m.group != GROUP else "unknown_sensor"
                 elif m.kind != "hb" and m.kind != worker.routes[m.group, m.sensor].kind:
                     expected = "wrong_kind"
+            expected = _unrouted_reason(worker, frames) or expected  # refused by its topic, before decoding
             rejected, accepted = sum(worker.stats.rejected.values()), _accepted(worker)
             before = worker.stats.rejected[expected] if expected else None
             worker.handle(frames, 0, T0 + k * 1_000_000)  # raises only on a bug of ours: the fuzzer's crash
