@@ -11,11 +11,18 @@ and the server listens on loopback only, local callers may reload without one (t
 sending SIGHUP). Bound beyond loopback without a token, reload over HTTP is always refused. Tokens are
 compared in constant time.
 
-Bound beyond loopback, the read endpoints need the token too, except ``public_endpoints`` (default
-``/healthz`` only: a liveness probe carries no secret and reveals nothing): metrics name every sensor,
-group and model version, and readiness details describe the daemon's state to whoever asks. Without a
-configured token they are then refused. The token travels in clear over plain HTTP: beyond one host,
-put a TLS reverse proxy in front (SECURITY.md).
+With a token configured, every endpoint but ``public_endpoints`` (default ``/healthz`` only: a
+liveness probe carries no secret and reveals nothing) needs it, on loopback too: metrics name every
+sensor, group and model version, and readiness details describe the daemon's state to whoever asks.
+Why loopback is no exception: the TLS reverse proxy SECURITY.md recommends runs on the same host, so
+every request it forwards from the internet arrives from 127.0.0.1; a loopback exemption would publish
+the endpoints to everyone the proxy serves. Without a token, loopback serves every read endpoint (as
+local as the process list) and beyond loopback only the public ones answer. The token travels in clear
+over plain HTTP: beyond one host, put a TLS reverse proxy in front (SECURITY.md).
+
+Why a deadline per request rather than only a socket timeout: a timeout bounds each read, so a client
+that sends one byte just within it can hold a thread for as long as it likes. The request line, the
+headers and the body must all arrive within ``_Handler.timeout`` seconds of the request's start.
 
 Semantics: ``/healthz`` = liveness (the daemon's loops ticked recently; never depends on sensors);
 ``/readyz`` = readiness (model warm, sockets up, not draining). Both answer 200 or 503 with a JSON body
@@ -25,11 +32,13 @@ that says why.
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,10 +104,49 @@ class _Server(ThreadingHTTPServer):
     public: frozenset[str]
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each given only what is left of the request's deadline.
+
+    ``deadline`` (``time.monotonic()``) is set by the handler when a request starts; a read after it
+    raises ``TimeoutError``, which the stdlib handler answers by closing the connection. After each read
+    the socket's own timeout is restored, so writing a response is bounded as before, not by the rest.
+    """
+
+    def __init__(self, sock: socket.socket, per_read_timeout: float) -> None:
+        self._sock = sock
+        self._timeout = per_read_timeout
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within its deadline")
+        self._sock.settimeout(min(left, self._timeout))
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = 10  # seconds per request: a stalled client cannot pin a thread forever
+    # Seconds for a whole request to arrive (request line, headers and body), not per read: a client that
+    # trickles bytes cannot pin a thread for longer than this. Also each read's and write's socket timeout.
+    timeout = 10
     server_version = "sacmf-admin"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stdlib's buffered socket file: replaced by one that keeps the deadline
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader, self.rbufsize if self.rbufsize > 0 else io.DEFAULT_BUFFER_SIZE)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.timeout  # the clock starts with the request line
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         log.debug("admin_request", client=self.client_address[0], line=format % args)
@@ -160,10 +208,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, body)
 
     def _may_read(self, path: str) -> bool:
-        """On loopback everything but /reload is open (as local as the process list); beyond it, the token."""
-        if self.server.loopback or path in self.server.public:
+        """Public endpoints are open; with a token every other one needs it, loopback or not (a reverse
+        proxy on this host makes every remote client look local); without one, loopback only."""
+        if path in self.server.public:
             return True
-        return bool(self.server.token) and self._token_matches()
+        if self.server.token:
+            return self._token_matches()
+        return self.server.loopback
 
     def _authorised(self) -> bool:
         token = self.server.token

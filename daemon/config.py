@@ -249,7 +249,7 @@ class AdminSettings:
     port: int = 9102
     token: str = ""
     health_max_age_s: float = 10.0
-    public_endpoints: tuple[str, ...] = ("/healthz",)  # beyond loopback: served without the token
+    public_endpoints: tuple[str, ...] = ("/healthz",)  # served without the token (with one set: loopback too)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,9 @@ mcap_path = "{self.mcap}"
 [admin]
 listen = "127.0.0.1:0"
 token = "{self.token}"
+# with a token every endpoint needs it, loopback included, except these: the tests read them freely
+# (tests/test_admin_auth.py checks the token itself)
+public_endpoints = ["/healthz", "/readyz", "/metrics"]
 [shutdown]
 timeout_s = 30
 """
