@@ -200,7 +200,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from daemon import simulate
-    from ingest.publisher import SensorPublisher
     from sinks.mcap_recorder import McapRecorder
 
     try:
@@ -210,16 +209,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     stop = threading.Event()
     _stop_on_signals(stop)
-    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
     try:
-        pub = SensorPublisher(
-            args.endpoint,
-            s.group,
-            sensors,
-            bind=not args.connect,
-            socket_type=args.socket,
-            send_timeout_ms=simulate.SEND_TIMEOUT_MS,  # --duration and a signal still stop a blocked PUSH
-        )
+        pub = simulate.open_publisher(args, s)
     except (ValueError, zmq.ZMQError) as exc:  # endpoint in use or malformed
         print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
         return 2

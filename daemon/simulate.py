@@ -345,6 +345,22 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
     )
 
 
+def open_publisher(args: argparse.Namespace, s: SimSettings, **curve: object) -> SensorPublisher:
+    """The publisher `sacmf simulate` sends with (``--endpoint``, ``--connect``, ``--socket``; ``curve``:
+    the CURVE keyword arguments). Its sends time out (:data:`SEND_TIMEOUT_MS`) so that ``run`` can still
+    stop at the end of ``--duration`` or on a signal while a PUSH socket has nobody reading."""
+    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
+    return SensorPublisher(
+        args.endpoint,
+        s.group,
+        sensors,
+        bind=not args.connect,
+        socket_type=args.socket,
+        send_timeout_ms=SEND_TIMEOUT_MS,
+        **curve,  # type: ignore[arg-type]
+    )
+
+
 def curve_command(args: argparse.Namespace) -> int:
     """`sacmf simulate --curve-secret ...`: the command with a CURVE publisher (daemon/keygen.py adds the
     options). Why the simulator takes keys: it proves a secured daemon end to end before real sensors
@@ -362,19 +378,14 @@ def curve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
     record = getattr(args, "record", None)
     try:
-        pub = SensorPublisher(
-            args.endpoint,
-            s.group,
-            sensors,
-            bind=not args.connect,
-            socket_type=args.socket,
+        pub = open_publisher(
+            args,
+            s,
             curve_secret=args.curve_secret,
             curve_server_public=args.curve_server_public,
             curve_clients=args.curve_clients,
-            send_timeout_ms=SEND_TIMEOUT_MS,
         )
     except (KeyFileError, ValueError, RuntimeError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -54,32 +54,37 @@ def _index_modality(directory: Path, exts: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-def _read_labels(path: Path) -> list[dict[str, Any]]:
+def read_labels(path: Path, num_classes: int = NUM_CLASSES) -> list[dict[str, Any]]:
+    """Every record of a ``labels.jsonl``, each line checked; errors name the file and line.
+
+    Why so strict: a malformed line would otherwise surface as a KeyError far away, or worse, as a wrong
+    class (Python reads class -1 as the last name) that accuracy is then counted against. Shared by the
+    dataset reader and ``sacmf test`` (which passes its checkpoint's class count).
+    """
     if not path.is_file():
         raise DatasetLayoutError(f"missing labels file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetLayoutError(f"{path}: cannot read the labels ({exc})") from exc
     records = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetLayoutError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
-            if not isinstance(rec, dict) or "id" not in rec or "class" not in rec:
-                raise DatasetLayoutError(f"{path}:{lineno}: each line needs 'id' and 'class'")
-            rec["id"] = str(rec["id"])
-            if rec["id"] in seen:
-                raise DatasetLayoutError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
-            if (
-                isinstance(rec["class"], bool)
-                or not isinstance(rec["class"], int)
-                or not 0 <= rec["class"] < NUM_CLASSES
-            ):
-                raise DatasetLayoutError(f"{path}:{lineno}: class must be an int in [0, {NUM_CLASSES})")
-            seen.add(rec["id"])
-            records.append(rec)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetLayoutError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not rec["id"]:
+            raise DatasetLayoutError(f"{path}:{lineno}: each line needs a non-empty string 'id'")
+        cls = rec.get("class")
+        if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < num_classes:
+            raise DatasetLayoutError(f"{path}:{lineno}: 'class' must be an integer in [0, {num_classes}), got {cls!r}")
+        if rec["id"] in seen:
+            raise DatasetLayoutError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        records.append(rec)
     return records
 
 
@@ -138,7 +143,7 @@ class FourModalityDataset(Dataset[dict[str, Any]]):
         self.split_dir = Path(root) / split
         if not self.split_dir.is_dir():
             raise DatasetLayoutError(f"missing split directory {self.split_dir}")
-        self.records = _read_labels(self.split_dir / LABELS_FILE)
+        self.records = read_labels(self.split_dir / LABELS_FILE)
         self.files = {m: _index_modality(self.split_dir / m, _EXTS[m]) for m in MODALITY_DIRS}
         ids = {rec["id"] for rec in self.records}
         problems = []

@@ -37,7 +37,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from model.checkpoint import atomic_write, load_checkpoint
-from model.infer import PreparedSplit, predict, prepare_split, restrict, take, trained_modalities
+from model.infer import PreparedSplit, check_out_dir, predict, prepare_split, restrict, take, trained_modalities
 from model.sacmf import SACMF, Detection
 
 AP_MIN_SCORE = 0.01  # detections below this sigmoid score are not ranked for AP
@@ -334,15 +334,6 @@ def _snr_subsets(split: PreparedSplit) -> tuple[np.ndarray, np.ndarray]:
     return low, known & ~low
 
 
-def _check_out_dir(out: Path) -> None:
-    """Refuse an ``out`` that cannot become a directory before minutes of evaluation, not after."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"--out {out}: {path} exists and is not a directory")
-            return
-
-
 def _subset_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, Any]:
     s = classification_scores(confusion_matrix(y, pred, n_classes))
     return {"n": s["n"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "weighted_f1": s["weighted_f1"]}
@@ -493,7 +484,7 @@ def evaluate(
     from model import plots
 
     out = Path(out)
-    _check_out_dir(out)
+    check_out_dir(out)
     model, meta = load_checkpoint(ckpt)
     cfg = meta.config
     names = list(meta.class_names)

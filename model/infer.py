@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import CheckpointError, CheckpointMeta, atomic_write, load_checkpoint
-from model.dataset import IMAGE_EXTS, SEQ_EXTS, FourModalityDataset, _load_image, _load_seq
+from model.dataset import IMAGE_EXTS, SEQ_EXTS, FourModalityDataset, _load_image, _load_seq, read_labels
 from model.preprocess import IMAGE_ROLES, ROLES, RawSample, collate, preprocess, raw_from_dataset_item
 from model.sacmf import SACMF, Detection, SACMFConfig, decode_detections
 from model.synth import LABELS_FILE
@@ -329,40 +329,12 @@ def trained_modalities(meta: CheckpointMeta) -> tuple[str, ...]:
 
 
 def _labels_beside(dirs: dict[str, Path | None], names: Sequence[str]) -> dict[str, int]:
-    """Ground truth from a ``labels.jsonl`` in the parent of the given folders, when there is one.
-
-    Why every line is checked: the file is found by position, not asked for, and a malformed line would
-    otherwise surface as a KeyError, or worse, as a wrong ``true_class`` (Python reads class -1 as the
-    last name) that the reported accuracy is then counted against.
-    """
+    """Ground truth from a ``labels.jsonl`` in the parent of the given folders, when there is one,
+    checked line by line against the checkpoint's classes (:func:`model.dataset.read_labels`)."""
     for d in dirs.values():
         path = None if d is None else d.parent / LABELS_FILE
-        if path is None or not path.is_file():
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read the labels ({exc})") from exc
-        out: dict[str, int] = {}
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
-            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not rec["id"]:
-                raise ValueError(f"{path}:{lineno}: each line needs a non-empty string 'id'")
-            cls = rec.get("class")
-            if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < len(names):
-                raise ValueError(
-                    f"{path}:{lineno}: 'class' must be an integer in [0, {len(names)}) "
-                    f"(the checkpoint's classes), got {cls!r}"
-                )
-            if rec["id"] in out:
-                raise ValueError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
-            out[rec["id"]] = cls
-        return out
+        if path is not None and path.is_file():
+            return {rec["id"]: rec["class"] for rec in read_labels(path, len(names))}
     return {}
 
 
@@ -436,13 +408,19 @@ SKIPPED_FILE = "skipped.jsonl"
 VIS_DIRS = ("detections", "heatmaps", "fusion_weights")
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output location that cannot hold the folder layout, before any work is done."""
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``out`` that cannot become a folder (it, or its nearest existing parent, is a file)
+    before minutes of work, not after (``sacmf test`` and ``sacmf evaluate``)."""
     for parent in (out, *out.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"output folder {out}: {parent} exists and is not a folder")
-            break
+            return
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output location that cannot hold the folder layout, before any work is done."""
+    check_out_dir(out)
     for sub in ("json", *VIS_DIRS):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ValueError(f"output folder {out}: {out / sub} exists and is not a folder")

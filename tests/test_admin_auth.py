@@ -11,25 +11,14 @@ from __future__ import annotations
 import select
 import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from daemon import admin
 from daemon.admin import AdminHandlers, AdminServer
+from tests.http_helpers import status as _status
 
 PATHS = ("/metrics", "/healthz", "/readyz")
-
-
-def _status(url: str, token: str | None = None, method: str = "GET") -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def _server(host: str = "127.0.0.1", **kw) -> AdminServer:

@@ -14,8 +14,6 @@ import stat
 import threading
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -34,6 +32,7 @@ from ingest.publisher import SensorPublisher
 from ingest.settings import GroupSettings, IngestSettings
 from ingest.windowing import WindowSpec
 from sinks.zmq_pub import ZmqResultPublisher
+from tests.http_helpers import status as _get
 from tests.ingest_helpers import SEC, T0, WorkerThread, wait_for
 from tests.test_sinks import make_result
 
@@ -465,17 +464,6 @@ def test_results_reach_only_readers_with_an_admitted_key(keys: Keys) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Admin HTTP beyond loopback
 # ----------------------------------------------------------------------------------------------------
-
-
-def _get(url: str, token: str | None = None, method: str = "GET") -> int:
-    """The HTTP status (without importing service_helpers, which imports torch)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def _admin(host: str, **kw) -> AdminServer:

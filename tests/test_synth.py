@@ -273,7 +273,10 @@ def test_refuses_to_mix_with_an_existing_dataset(tmp_path: Path) -> None:
         (lambda d: (d / "labels.jsonl").unlink(), "missing labels file"),
         (lambda d: np.save(d / "Image-B" / "000000.npy", np.zeros((4, 4))), "two files for id '000000'"),
         (lambda d: (d / "Seq-A" / "notes.csv").write_text("x"), "unexpected file"),
-        (lambda d: (d / "labels.jsonl").write_text('{"id": "000000", "class": 6}\n'), "class must be"),
+        (
+            lambda d: (d / "labels.jsonl").write_text('{"id": "000000", "class": 6}\n'),
+            "'class' must be an integer in \\[0, 6\\), got 6",
+        ),
         (
             lambda d: (d / "labels.jsonl").write_text('{"id": "a", "class": 1}\n{"id": "a", "class": 2}\n'),
             "duplicate id",

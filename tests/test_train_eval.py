@@ -357,11 +357,11 @@ def test_evaluate_refuses_an_out_path_that_is_a_file_before_evaluating(
     args = ["evaluate", "--data-root", str(data / "test"), "--ckpt", str(trained.best_path), "--repeats", "1"]
     assert cli_main([*args, "--out", str(taken)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "not a directory" in err
+    assert err.startswith("error: ") and "not a folder" in err
     assert taken.read_text() == "not a report directory\n"
     # refused before the data is read: a missing split would otherwise be the error
     for out in (taken, taken / "sub"):
-        with pytest.raises(ValueError, match=f"{taken} exists and is not a directory"):
+        with pytest.raises(ValueError, match=f"{taken} exists and is not a folder"):
             evaluate(tmp_path / "no-such-split", trained.best_path, out)
 
 
