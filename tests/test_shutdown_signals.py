@@ -10,6 +10,7 @@ ZeroMQ and MCAP sinks, admin HTTP) is the real thing.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -118,6 +119,10 @@ def _wait_exit(d: Daemon, timeout: float) -> tuple[int | None, float]:
     except subprocess.TimeoutExpired:
         status = None
     return status, time.monotonic() - t0
+
+
+def _log_time(event: dict) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
 
 
 def _events(d: Daemon, name: str) -> list[dict]:
@@ -234,10 +239,14 @@ def test_a_drain_that_cannot_finish_exits_1_at_the_shutdown_deadline(stuck_daemo
     timeout_s = 3.0
     d, _pipe = stuck_daemon(timeout_s=timeout_s)
     d.proc.send_signal(signal.SIGTERM)
-    status, waited = _wait_exit(d, timeout_s + 10)
+    status, waited = _wait_exit(d, timeout_s + 30)
     assert status == 1, (status, waited, d.events[-5:])
-    assert timeout_s <= waited <= timeout_s + 5, waited  # it waited for the sink, but not past the deadline
-    done = d.event("shutdown_complete", timeout=5)
+    assert waited >= timeout_s, waited  # it waited for the sink
+    # ... but not past the deadline: timed by the daemon's own log, since the process's exit after it
+    # (torch's library teardown) took 1 s on an idle host and up to 8 s on a loaded one
+    begun, done = d.event("shutdown_started", timeout=5), d.event("shutdown_complete", timeout=5)
+    drained_s = (_log_time(done) - _log_time(begun)).total_seconds()
+    assert timeout_s - 0.5 <= drained_s <= timeout_s + 2, drained_s
     assert done["clean"] is False
     assert done["sinks_written"]["jsonl"] == 0 and done["sinks_written"]["zmq"] == done["results_published"] > 0
     assert not _events(d, "shutdown_forced")
