@@ -263,14 +263,16 @@ def test_sigterm_during_a_stalled_sighup_reload_is_acted_on_at_once(tmp_path: Pa
         os.mkfifo(d.checkpoint)  # the reload's read blocks in open(): no writer ever comes
         d.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)  # the reload is under way
-        sent = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 1.0  # the signal reaches the main thread's handler asynchronously
         while (status := http(f"{d.admin}/readyz"))[0] != 503 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert status[0] == 503 and json.loads(status[1])["stopping"] is True, status  # was 200 for 6 s and more
-        assert d.proc.wait(15) == 0
-        assert time.monotonic() - sent < 5 + 2  # was: never, until a second signal
-        assert d.event("shutdown_complete")["clean"] is True
+        assert d.proc.wait(40) == 0  # was: never, until a second signal
+        done = d.event("shutdown_complete")
+        # within timeout_s, by the daemon's own log (its process exit after that, torch's teardown, is
+        # slow under load and says nothing about the drain)
+        assert done["clean"] is True
+        assert (_log_time(done) - _log_time(d.event("shutdown_started"))).total_seconds() < 5
     finally:
         d.close()
