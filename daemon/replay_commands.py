@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import signal
 import sys
 import threading
 from pathlib import Path
-
-import zmq
 
 from daemon import config as config_mod
 from daemon import logs
@@ -28,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="re-run a recording through ingest and the model (identical at any speed)")
     r.add_argument("recording", help="MCAP file with input messages (sacmf serve [sinks] mcap_path, simulate --record)")
     pace = r.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=_speed, default=None, help="pace at this multiple of the recorded speed")
+    pace.add_argument(
+        "--speed", type=number(0, above=True), default=None, help="pace at this multiple of the recorded speed"
+    )
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     _pipeline_args(r)
     r.add_argument("--png", action="store_true", help="also draw pictures (rate-limited) under OUT/")
@@ -39,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate-stream", help="replay a recording with ground truth and score it (JSON, markdown, plots)"
     )
     e.add_argument("recording", help="MCAP file whose messages carry the simulator's truth in meta")
-    e.add_argument("--speed", type=_speed, default=None, help="pace the replay (default: as fast as possible)")
+    e.add_argument(
+        "--speed", type=number(0, above=True), default=None, help="pace the replay (default: as fast as possible)"
+    )
     e.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a detection match")
     _pipeline_args(e)
     e.set_defaults(func=_evaluate)
@@ -63,16 +64,6 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="override [model] checkpoint")
     p.add_argument("--batch", type=int, default=None, help="windows per model call (default: max_batch_size)")
     p.add_argument("--out", default=None, help="output folder (default: outputs/<command>/<recording name>)")
-
-
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (--max: as fast as possible), got {text}")
-    return value
 
 
 def _out_dir(args: argparse.Namespace, command: str) -> Path | None:
@@ -200,7 +191,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     from daemon import simulate
-    from sinks.mcap_recorder import McapRecorder
 
     try:
         s = simulate.settings_from_args(args)
@@ -209,28 +199,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     stop = threading.Event()
     _stop_on_signals(stop)
-    try:
-        pub = simulate.open_publisher(args, s)
-    except (ValueError, zmq.ZMQError) as exc:  # endpoint in use or malformed
-        print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        recorder = McapRecorder(args.record) if args.record else None
-    except OSError as exc:
-        pub.close()
-        print(f"error: cannot record to {args.record}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with pub:
-            print(f"publishing group {s.group} on {', '.join(pub.endpoints)} (session {pub.session:#x}); Ctrl-C stops")
-            if recorder is not None:
-                print(f"recording to {args.record}")
-            sent = simulate.run(pub, s, stop, args.duration, recorder=recorder)
-    finally:
-        if recorder is not None:
-            recorder.close()
-    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
-    return 0
+    return simulate.publish_command(args, s, stop)
 
 
 def _demo(args: argparse.Namespace) -> int:

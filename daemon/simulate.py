@@ -345,20 +345,54 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
     )
 
 
-def open_publisher(args: argparse.Namespace, s: SimSettings, **curve: object) -> SensorPublisher:
-    """The publisher `sacmf simulate` sends with (``--endpoint``, ``--connect``, ``--socket``; ``curve``:
-    the CURVE keyword arguments). Its sends time out (:data:`SEND_TIMEOUT_MS`) so that ``run`` can still
-    stop at the end of ``--duration`` or on a signal while a PUSH socket has nobody reading."""
+def publish_command(args: argparse.Namespace, s: SimSettings, stop: threading.Event, **curve: object) -> int:
+    """The body of `sacmf simulate`, plain or with CURVE (``curve``: the publisher's CURVE arguments):
+    open the publisher and the optional ``--record`` file, publish until ``stop`` or ``--duration``, print
+    what was sent. A publisher or file that cannot be opened is an ``error:`` line and exit status 2.
+
+    The publisher's sends time out (:data:`SEND_TIMEOUT_MS`) so that ``run`` can still stop at the end of
+    ``--duration`` or on a signal while a PUSH socket has nobody reading."""
+    from ingest.security import KeyFileError
+
     sensors = {c: "img" for c in s.cameras} | {r: "rad" for r in s.radiometers}
-    return SensorPublisher(
-        args.endpoint,
-        s.group,
-        sensors,
-        bind=not args.connect,
-        socket_type=args.socket,
-        send_timeout_ms=SEND_TIMEOUT_MS,
-        **curve,  # type: ignore[arg-type]
-    )
+    record = getattr(args, "record", None)
+    try:
+        pub = SensorPublisher(
+            args.endpoint,
+            s.group,
+            sensors,
+            bind=not args.connect,
+            socket_type=args.socket,
+            send_timeout_ms=SEND_TIMEOUT_MS,
+            **curve,  # type: ignore[arg-type]
+        )
+    except zmq.ZMQError as exc:  # endpoint in use or malformed
+        print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
+        return 2
+    except (KeyFileError, ValueError, RuntimeError) as exc:  # key files, CURVE options
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        recorder = McapRecorder(record) if record else None
+    except OSError as exc:
+        pub.close()
+        print(f"error: cannot record to {record}: {exc}", file=sys.stderr)
+        return 2
+    secured = " with CURVE" if curve else ""
+    try:
+        with pub:
+            print(
+                f"publishing group {s.group}{secured} on {', '.join(pub.endpoints)} (session {pub.session:#x}); "
+                "Ctrl-C stops"
+            )
+            if recorder is not None:
+                print(f"recording to {record}")
+            sent = run(pub, s, stop, args.duration, recorder=recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
+    return 0
 
 
 def curve_command(args: argparse.Namespace) -> int:
@@ -368,8 +402,6 @@ def curve_command(args: argparse.Namespace) -> int:
     """
     import signal
 
-    from ingest.security import KeyFileError
-
     try:
         s = settings_from_args(args)
     except ValueError as exc:
@@ -378,30 +410,5 @@ def curve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    record = getattr(args, "record", None)
-    try:
-        pub = open_publisher(
-            args,
-            s,
-            curve_secret=args.curve_secret,
-            curve_server_public=args.curve_server_public,
-            curve_clients=args.curve_clients,
-        )
-    except (KeyFileError, ValueError, RuntimeError, zmq.ZMQError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        recorder = McapRecorder(record) if record else None
-    except OSError as exc:
-        pub.close()
-        print(f"error: cannot record to {record}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with pub:
-            print(f"publishing group {s.group} with CURVE on {', '.join(pub.endpoints)} (session {pub.session:#x})")
-            sent = run(pub, s, stop, args.duration, recorder=recorder)
-    finally:
-        if recorder is not None:
-            recorder.close()
-    print("sent:", ", ".join(f"{k}={v}" for k, v in sent.items()))
-    return 0
+    curve = {k: getattr(args, k) for k in ("curve_secret", "curve_server_public", "curve_clients")}
+    return publish_command(args, s, stop, **curve)
