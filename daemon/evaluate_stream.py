@@ -35,7 +35,7 @@ import numpy as np
 from daemon.config import Config
 from daemon.replay import ReplayReport, recorded_inputs, recorded_results, replay
 from daemon.simulate import SceneTruth
-from model.evaluate import classification_scores, confusion_matrix, detection_scores
+from model.evaluate import classification_scores, confusion_matrix, detection_scores, jsonable
 from sinks.jsonl import JsonlSink
 from sinks.record import ResultRecord, final_revisions
 
@@ -104,15 +104,17 @@ def classification(y_true: Sequence[str], y_pred: Sequence[str], class_names: Se
         for c, i in index.items()
         if cm[i].sum() or cm[:, i].sum()
     }
-    return {
-        "n": s["n"],
-        "accuracy": _finite_or_none(s["accuracy"]),
-        "macro_f1": _finite_or_none(s["macro_f1"]),
-        "weighted_f1": _finite_or_none(s["weighted_f1"]),
-        "per_class": per_class,
-        "labels": labels,
-        "confusion": cm.tolist(),
-    }
+    return jsonable(
+        {  # undefined scores (NaN) are null
+            "n": s["n"],
+            "accuracy": s["accuracy"],
+            "macro_f1": s["macro_f1"],
+            "weighted_f1": s["weighted_f1"],
+            "per_class": per_class,
+            "labels": labels,
+            "confusion": cm.tolist(),
+        }
+    )
 
 
 def detection(pairs: Sequence[tuple[ResultRecord, SceneTruth]], class_names: Sequence[str], iou: float) -> dict:
@@ -125,21 +127,18 @@ def detection(pairs: Sequence[tuple[ResultRecord, SceneTruth]], class_names: Seq
     classes = [np.array([index.get(c, unknown) for c in t.classes], dtype=np.int64) for _, t in pairs]
     s = detection_scores(dets, boxes, classes, unknown + 1, iou_thr=iou)
     ap = {c: s["ap_per_class"][i] for c, i in index.items() if s["ap_per_class"][i] is not None}
-    return {
-        "iou": iou,
-        "windows": len(pairs),
-        "objects": s["n_gt"],
-        "detections": s["n_det"],
-        "map": s["map"] if math.isfinite(s["map"]) else None,
-        "ap_per_class": ap,
-        # undefined (NaN: precision without detections, recall without objects) is null, not 0
-        "class_agnostic": {k: _finite_or_none(s[f"box_agnostic_{k}"]) for k in ("precision", "recall", "f1")},
-        "class_aware": {k: _finite_or_none(s[f"box_{k}"]) for k in ("precision", "recall", "f1")},
-    }
-
-
-def _finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+    return jsonable(
+        {
+            "iou": iou,
+            "windows": len(pairs),
+            "objects": s["n_gt"],
+            "detections": s["n_det"],
+            "map": s["map"],
+            "ap_per_class": ap,
+            "class_agnostic": {k: s[f"box_agnostic_{k}"] for k in ("precision", "recall", "f1")},
+            "class_aware": {k: s[f"box_{k}"] for k in ("precision", "recall", "f1")},
+        }
+    )  # undefined (NaN: mAP or precision without detections, recall without objects) is null, not 0
 
 
 def percentiles(values: Sequence[float]) -> dict | None:
