@@ -20,7 +20,6 @@ def integer(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
 
-    parse.__name__ = "integer"  # what argparse names in "invalid integer value"
     return parse
 
 
@@ -34,12 +33,10 @@ def number(minimum: float = -math.inf, maximum: float = math.inf, *, above: bool
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         low_ok = value > minimum if above else value >= minimum
         if not (math.isfinite(value) and low_ok and value <= maximum):
-            low = f"> {minimum:g}" if above else f">= {minimum:g}"
-            bounds = " and ".join(
-                b for b in (low if minimum > -math.inf else "", f"<= {maximum:g}" if maximum < math.inf else "") if b
-            )
+            limits = [f"{'>' if above else '>='} {minimum:g}"] if minimum > -math.inf else []
+            limits += [f"<= {maximum:g}"] if maximum < math.inf else []
+            bounds = " and ".join(limits)
             raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
         return value
 
-    parse.__name__ = "number"
     return parse
