@@ -125,21 +125,10 @@ def to_unit(frame: np.ndarray) -> tuple[npt.NDArray[np.float32], tuple[float, fl
     the fusion as :func:`input_unit` reads it.
     """
     a = np.asarray(frame)
-    if a.dtype == np.uint8:
-        return (a.astype(np.float32) / 255.0), (0.0, 255.0)
-    if a.dtype == np.uint16:
-        return (a.astype(np.float32) / 65535.0), (0.0, 65535.0)
-    if np.issubdtype(a.dtype, np.integer):
-        info = np.iinfo(a.dtype)
-        lo, hi = float(info.min), float(info.max)
-    else:
-        finite = np.isfinite(a)
-        if not finite.any():
-            return np.zeros(a.shape, np.float32), (0.0, 1.0)
-        lo, hi = float(a[finite].min()), float(a[finite].max())
-        a = np.where(finite, a, lo)
-    span = hi - lo if hi > lo else 1.0
-    return ((a.astype(np.float64) - lo) / span).astype(np.float32), (lo, span)
+    scale = _full_scale(a)
+    if a.dtype in (np.uint8, np.uint16):  # float32 arithmetic, as the networks' image readers do
+        return a.astype(np.float32) / scale[1], scale
+    return _unit(a, scale), scale
 
 
 def input_unit(frame: np.ndarray) -> tuple[npt.NDArray[np.float32], tuple[float, float]]:
@@ -153,27 +142,33 @@ def input_unit(frame: np.ndarray) -> tuple[npt.NDArray[np.float32], tuple[float,
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_):
         raise ValueError(f"expected a numeric frame, got dtype {a.dtype}")
     if a.dtype == np.uint8:
-        return (a.astype(np.float32) / 255.0), (0.0, 255.0)
-    x = a.astype(np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros(a.shape, np.float32), (0.0, 1.0)
-    lo, hi = float(x[finite].min()), float(x[finite].max())
-    span = hi - lo if hi > lo else 1.0
-    return ((np.where(finite, x, lo) - lo) / span).astype(np.float32), (lo, span)
+        return to_unit(a)
+    scale = _finite_range(a)
+    return _unit(a, scale), scale
 
 
-def _full_scale(frame: np.ndarray) -> tuple[float, float]:
-    """The (offset, scale) :func:`to_unit` maps ``frame`` with, without converting its pixels."""
-    a = np.asarray(frame)
-    if np.issubdtype(a.dtype, np.integer):
-        info = np.iinfo(a.dtype)
-        return float(info.min), float(info.max) - float(info.min)
+def _finite_range(a: np.ndarray) -> tuple[float, float]:
+    """(lowest, span) of the finite pixels: span 1 for a flat frame, (0, 1) when no pixel is finite."""
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return 0.0, 1.0
     lo, hi = float(finite.min()), float(finite.max())
     return lo, (hi - lo if hi > lo else 1.0)
+
+
+def _full_scale(a: np.ndarray) -> tuple[float, float]:
+    """The (offset, scale) :func:`to_unit` maps ``a`` with: an integer type's range, else the finite range."""
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        return float(info.min), float(info.max) - float(info.min)
+    return _finite_range(a)
+
+
+def _unit(a: np.ndarray, scale: tuple[float, float]) -> npt.NDArray[np.float32]:
+    """(a - offset) / scale as float32, computed in float64; non-finite pixels become 0 (the offset)."""
+    lo, span = scale
+    x = a.astype(np.float64)
+    return ((np.where(np.isfinite(x), x, lo) - lo) / span).astype(np.float32)
 
 
 def _from_unit(x: np.ndarray, like: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
