@@ -63,6 +63,8 @@ __all__ = [
 FEEDS = ("image_a", "none")
 WARMUP_SIDE = 32  # side of the synthetic warm-up pair: every method takes it, in well under a second
 FUSED, NOT_FUSED, FAILED = "fused", "not_fused", "failed"  # FusionOutcome.status
+STATUSES = (FUSED, NOT_FUSED, FAILED)
+FAILURE_REASONS = ("error", "non_finite")  # FusionError.reason
 
 
 class FusionLoadError(ValueError):

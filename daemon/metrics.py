@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -231,3 +232,47 @@ class DaemonMetrics:
         """(body, content type) for ``/metrics``; OpenMetrics when the scraper asks for it."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class ImageFusionMetrics:
+    """The [image_fusion] stage's metrics, registered only when the stage is on.
+
+    ``sacmf_image_fusion_quality`` (``DaemonMetrics``) shows the latest *fused* frame of a group and keeps
+    its value while windows go through unfused; ``sacmf_image_fusion_windows_total{group,result}``
+    (``fused``, ``not_fused``: a camera missing, ``failed``) shows how many windows each value stands for.
+    """
+
+    def __init__(self, registry: CollectorRegistry, groups: Iterable[str], stage: Any) -> None:
+        from daemon.fusion_stage import FAILURE_REASONS, STATUSES
+
+        self.windows = Counter(
+            "sacmf_image_fusion_windows",
+            "Windows through the [image_fusion] stage, by group and result (fused; not_fused: a camera "
+            "missing, passed through; failed: the fusion raised or gave non-finite pixels)",
+            ["group", "result"],
+            registry=registry,
+        )
+        for group in groups:
+            for result in STATUSES:
+                self.windows.labels(group, result)
+        self.failures = Counter(
+            "sacmf_image_fusion_failures",
+            "Windows whose pixel fusion failed, by reason (error: the stage raised; non_finite: NaN/Inf "
+            'out of the network); with feed = "image_a" each is also a failed window',
+            ["reason"],
+            registry=registry,
+        )
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
+        self.info = Gauge(
+            "sacmf_image_fusion_info",
+            "The fusion method and weights in use (value 1; sha256 empty for mean)",
+            ["method", "sha256"],
+            registry=registry,
+        )
+        self.set_info(stage)
+
+    def set_info(self, stage: Any) -> None:
+        """The stage now serving (its ``method`` and ``sha256``): after start-up and after a reload."""
+        self.info.clear()
+        self.info.labels(stage.method.name, stage.sha256 or "").set(1)

@@ -431,7 +431,7 @@ class Service:
 
     def __init__(self, cfg: Config) -> None:
         from daemon.inference import InferenceRunner  # torch: main process only
-        from daemon.metrics import DaemonMetrics
+        from daemon.metrics import DaemonMetrics, ImageFusionMetrics
 
         self.cfg = cfg
         inf = cfg.inference
@@ -457,7 +457,9 @@ class Service:
         # None unless [image_fusion] method is set; weights that do not load and warm up raise
         # FusionLoadError, which serve() turns into exit status 2
         self.fusion = FusionStage.from_settings(cfg.image_fusion)
-        self._fusion_metrics = _FusionMetrics(self.metrics.registry, cfg, self.fusion) if self.fusion else None
+        self._fusion_metrics = (
+            ImageFusionMetrics(self.metrics.registry, cfg.ingest.groups, self.fusion) if self.fusion else None
+        )
         self._reload_lock = threading.Lock()  # SIGHUP and POST /reload: one reload (model + fusion) at a time
         if cfg.ingest.curve is not None or cfg.sinks.zmq_curve is not None:
             from ingest.security import AuthCollector
@@ -1111,7 +1113,7 @@ class Service:
                 records = list(self.runner.records(windows, item.forwarded))
             except Exception as exc:
                 records = self._isolate(windows, exc) if len(windows) > 1 else self._failed(windows[0], exc)
-            for record, identity in zip(records, item.prep.fusion or [None] * len(records), strict=True):
+            for record, identity in zip(records, item.prep.fusion, strict=True):
                 if record is not None and identity is not None:  # the model was fed this window fused
                     record.image_fusion = ImageFusion(identity["method"], identity["sha256"])
         # inference duration: this batch's own work (preparation, model, decoding), not the hand-off waits
@@ -1160,52 +1162,6 @@ class Service:
                 failed_total=self.state.failed_windows,
             )
         return [None]
-
-
-class _FusionMetrics:
-    """The [image_fusion] stage's metrics, registered only when the stage is on.
-
-    ``sacmf_image_fusion_quality`` shows the latest *fused* frame of a group and keeps its value while
-    windows go through unfused; ``sacmf_image_fusion_windows_total{group,result}`` (``fused``,
-    ``not_fused``: a camera missing, ``failed``) shows how many windows each value stands for.
-    """
-
-    RESULTS = ("fused", "not_fused", "failed")
-    REASONS = ("error", "non_finite")
-
-    def __init__(self, registry: Any, cfg: Config, stage: Any) -> None:
-        from prometheus_client import Counter, Gauge
-
-        self.windows = Counter(
-            "sacmf_image_fusion_windows",
-            "Windows through the [image_fusion] stage, by group and result (fused; not_fused: a camera "
-            "missing, passed through; failed: the fusion raised or gave non-finite pixels)",
-            ["group", "result"],
-            registry=registry,
-        )
-        for group in cfg.ingest.groups:
-            for result in self.RESULTS:
-                self.windows.labels(group, result)
-        self.failures = Counter(
-            "sacmf_image_fusion_failures",
-            "Windows whose pixel fusion failed, by reason (error: the stage raised; non_finite: NaN/Inf "
-            'out of the network); with feed = "image_a" each is also a failed window',
-            ["reason"],
-            registry=registry,
-        )
-        for reason in self.REASONS:
-            self.failures.labels(reason)
-        self.info = Gauge(
-            "sacmf_image_fusion_info",
-            "The fusion method and weights in use (value 1; sha256 empty for mean)",
-            ["method", "sha256"],
-            registry=registry,
-        )
-        self.set_info(stage)
-
-    def set_info(self, stage: Any) -> None:
-        self.info.clear()
-        self.info.labels(stage.method.name, stage.sha256 or "").set(1)
 
 
 def _pinned_runner(base: type, sha256: str) -> type:
