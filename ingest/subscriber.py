@@ -392,9 +392,7 @@ class IngestWorker:
             msg = protocol.decode(frames, self.limits)
             route = self.routes.get((msg.group, msg.sensor))
             if route is None:
-                if msg.group not in self.windowers:
-                    raise protocol.ProtocolError("unknown_group", f"group {msg.group!r} is not configured here")
-                raise protocol.ProtocolError("unknown_sensor", f"sensor {msg.sensor!r} not in group {msg.group!r}")
+                raise self._unknown(msg.group, msg.sensor)
             if msg.kind != route.kind and msg.kind != "hb":
                 raise protocol.ProtocolError("wrong_kind", f"sensor {msg.sensor!r} takes {route.kind}, got {msg.kind}")
         except protocol.ProtocolError as exc:
@@ -483,10 +481,7 @@ class IngestWorker:
             return False
         if len(frames) != (2 if kind == "hb" else 3):  # structural: the decoder's frame_count, as before
             return False
-        if group in self.windowers:
-            exc = protocol.ProtocolError("unknown_sensor", f"sensor {sensor!r} not in group {group!r}")
-        else:
-            exc = protocol.ProtocolError("unknown_group", f"group {group!r} is not configured here")
+        exc = self._unknown(group, sensor)
         nbytes = sum(map(len, frames)) + extra_bytes
         if self.unrouted_limiter.admit(group, nbytes, self.monotonic()):
             kept = frames[:UNROUTED_DEAD_LETTER_FRAMES]
@@ -494,6 +489,12 @@ class IngestWorker:
         else:  # over the limit: counted (here and in the bucket), neither logged nor written
             self.stats.rejected[exc.reason] += 1
         return True
+
+    def _unknown(self, group: str, sensor: str) -> protocol.ProtocolError:
+        """The refusal of a (group, sensor) no route serves: which of the two is not configured."""
+        if group in self.windowers:
+            return protocol.ProtocolError("unknown_sensor", f"sensor {sensor!r} not in group {group!r}")
+        return protocol.ProtocolError("unknown_group", f"group {group!r} is not configured here")
 
     def _rate_limited(self, frames: list, recv_ns: int) -> None:
         """Counted (by reason and per sensor, in the bucket) and logged at a bounded rate; never
