@@ -37,21 +37,37 @@ class DatasetLayoutError(ValueError):
     """The folder layout is incomplete or the modalities are not aligned by id."""
 
 
-def _index_modality(directory: Path, exts: Sequence[str]) -> dict[str, Path]:
-    if not directory.is_dir():
-        raise DatasetLayoutError(f"missing modality directory {directory}")
+def index_folder(directory: Path, exts: Sequence[str], role: str | None = None) -> dict[str, Path]:
+    """Id (file stem) -> file of one modality folder; a file this reader would not use is an error, never
+    a silent skip. Shared by the dataset reader and ``sacmf test`` (which names the ``role``), so a folder
+    that trains also tests.
+
+    Why strict: a second file for one id (``x.png`` beside ``x.npy``) or a format not read here
+    (``y.bmp``) would otherwise drop an input without a word. Hidden files and subfolders are not
+    inputs of any kind and are left alone.
+    """
+    what = f"{role} file" if role else "file"
     found: dict[str, Path] = {}
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         if path.suffix.lower() not in exts:
-            raise DatasetLayoutError(f"unexpected file {path} (allowed extensions: {', '.join(exts)})")
+            raise DatasetLayoutError(
+                f"unexpected file {path}: not a readable {role or 'input'} file (extensions read: "
+                f"{', '.join(exts)}); convert it or move it out of {directory}"
+            )
         if path.stem in found:
             raise DatasetLayoutError(
-                f"two files for id {path.stem!r} in {directory}: {found[path.stem].name}, {path.name}"
+                f"two {what}s for id {path.stem!r}: {found[path.stem].name} and {path.name} (in {directory}); keep one"
             )
         found[path.stem] = path
     return found
+
+
+def _index_modality(directory: Path, exts: Sequence[str]) -> dict[str, Path]:
+    if not directory.is_dir():
+        raise DatasetLayoutError(f"missing modality directory {directory}")
+    return index_folder(directory, exts)
 
 
 def read_labels(path: Path, num_classes: int = NUM_CLASSES) -> list[dict[str, Any]]:

@@ -31,7 +31,15 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import CheckpointError, CheckpointMeta, atomic_write, load_checkpoint
-from model.dataset import IMAGE_EXTS, SEQ_EXTS, FourModalityDataset, _load_image, _load_seq, read_labels
+from model.dataset import (
+    IMAGE_EXTS,
+    SEQ_EXTS,
+    FourModalityDataset,
+    _load_image,
+    _load_seq,
+    index_folder,
+    read_labels,
+)
 from model.preprocess import IMAGE_ROLES, ROLES, RawSample, collate, preprocess, raw_from_dataset_item
 from model.sacmf import SACMF, Detection, SACMFConfig, decode_detections
 from model.synth import LABELS_FILE
@@ -128,31 +136,9 @@ def sibling_b_dir(a_dir: Path) -> Path | None:
     return a_dir.with_name(name[:-1] + ("B" if name[-1] == "A" else "b"))
 
 
-def _index(directory: Path | None, exts: Sequence[str], role: str = "input") -> dict[str, Path]:
-    """Id -> file of one input folder; a file this reader would not use is an error, never a silent skip.
-
-    Why strict: a second file for one id (``x.png`` beside ``x.npy``) or a format not read here
-    (``y.bmp``) would otherwise drop an input without a word, and the operator would believe every file
-    was classified. The rules are the training reader's (:mod:`model.dataset`), so a folder that trains
-    also tests. Hidden files and subfolders are not inputs of any kind and are left alone.
-    """
-    if directory is None:
-        return {}
-    found: dict[str, Path] = {}
-    for path in sorted(directory.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if path.suffix.lower() not in exts:
-            raise ValueError(
-                f"{path}: not a readable {role} file (extensions read: {', '.join(exts)}); "
-                f"convert it or move it out of {directory}"
-            )
-        if path.stem in found:
-            raise ValueError(
-                f"{directory}: two {role} files for id {path.stem!r}: {found[path.stem].name} and {path.name}; keep one"
-            )
-        found[path.stem] = path
-    return found
+def _index(directory: Path | None, exts: Sequence[str], role: str) -> dict[str, Path]:
+    """Id -> file of one input folder (none given: no file), by the training reader's rules."""
+    return {} if directory is None else index_folder(directory, exts, role)
 
 
 @dataclass
