@@ -40,7 +40,7 @@ import numpy as np
 import structlog
 import zmq
 
-from daemon import simulate
+from daemon import logs, simulate
 from daemon.simulate import SceneSource, SimSettings
 from ingest.publisher import SensorPublisher
 from sinks.record import ResultRecord, from_wire
@@ -158,15 +158,7 @@ class _Stdout:
         self.closed.set()
         try:
             out = sys.stdout.fileno()
-            fds = [out]
-            if _same_pipe(out, 2):
-                fds.append(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                for fd in fds:
-                    os.dup2(devnull, fd)
-            finally:
-                os.close(devnull)
+            logs.to_devnull(out, *([2] if _same_pipe(out, 2) else []))
         except (OSError, ValueError, AttributeError):  # no real stdout (embedded use): nothing to redirect
             pass
 

@@ -6,6 +6,7 @@ pipeable; under systemd or a container runtime both streams are collected anyway
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -52,14 +53,19 @@ class _CurrentStderr:
 
 
 def _silence_stderr() -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor behind sys.stderr
+        to_devnull(sys.stderr.fileno())
+
+
+def to_devnull(*fds: int) -> None:
+    """Point ``fds`` at /dev/null: their reader has gone, and what is still written to them (a log line,
+    a traceback, the interpreter's last flush) must go nowhere instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, sys.stderr.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stderr
-        pass
+        for fd in fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
