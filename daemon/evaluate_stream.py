@@ -179,8 +179,12 @@ def evaluate(
     speed: float | None = None,
     batch_size: int | None = None,
     iou: float = 0.5,
+    fusion: Any = None,
 ) -> Evaluation:
-    """Replay ``path``, score it against its truth, write report.json, report.md and the plots."""
+    """Replay ``path``, score it against its truth, write report.json, report.md and the plots.
+
+    ``fusion``: the ``[image_fusion]`` stage the served model expects (None: off), applied as in the daemon.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     truth = recorded_truth(path, cfg)
@@ -188,7 +192,7 @@ def evaluate(
     sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
     (out / "results.jsonl").unlink(missing_ok=True)
     try:
-        rep = replay(path, cfg, speed=speed, batch_size=batch_size, sinks=[sink])
+        rep = replay(path, cfg, speed=speed, batch_size=batch_size, sinks=[sink], fusion=fusion)
     finally:
         sink.close()
     results = final_revisions(rep.results)  # late_policy "update": score each window's last revision
@@ -238,6 +242,8 @@ def evaluate(
             "late_records": len(rep.late),
             "windows_flushed": rep.flushed,
             "windows_failed": rep.failed,
+            "image_fusion": fusion.identity if fusion is not None else None,
+            "image_fusion_failed": rep.fusion_failed,
             "wall_s": rep.wall_s,
             "windows_per_s": len(results) / rep.wall_s if rep.wall_s > 0 else None,
         },
@@ -434,6 +440,12 @@ def markdown(report: dict) -> str:
         f"{rp['windows_flushed']} windows flushed at the end, {rp['windows_failed']} failed; "
         f"{_f(rp['wall_s'], 2)} s wall ({_f(rp['windows_per_s'], 1)} windows/s, batch {rp['batch_size']})."
     )
+    if rp.get("image_fusion"):
+        f = rp["image_fusion"]
+        lines.append(
+            f"Image-A pixel-fused with Image-B by {f['method']} (weights sha256 {f['sha256'] or 'n/a'}) before the "
+            f"model; {rp['image_fusion_failed']} window(s) failed their fusion."
+        )
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,9 @@ Why the results are identical at any speed:
   how far behind the input the result came out. Comparisons exclude it (:func:`comparable`).
 
 Not replayed: the live daemon's wall-clock decisions (``max_wait`` flushes, ``drop_oldest`` sheds), so a
-live run's results may differ from its replay; the replay is the reference.
+live run's results may differ from its replay; the replay is the reference. Replayed: the pixel-level
+fusion stage (``[image_fusion]``), window by window as the daemon runs it, so that a model trained on
+fused frames is replayed on fused frames; a window whose fusion fails is failed as in the daemon.
 
 This module also holds the small helpers that turn a batch into pictures for the PNG sink
 (:class:`HeatmapTap`, :func:`png_frames`), shared with the live daemon.
@@ -52,7 +54,7 @@ from ingest.windowing import Window
 from sinks.late import late_record
 from sinks.mcap_recorder import read_recording
 from sinks.png import PngFrame
-from sinks.record import LateRecord, ResultRecord, to_wire
+from sinks.record import ImageFusion, LateRecord, ResultRecord, to_wire
 
 log = structlog.get_logger("sacmf.replay")
 
@@ -179,7 +181,8 @@ class ReplayReport:
     rejected: dict[str, int] = field(default_factory=dict)  # ingest rejections by reason
     windows: int = 0
     flushed: int = 0  # windows force-fired at the end of the recording
-    failed: int = 0  # windows the model failed on
+    failed: int = 0  # windows with no result: the model failed on them, or (fusion_failed of them) their fusion
+    fusion_failed: int = 0  # windows whose pixel fusion failed (failed under feed "image_a", served under "none")
     batches: int = 0
     wall_s: float = 0.0
     model_version: str = ""
@@ -242,6 +245,7 @@ def replay(
     sinks: Sequence[Any] = (),
     png: Any = None,
     runner: Any = None,
+    fusion: Any = None,
     on_result: Callable[[ResultRecord], None] | None = None,
 ) -> ReplayReport:
     """Feed ``path``'s input messages through ingest (replay mode) and the model; results to ``sinks``.
@@ -249,7 +253,8 @@ def replay(
     ``speed``: None = as fast as possible, else the recording's pace times ``speed``. ``batch_size``:
     windows per model call (default ``[inference] max_batch_size``). ``sinks`` get every result in
     order, synchronously (a replay is lossless); ``png`` (a PngSink) gets picture items. ``runner``: a
-    loaded InferenceRunner to reuse, else one is loaded from ``[model]``.
+    loaded InferenceRunner to reuse, else one is loaded from ``[model]``. ``fusion``: the
+    ``daemon.fusion_stage.FusionStage`` of ``[image_fusion]`` (None: off), applied as the daemon does.
     """
     if speed is not None and not speed > 0:
         raise ValueError(f"speed must be > 0 (or None for as fast as possible), got {speed}")
@@ -283,6 +288,11 @@ def replay(
 
     def infer(windows: list[Window]) -> None:
         report.batches += 1
+        fused: dict[tuple, Any] = {}  # (group, start_ns, revision) -> the stage's identity, fed fused
+        if fusion is not None:
+            windows = fuse(windows, fused)
+            if not windows:
+                return
         if tap is not None:
             tap.arm(runner)
         try:
@@ -299,6 +309,9 @@ def replay(
                     log.error("replay_window_failed", group=w.group, start_ns=w.start_ns, error=repr(one)[:300])
         now = sender.recording_now()
         for rec in records:
+            identity = fused.get((rec.group, rec.start_ns, rec.revision))
+            if identity is not None:
+                rec.image_fusion = ImageFusion(identity["method"], identity["sha256"])
             if now is not None:
                 rec.latency_s = (now - rec.end_ns) / 1e9
             for sink in sinks:
@@ -309,6 +322,25 @@ def replay(
         if png is not None:
             for item in png_frames(records, windows, heat):
                 png.write(item)
+
+    def fuse(windows: list[Window], fused: dict[tuple, Any]) -> list[Window]:
+        """The windows the model gets after the fusion stage, as ``Service._fuse`` decides it."""
+        from daemon.fusion_stage import FAILED, FUSED
+
+        kept = []
+        for w in windows:
+            outcome = fusion.apply(w)
+            if outcome.status == FAILED:
+                report.fusion_failed += 1
+                err = str(outcome.error)[:300]
+                log.error("replay_image_fusion_failed", group=w.group, start_ns=w.start_ns, error=err)
+                if fusion.feed == "image_a":  # the model was trained on fused frames: no result for this one
+                    report.failed += 1
+                    continue
+            if outcome.status == FUSED and fusion.feed == "image_a":
+                fused[(w.group, w.start_ns, w.revision)] = fusion.identity
+            kept.append(outcome.window)
+        return kept
 
     def handled() -> int:
         return sum(worker.messages().values()) + sum(worker.stats.rejected.values())

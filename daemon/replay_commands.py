@@ -98,6 +98,17 @@ def _load(args: argparse.Namespace) -> config_mod.Config | None:
     return cfg
 
 
+def _fusion(cfg: config_mod.Config) -> tuple[bool, object]:
+    """(ok, the [image_fusion] stage or None): a replay feeds the model what the daemon would feed it."""
+    from daemon.fusion_stage import FusionLoadError, FusionStage
+
+    try:
+        return True, FusionStage.from_settings(cfg.image_fusion)
+    except FusionLoadError as exc:
+        print(f"error: [image_fusion] checkpoint in {cfg.source}: {str(exc)[:600]}", file=sys.stderr)
+        return False, None
+
+
 def _threads(cfg: config_mod.Config) -> None:
     import torch
 
@@ -117,14 +128,15 @@ def _replay(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     _threads(cfg)
-    out = _out_dir(args, "replay")
+    ok, fusion = _fusion(cfg)
+    out = _out_dir(args, "replay") if ok else None
     if out is None:
         return 2
     (out / "results.jsonl").unlink(missing_ok=True)
     sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
     png = PngSink(out, max_per_s=args.png_max_per_s) if args.png else None
     try:
-        rep = replay(args.recording, cfg, speed=args.speed, batch_size=args.batch, sinks=[sink], png=png)
+        rep = replay(args.recording, cfg, speed=args.speed, batch_size=args.batch, sinks=[sink], png=png, fusion=fusion)
     except McapError as exc:  # not MCAP, or not sacmf's channels
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -137,6 +149,8 @@ def _replay(args: argparse.Namespace) -> int:
         f"{len(rep.results)} results, {sum(rep.rejected.values())} rejected, {len(rep.late)} late, "
         f"{rep.failed} failed; {rep.wall_s:.2f} s ({rate:.1f} windows/s), model {rep.model_version}"
     )
+    if fusion is not None:
+        print(f"image fusion: {fusion.method.name} ({rep.fusion_failed} window(s) failed their fusion)")
     print(f"results: {out / 'results.jsonl'}" + (f", {png.drawn} pictures under {out}/" if png else ""))
     return 0 if rep.failed == 0 else 1
 
@@ -150,11 +164,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     _threads(cfg)
-    out = _out_dir(args, "evaluate-stream")
+    ok, fusion = _fusion(cfg)
+    out = _out_dir(args, "evaluate-stream") if ok else None
     if out is None:
         return 2
     try:
-        ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou)
+        ev = evaluate(args.recording, cfg, out, speed=args.speed, batch_size=args.batch, iou=args.iou, fusion=fusion)
     except McapError as exc:  # not MCAP, or not sacmf's channels
         print(f"error: {exc}", file=sys.stderr)
         return 2

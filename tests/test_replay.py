@@ -25,6 +25,7 @@ import zmq
 from PIL import Image
 
 from daemon import config as config_mod
+from daemon.fusion_stage import FusionStage
 from daemon.replay import comparable, recorded_inputs, replay
 from daemon.serve_process import process_tree
 from daemon.service import decode_inputs, encode_inputs
@@ -33,7 +34,7 @@ from ingest import protocol
 from ingest.subscriber import IngestWorker
 from sinks.jsonl import read_jsonl
 from sinks.mcap_recorder import read_recording
-from sinks.record import ResultRecord, from_wire
+from sinks.record import ResultRecord, from_wire, to_wire
 from tests.ingest_helpers import KINDS, SEC, T0, settings, signature
 from tests.service_helpers import ROOT, Daemon, tiny_checkpoint
 
@@ -307,6 +308,66 @@ def test_replay_and_evaluate_refuse_what_is_not_a_sacmf_recording(recording: Rec
             assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (path, run.stderr)
     run = cli("replay", str(recording.mcap), "--config", str(recording.config), "--speed", "0")
     assert run.returncode == 2 and "--speed" in run.stderr
+
+
+def _with_image_fusion(recording: Recording, tmp_path: Path, method: str, checkpoint: str = "") -> Path:
+    text = recording.config.read_text() + f'\n[image_fusion]\nmethod = "{method}"\ncheckpoint = "{checkpoint}"\n'
+    path = tmp_path / f"fusion_{method}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_replay_and_evaluate_apply_the_configured_image_fusion(recording: Recording, tmp_path: Path):
+    """A model trained on fused frames must be replayed on fused frames: replay and evaluate-stream ran
+    the model on the raw cameras whatever [image_fusion] said, and their records said "unfused"."""
+    cfg_path = _with_image_fusion(recording, tmp_path, "mean")
+    cfg = config_mod.load(cfg_path)
+    fused = replay(recording.mcap, cfg, fusion=FusionStage.from_settings(cfg.image_fusion)).results
+    plain = {r.start_ns: r for r in replay(recording.mcap, config_mod.load(recording.config)).results}
+    both = [r for r in fused if r.presence["image_a"] and r.presence["image_b"]]
+    assert len(both) >= 4 and len(fused) == len(plain)
+    for r in fused:
+        wire = to_wire(r)["image_fusion"]
+        if r in both:
+            assert wire == {"method": "mean", "sha256": None}
+            assert r.target_probs != plain[r.start_ns].target_probs  # the model saw another Image-A
+        else:
+            assert r.image_fusion is None and comparable(r) == comparable(plain[r.start_ns])
+
+    out = tmp_path / "eval"
+    run = cli("evaluate-stream", str(recording.mcap), "--config", str(cfg_path), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["replay"]["image_fusion"] == {"method": "mean", "sha256": None}
+    assert "pixel-fused with Image-B by mean" in (out / "report.md").read_text()
+    results = [from_wire(d) for d in read_jsonl(out / "results.jsonl")]
+    assert sum(r.image_fusion is not None for r in results) == len(both)
+
+    run = cli("replay", str(recording.mcap), "--config", str(cfg_path), "--out", str(tmp_path / "replay"))
+    assert run.returncode == 0 and "image fusion: mean (0 window(s) failed" in run.stdout, run.stderr
+    results = [from_wire(d) for d in read_jsonl(tmp_path / "replay" / "results.jsonl")]
+    assert [comparable(r) for r in results] == [comparable(r) for r in fused]
+
+
+def test_replay_fails_the_windows_whose_fusion_fails_and_refuses_bad_weights(recording: Recording, tmp_path: Path):
+    golden = ROOT.parent / "shared" / "golden" / "cddfuse" / "weights.safetensors"
+    if not golden.is_file():
+        pytest.skip(f"golden weights missing at {golden}")
+    stage = FusionStage("cddfuse", golden)
+    with torch.no_grad():  # the network goes bad after it loaded and warmed up: every fused pixel is NaN
+        next(stage.model.parameters()).view(-1)[0] = float("nan")
+    rep = replay(recording.mcap, config_mod.load(recording.config), fusion=stage)
+    two_cameras = rep.fusion_failed
+    assert two_cameras >= 4 and rep.failed == two_cameras  # failed, not served unfused
+    assert len(rep.results) == rep.windows - two_cameras
+    assert all(not (r.presence["image_a"] and r.presence["image_b"]) for r in rep.results)
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights at all")
+    broken = _with_image_fusion(recording, tmp_path, "cddfuse", str(tmp_path / "bad.safetensors"))
+    for command in ("replay", "evaluate-stream"):
+        run = cli(command, str(recording.mcap), "--config", str(broken), "--out", str(tmp_path / command))
+        assert run.returncode == 2 and "[image_fusion] checkpoint" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and not (tmp_path / command).exists()
 
 
 def test_simulate_record_writes_a_replayable_file_with_truth(tmp_path: Path):
