@@ -651,7 +651,21 @@ class Service:
         log.info("admin_listening", url=f"http://{host}:{port}", host=host, port=port)
         try:
             return self._run_started(threads)
+        except Exception:  # a bug in the main loop: drain what can be drained, and never hang at exit
+            log.exception("main_loop_failed")
+            if not self.state.draining:
+                with contextlib.suppress(Exception):
+                    self._shutdown(time.monotonic() + self.cfg.shutdown_timeout_s)
+            return 1
         finally:
+            # the ingest process is not daemonic (it must flush its windows), so multiprocessing would
+            # join it at interpreter exit, forever if nothing told it to stop: tell it, then make sure
+            if self._child is not None and self._child.is_alive():
+                self._child_stop.set()
+                self._child.join(5)
+                if self._child.is_alive():
+                    self._child.kill()
+                    self._child.join(5)
             self.admin.stop()
             if self._pipe_dir:
                 shutil.rmtree(self._pipe_dir, ignore_errors=True)

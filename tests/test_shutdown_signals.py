@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.service_helpers import Daemon, http, tiny_checkpoint
+from daemon.serve_process import process_tree
+from tests.service_helpers import ROOT, Daemon, http, tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -276,3 +278,56 @@ def test_sigterm_during_a_stalled_sighup_reload_is_acted_on_at_once(tmp_path: Pa
         assert (_log_time(done) - _log_time(d.event("shutdown_started"))).total_seconds() < 5
     finally:
         d.close()
+
+
+# a bug in serve's main loop, injected once the daemon is up: everything else is the real daemon
+_BROKEN_MAIN_LOOP = """
+import sys, threading
+from daemon import config, logs
+from daemon.service import Service
+
+class Broken:  # what the main loop polls every 0.2 s
+    def is_set(self):
+        raise RuntimeError("injected main-loop bug")
+
+def inject(svc):
+    svc.state.ingest_up.wait(120)
+    print("child", svc._child.pid, flush=True)
+    svc.reload_requested = Broken()
+
+if __name__ == "__main__":  # the ingest process is spawned: it imports this file
+    logs.configure("info", "json")  # as `sacmf serve` does: JSON lines on stderr
+    svc = Service(config.load(sys.argv[1]))
+    threading.Thread(target=inject, args=(svc,), daemon=True).start()
+    sys.exit(svc.run())
+"""
+
+
+def test_a_main_loop_bug_drains_and_exits_instead_of_hanging_on_the_ingest_process(tmp_path: Path, checkpoint: Path):
+    """The ingest process is not daemonic, so multiprocessing joins it at interpreter exit: a main thread
+    that died by an unexpected exception left serve hanging there forever (the child waits for a stop
+    that nobody sends), out of reach of a supervisor's restart. It must log, drain and exit 1."""
+    d = Daemon(tmp_path, checkpoint)
+    script = tmp_path / "broken.py"
+    script.write_text(_BROKEN_MAIN_LOOP)
+    d.sub_thread.start()
+    d.sim.start()  # under load, as in service
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(d.config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in process_tree(proc.pid)[::-1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"serve hung after its main loop failed; stderr tail: {err[-1500:]}")
+    finally:
+        d.close()
+    assert proc.returncode == 1, err[-1500:]
+    assert '"main_loop_failed"' in err and "injected main-loop bug" in err
+    assert '"shutdown_complete"' in err  # drained: sinks closed, the ingest process told to stop
+    child = int(out.split()[1])
+    assert not Path(f"/proc/{child}").exists() or b") Z" in Path(f"/proc/{child}/stat").read_bytes()
