@@ -59,6 +59,7 @@ INGEST = {
     "dead_letter_max_bytes": Key(int, 256 * 2**20, _non_negative),
     "reject_log_interval_s": Key(NUM, 10.0, _non_negative),
     "skew_window_s": Key(NUM, 60.0, _positive),
+    "max_future_ms": Key(NUM, 10000, _non_negative),
 }
 WINDOW = {
     "size_ms": Key(NUM, 1000, _positive),
@@ -412,6 +413,7 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         dead_letter_max_bytes=ing["dead_letter_max_bytes"],
         reject_log_interval_s=float(ing["reject_log_interval_s"]),
         skew_window_s=float(ing["skew_window_s"]),
+        max_future_ns=int(ing["max_future_ms"] * 1_000_000),
         curve=ingest_curve,
         rate_limits=_rate_limits(_section(raw.get("rate_limit", {}), RATE_LIMIT, "rate_limit"), groups),
     )

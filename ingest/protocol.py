@@ -63,6 +63,7 @@ REJECT_REASONS = (
     "wrong_kind",  # a configured sensor sent a kind that its role does not take
     "rate_limited",  # the sensor is over its configured rate limit (dropped before decoding)
     "unauthorised_group",  # the authenticated CURVE key may not publish into the topic's group
+    "future_time",  # live: the data's event time is further ahead of its receive time than allowed
 )
 
 

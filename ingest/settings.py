@@ -51,6 +51,9 @@ class IngestSettings:
     reject_log_interval_s: float = 10.0
     skew_window_s: float = 60.0
     advance_interval_s: float = 0.05  # how often idle and max_wait timers are checked (live)
+    # live groups: data whose event time (after clock_offset_ms) is further ahead of its receive time than
+    # this is refused as future_time, since it would move the watermark and close windows early; 0 = off
+    max_future_ns: int = 0
     curve: CurveConfig | None = None  # CURVE on the input socket(s); None = plain (ingest/security.py)
     rate_limits: dict[str, RateLimit] = field(default_factory=dict)  # "group/sensor" -> token bucket
 

@@ -142,6 +142,7 @@ class Route:
     key: str  # "group/sensor": the loss tracker's key
     windower: GroupWindower
     skew: ClockSkewEstimator
+    max_ahead_ns: int = 0  # live groups: data further ahead of its receive time is refused (0 = off)
     data_messages: int = 0
     heartbeats: int = 0
     bytes: int = 0
@@ -182,8 +183,9 @@ class IngestWorker:
             for sensor, role in g.sensors.items():
                 skew = ClockSkewEstimator(int(settings.skew_window_s * 1e9))
                 offset = g.offsets_ns.get(sensor, 0)
+                ahead = settings.max_future_ns if g.window.mode == "live" else 0  # replay: event time only
                 self.routes[g.name, sensor] = Route(
-                    g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew
+                    g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew, ahead
                 )
         # Every topic a route serves (all kinds): anything else is refused by its topic, before decoding.
         self._routed_topics = frozenset(
@@ -395,6 +397,8 @@ class IngestWorker:
                 raise self._unknown(msg.group, msg.sensor)
             if msg.kind != route.kind and msg.kind != "hb":
                 raise protocol.ProtocolError("wrong_kind", f"sensor {msg.sensor!r} takes {route.kind}, got {msg.kind}")
+            if route.max_ahead_ns and msg.kind != "hb":
+                self._check_future(msg, route, recv_ns)
         except protocol.ProtocolError as exc:
             self._reject(exc, frames, recv_ns)
             return
@@ -420,6 +424,22 @@ class IngestWorker:
             fired = route.windower.add_samples(RadChunk(msg.sensor, msg.seq, t, msg.dt_ns, msg.data, msg.meta), recv_ns)
         if fired:
             self._emit(fired)
+
+    @staticmethod
+    def _check_future(msg: protocol.Message, route: Route, recv_ns: int) -> None:
+        """Refuse data from too far in the future: one frame stamped years ahead (a sensor clock reset
+        to a bad RTC value) would otherwise carry the group's watermark with it, and every window up
+        to that time would close: the group's later data, from every sensor, would all be late."""
+        t_last = msg.t_ns + route.offset_ns  # a frame's event time; a chunk's is its last sample's
+        if msg.kind == "rad" and msg.data.shape[0] > 1:
+            t_last += (msg.data.shape[0] - 1) * msg.dt_ns
+        ahead = t_last - recv_ns
+        if ahead > route.max_ahead_ns:
+            raise protocol.ProtocolError(
+                "future_time",
+                f"{route.key}: event time {ahead / 1e9:.3f} s ahead of its receive time (more than [ingest] "
+                f"max_future_ms = {route.max_ahead_ns / 1e6:g}; fix the sensor's clock or its clock_offset_ms)",
+            )
 
     def messages(self) -> dict[tuple[str, str, str], int]:
         """Valid messages received, by (group, sensor, kind)."""

@@ -24,6 +24,7 @@ def test_default_config_loads():
     assert set(g.sensors.values()) == {"image_a", "image_b", "seq_a", "seq_b"}
     assert g.window.size_ns == 1_000_000_000 and g.window.hop_ns is None
     assert cfg.ingest.transport == "sub" and cfg.ingest.limits.reject_non_finite
+    assert cfg.ingest.max_future_ns == 10_000_000_000  # [ingest] max_future_ms
 
 
 def test_every_default_key_is_documented_in_config_toml():
@@ -110,6 +111,7 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["ingest"].update(rcvhwm=True), "ingest.rcvhwm: expected int"),
         (lambda r: r["ingest"].update(mode="fast"), "ingest.mode: 'fast' is not one of"),
         (lambda r: r["ingest"].update(max_message_bytes=0), "ingest.max_message_bytes: must be in 1..2**62"),
+        (lambda r: r["ingest"].update(max_future_ms=-1), "ingest.max_future_ms: must be >= 0"),
         (lambda r: r["ingest"].update(endpoints=["localhost:5555"]), "ingest.endpoints"),
         (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
         (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),

@@ -281,3 +281,66 @@ def test_a_send_timeout_raises_without_using_a_seq_and_a_retry_is_gapless(ctx):
             seqs.append(m.seq)
     pull.close(0)
     assert seqs == list(range(len(sent) + 1))
+
+
+@pytest.mark.parametrize("max_future_s", [10, 0])
+def test_one_frame_stamped_far_in_the_future_is_refused_not_made_the_watermark(max_future_s: int):
+    """A camera whose clock said 2100 for one frame (a bad RTC after a reboot), while the group's other
+    camera was briefly silent: the watermark followed that frame to 2100, and from then on every message
+    of every sensor of the group was late and no window was ever emitted again. With max_future_ns
+    (the default [ingest] max_future_ms = 10 s) the frame is refused as future_time and counted as a
+    gap of its sensor; windows go on. With the check off (0) the test shows the damage it prevents."""
+    from ingest import protocol
+
+    clock = {"t": 0}
+    st = settings("inproc://future", mode="live", roles={"cam_vis": "image_a", "cam_ir": "image_b"},
+                  idle_ns=2 * SEC, max_wait_ns=SEC, max_future_ns=max_future_s * SEC)  # fmt: skip
+    ctx = zmq.Context()
+    windows, late = [], []
+    worker = IngestWorker(st, windows.append, on_late=lambda *a: late.append(a), context=ctx, clock=lambda: clock["t"])
+    img = np.zeros((2, 2), np.uint8)
+    seqs = {"cam_vis": 0, "cam_ir": 0}
+
+    def send(sensor: str, t_ns: int) -> None:
+        header = protocol.encode_image_header("g1", sensor, 7, seqs[sensor], t_ns, 0, img)
+        seqs[sensor] += 1
+        worker.handle([protocol.topic("img", "g1", sensor), header, img.tobytes()], recv_ns=clock["t"])
+
+    try:
+        for i in range(200):  # 20 s at 10 frames/s, the daemon's clock in step with the cameras
+            clock["t"] = t = T0 + i * SEC // 10
+            send("cam_ir", 4_102_444_800 * SEC if i == 20 else t)  # one frame stamped 2100-01-01
+            if not 50 <= i < 80:  # cam_vis silent for 3 s (its publisher restarts)
+                send("cam_vis", t)
+            worker.poll(0)
+        if max_future_s:
+            assert worker.stats.rejected == {"future_time": 1}
+            assert not late and len(windows) >= 17  # every second up to the last few, none lost
+            assert worker.tracker.stats("g1/cam_ir").gaps == 1  # its seq: lost to the pipeline, counted
+        else:  # the failure the check prevents
+            assert len(late) > 100 and len(windows) < 8
+    finally:
+        worker.close()
+        ctx.term()
+
+
+def test_future_time_check_is_live_only_and_follows_clock_offsets():
+    """Replay-mode windows run on event time alone (a recording's times are not today's), and a sensor
+    whose known offset is configured is judged after the correction."""
+    from ingest import protocol
+
+    img = np.zeros((2, 2), np.uint8)
+    ctx = zmq.Context()
+    for mode, offset_s, t_ahead_s, refused in (("replay", 0, 3600, False), ("live", -60, 55, False),
+                                                ("live", 0, 55, True)):  # fmt: skip
+        st = settings(f"inproc://future-{mode}-{offset_s}", mode=mode, roles={"cam_vis": "image_a"},
+                      max_future_ns=10 * SEC)  # fmt: skip
+        if offset_s:
+            g = st.groups["g1"]
+            st.groups["g1"] = type(g)(g.name, g.sensors, g.window, offsets_ns={"cam_vis": offset_s * SEC})
+        worker = IngestWorker(st, lambda w: None, context=ctx, clock=lambda: T0)
+        header = protocol.encode_image_header("g1", "cam_vis", 7, 0, T0 + t_ahead_s * SEC, 0, img)
+        worker.handle([protocol.topic("img", "g1", "cam_vis"), header, img.tobytes()], recv_ns=T0)
+        assert (worker.stats.rejected["future_time"] == 1) is refused, (mode, offset_s)
+        worker.close()
+    ctx.term()

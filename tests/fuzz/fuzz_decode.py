@@ -77,7 +77,9 @@ T0 = 1_800_000_000 * SEC
 GROUP = "g1"
 SENSORS = {"cam_vis": "image_a", "cam_ir": "image_b", "rad_vis": "seq_a", "rad_ir": "seq_b"}
 # reasons only the worker gives (routing, rate limits, CURVE grants): the decoder alone never may
-WORKER_REASONS = frozenset({"unknown_group", "unknown_sensor", "wrong_kind", "rate_limited", "unauthorised_group"})
+WORKER_REASONS = frozenset(
+    {"unknown_group", "unknown_sensor", "wrong_kind", "rate_limited", "unauthorised_group", "future_time"}
+)
 DECODE_REASONS = frozenset(protocol.REJECT_REASONS) - WORKER_REASONS
 INT64_MIN, INT64_MAX, UINT64_MAX = protocol.INT64_MIN, protocol.INT64_MAX, protocol.UINT64_MAX
 
