@@ -462,6 +462,7 @@ class GroupWindower:
             return self._progress(inp, t_last, recv_ns)
 
         per_sample = values.nbytes // n
+        held: list[tuple[list, int, int, int]] = []  # the pieces this chunk added: (list, index, lo, hi)
         if t0 < self._late_bound:
             k = min(n, -((t0 - self._late_bound) // step))  # samples with t < late_bound
             j = k  # of those, the first j are reported; the rest go into updates
@@ -472,7 +473,7 @@ class GroupWindower:
                 if horizon + size <= self._frontier:  # type: ignore[operator]  # set: t0 is late
                     j = min(k, max(0, -((t0 - horizon) // step)))
                     if j < k:
-                        self._absorb_samples(chunk, j, k, step, horizon)
+                        held += self._absorb_samples(chunk, j, k, step, horizon)
             if j:
                 item = chunk if j == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:j], chunk.meta)
                 t_j = t0 + (j - 1) * dt
@@ -490,9 +491,11 @@ class GroupWindower:
             if ow is None:
                 ow = self._new_window(s)
             ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
+            held.append((ow.pieces, len(ow.pieces) - 1, lo, hi))
             if own > 0:
                 ow.own_bytes += own * per_sample
                 self._buffered += own * per_sample
+        _unpin(values, held)
         return self._progress(inp, t_last, recv_ns)
 
     def advance(self, now_ns: int) -> list[Window]:
@@ -724,17 +727,20 @@ class GroupWindower:
         self.late_used[frame.sensor] += 1
         return True
 
-    def _absorb_samples(self, chunk: RadChunk, j: int, k: int, step: int, horizon: int) -> None:
-        """Add samples ``j:k`` of a chunk (late, none before ``horizon``) to their fired windows."""
+    def _absorb_samples(self, chunk: RadChunk, j: int, k: int, step: int, horizon: int) -> list:
+        """Add samples ``j:k`` of a chunk (late, none before ``horizon``) to their fired windows; returns
+        the pieces added, as ``(list, index, lo, hi)`` for :func:`_unpin`."""
         t0, dt, values = chunk.t_ns, chunk.dt_ns, chunk.values
         size, hop, frontier = self._size, self._hop, self._frontier
         per_sample = values.nbytes // values.shape[0]
+        held: list[tuple[list, int, int, int]] = []
         t_j = t0 + j * dt
         first = max(t_j - t_j % hop - size + hop, horizon)
         # fired windows only (they end at or before the frontier); add_samples puts the rest in open ones
         for s, lo, hi, own in self._spans(t0, dt, step, j, k, first, frontier - size + 1):  # type: ignore[operator]
             kw = self._kept_window(s)
             kw.ow.pieces.append((t0 + lo * dt, dt, values[lo:hi], chunk.sensor, chunk.seq))
+            held.append((kw.ow.pieces, len(kw.ow.pieces) - 1, lo, hi))
             kw.pending.add(chunk.sensor)
             if own > 0:
                 kw.ow.own_bytes += own * per_sample
@@ -743,6 +749,7 @@ class GroupWindower:
             self.late_messages[chunk.sensor] += 1
         self.late_samples[chunk.sensor] += k - j
         self.late_used[chunk.sensor] += 1
+        return held
 
     def _service_kept(self) -> list[Window]:
         """Emit kept windows whose late inputs have all moved past their end; then evict, oldest first,
@@ -820,3 +827,20 @@ class GroupWindower:
             t = t[order]
             values = values[order]
         return Samples(t, values, dt)
+
+
+def _unpin(values: np.ndarray, held: list[tuple[list, int, int, int]]) -> None:
+    """Re-point the pieces a chunk left in windows at a copy of just those samples, when they are under
+    half of it. A piece is a view, and a view keeps its whole base buffer alive (the received message):
+    a radiometer sending a long rolling buffer of which only the newest samples are in time would hold
+    every message's full payload while ``buffered_bytes`` (and its cap) counted only the slices."""
+    if not held:
+        return
+    lo = min(h[2] for h in held)
+    hi = max(h[3] for h in held)
+    if 2 * (hi - lo) >= values.shape[0]:
+        return
+    kept = values[lo:hi].copy()
+    for pieces, i, a, b in held:
+        t, dt, _, sensor, seq = pieces[i]
+        pieces[i] = (t, dt, kept[a - lo : b - lo], sensor, seq)

@@ -363,6 +363,30 @@ def test_straddling_chunk_only_late_part_is_reported() -> None:
     assert s.values.dtype == np.float32 and s.t_ns.dtype == np.int64 and s.dt_ns == 10
 
 
+@pytest.mark.parametrize("policy", ["sink", "update"])
+def test_a_mostly_late_chunk_does_not_pin_its_whole_payload(policy: str) -> None:
+    """A radiometer that sends a long rolling buffer of which only the newest samples are in time: the
+    kept slices were views of the received payload, so every message's full buffer stayed alive while
+    buffered_bytes (the max_buffered_bytes cap) counted only the slices. The kept samples must be their
+    own small copy, with the same values."""
+    spec = WindowSpec(100, mode="replay", late_policy=policy, update_horizon_ns=150)
+    run = Run(spec, {"rad_a": "seq_a"})
+    w = run.w
+    add(w, Ev("rad_a", 0, 0, dt=10, n=10), 0)
+    add(w, Ev("rad_a", 1, 300, dt=1, n=1), 0)  # fires [0,100) .. [200,300): frontier 300
+    big = chunk("rad_a", 2, 300 - 10_000 * 1 + 1, 1, 10_000)  # t = -9699 .. 300: all late but the last one
+    run.out += w.add_samples(big, 0)
+    held = [p for ow in [*w._open.values(), *(k.ow for k in w._kept.values())] for p in ow.pieces]
+    from_big = [p[2] for p in held if p[4] == 2]
+    assert from_big and all(not np.shares_memory(v, big.values) for v in from_big)
+    assert all(v.base is None or v.base.nbytes <= 1000 * v.itemsize for v in from_big)
+    windows = {x.start_ns: x for x in [*run.out, *w.flush()]}
+    assert windows[300].samples["seq_a"].values.tolist() == [_values(Ev("rad_a", 1, 300, 1, 1))[0], big.values[-1]]
+    if policy == "update":  # [200, 300) never opened; it comes out of the late samples in the horizon
+        assert windows[200].trigger == "update"
+        assert windows[200].samples["seq_a"].values.tolist() == big.values[-101:-1].tolist()
+
+
 def test_sequence_numbers_past_int64_merge() -> None:
     """seq is a uint64 on the wire: overlapping chunks with seq >= 2**63 are ordered, not an OverflowError."""
     w = GroupWindower("g", {"rad_a": "seq_a"}, WindowSpec(10, mode="replay"))
