@@ -761,6 +761,8 @@ class Service:
                 )
             if s.mcap_path:
                 recorder = McapRecorder(s.mcap_path)
+                if recorder.earlier is not None:
+                    log.info("recording_kept", path=str(s.mcap_path), earlier=str(recorder.earlier))
                 results.append(recorder)
                 late.append(_SharedRecorder(recorder))
                 if s.mcap_inputs:

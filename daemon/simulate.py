@@ -378,6 +378,8 @@ def publish_command(args: argparse.Namespace, s: SimSettings, stop: threading.Ev
         pub.close()
         print(f"error: cannot record to {record}: {exc}", file=sys.stderr)
         return 2
+    if recorder is not None and recorder.earlier is not None:
+        print(f"{record} existed: kept as {recorder.earlier}", file=sys.stderr)
     secured = " with CURVE" if curve else ""
     try:
         with pub:

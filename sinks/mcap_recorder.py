@@ -231,10 +231,37 @@ class _FileTail:
         self.pending.clear()
 
 
+def keep_earlier(path: Path) -> Path | None:
+    """Move an earlier recording at ``path`` aside, to ``<stem>.<its mtime, UTC>.mcap``; its new path.
+
+    Why: a daemon restarted by its supervisor after a crash opens the same ``mcap_path``; truncating it
+    destroyed the one recording that shows what led to the crash. An empty file holds nothing and is
+    simply reused. Raises OSError when the file cannot be moved (then nothing may overwrite it).
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_size == 0 or not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(st.st_mtime))
+    suffix = path.suffix or ".mcap"
+    for n in range(1000):
+        target = path.with_name(f"{path.stem}.{stamp}{f'-{n}' if n else ''}{suffix}")
+        try:
+            os.link(path, target)  # never replaces an existing file, unlike rename
+        except FileExistsError:
+            continue
+        path.unlink()
+        return target
+    raise OSError(f"cannot move the earlier recording {path} aside: 1000 names taken")
+
+
 class McapRecorder:
     """A sink (``name``/``write``/``close``) recording RawMessage, ResultRecord and LateRecord items.
 
-    Thread-safe: the ingest path may record inputs while a supervisor worker records results.
+    Thread-safe: the ingest path may record inputs while a supervisor worker records results. A
+    non-empty file already at ``path`` is kept (:func:`keep_earlier`; ``earlier`` says where it went).
     """
 
     def __init__(
@@ -258,6 +285,7 @@ class McapRecorder:
         self.fsync = fsync
         self.max_channels = max_channels
         self._lock = threading.Lock()
+        self.earlier = keep_earlier(self.path)
         self._out = _FileTail(self.path)  # owned until close()
         self._writer = Writer(self._out, chunk_size=chunk_size, compression=COMPRESSIONS[compression])  # type: ignore[arg-type]
         self._writer.start(profile="", library="sacmf")

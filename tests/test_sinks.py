@@ -535,6 +535,30 @@ def test_mcap_round_trip_reproduces_frames_and_times_and_opens_with_the_standard
     assert det == msgpack.unpackb(msgpack.packb(to_wire(results[0])), raw=False)
 
 
+def test_a_new_recorder_keeps_the_earlier_recording_at_its_path(tmp_path):
+    """A daemon restarted after a crash opens the same mcap_path: it truncated the crash's recording, the
+    one file that shows what led to it. The earlier file is kept, named by its last write; an empty one
+    (a recorder that died at once) is reused."""
+    path = tmp_path / "rec.mcap"
+    crashed = McapRecorder(path, flush_interval_s=0.0)
+    crashed.record_input([b"rad/g1/rad_vis", _header("rad", "rad_vis", 0, T0, dt_ns=1, n=2, dtype="float32"),
+                          bytes(8)], T0)  # fmt: skip
+    before = path.read_bytes()  # the writer never finished: no footer, as after a kill -9
+    os.utime(path, (1_796_000_000, 1_796_000_000))
+    second = McapRecorder(path)
+    assert second.earlier == tmp_path / "rec.20261130T005320Z.mcap"
+    assert second.earlier.read_bytes() == before and len(list(read_recording(second.earlier))) == 1
+    second.close()
+    os.utime(path, (1_796_000_000, 1_796_000_000))  # the same second: a second name, nothing replaced
+    third = McapRecorder(path)
+    assert third.earlier == tmp_path / "rec.20261130T005320Z-1.mcap"
+    third.close()
+    crashed.close()
+    path.write_bytes(b"")
+    assert McapRecorder(path).earlier is None and sorted(p.name for p in tmp_path.iterdir()) == [
+        "rec.20261130T005320Z-1.mcap", "rec.20261130T005320Z.mcap", "rec.mcap"]  # fmt: skip
+
+
 def test_unfinished_mcap_yields_every_message_before_the_cut(tmp_path):
     path = tmp_path / "crash.mcap"
     rec = McapRecorder(path, flush_interval_s=0.0)  # every message closes its chunk
