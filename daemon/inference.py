@@ -36,8 +36,8 @@ from daemon.adapt import pick_frame, prepare_window, windows_to_batch
 from ingest.windowing import Frame, Samples, Window
 from model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEYS, CheckpointError, save_checkpoint
 from model.checkpoint import load_checkpoint as _load_checkpoint
-from model.infer import tidy_box  # the one rule for ordering and clipping decoded boxes
-from model.preprocess import PreprocessConfig, collate
+from model.infer import ALL_MODALITIES, restrict, tidy_box, trained_modalities
+from model.preprocess import ROLES, PreprocessConfig, collate
 from model.sacmf import SACMF, SACMFConfig, decode_detections
 from sinks.record import Detection, FusionWeights, ResultRecord, TokenStats
 
@@ -67,6 +67,9 @@ class LoadedModel:
     version: str
     sha256: str
     path: Path
+    # what the checkpoint was trained on (``sacmf train --modalities``): the model is fed only these,
+    # as ``sacmf evaluate`` and ``sacmf test`` feed it, whatever else a window holds
+    modalities: tuple[str, ...] = ALL_MODALITIES
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -75,7 +78,9 @@ class LoadedModel:
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
     """Read, check and build a checkpoint (:func:`model.checkpoint.load_checkpoint`); no forward pass."""
     model, meta = _load_checkpoint(path, device)
-    return LoadedModel(model, meta.config, meta.class_names, meta.display_version, meta.sha256, meta.path)
+    return LoadedModel(
+        model, meta.config, meta.class_names, meta.display_version, meta.sha256, meta.path, trained_modalities(meta)
+    )
 
 
 # ---------------------------------------------------------------- warm-up input
@@ -308,7 +313,8 @@ class InferenceRunner:
 
     def _forward(self, loaded: LoadedModel, batch: dict[str, Tensor]) -> ForwardedBatch:
         on_cpu = torch.device(self.device).type == "cpu"  # then the copies below are a dozen no-op calls per batch
-        inputs = batch if on_cpu else {k: v.to(self.device) for k, v in batch.items()}
+        fed = batch if loaded.modalities == ALL_MODALITIES else restrict(batch, loaded.modalities)
+        inputs = fed if on_cpu else {k: v.to(self.device) for k, v in fed.items()}
         with torch.inference_mode():
             out = loaded.model(inputs)
             if not on_cpu:
@@ -331,13 +337,15 @@ class InferenceRunner:
             for modality, key in (("image", "token_weights_img"), ("sequence", "token_weights_seq"))
         }
         omega = out["modality_weights"].double().numpy().tolist()  # [B][2]
-        image_a_present = batch["presence"][:, 0].tolist()
+        # the preprocessing's mask: an all-NaN frame or a series with no finite sample is absent, as the model saw it
+        usable = batch["presence"].tolist()  # [B][4] in ROLES order
+        image_a_fed = "image" in loaded.modalities  # a sequence-only model's detection head was never trained
         records = []
         now = self.clock()
         for i, w in enumerate(windows):
             detections = []
             frame = _image_a(w)
-            if frame is not None and image_a_present[i]:
+            if frame is not None and image_a_fed and usable[i][0]:
                 height, width = frame.image.shape[:2]
                 for x0, y0, x1, y1, cls, score, class_probs in dets[i]:
                     box = tidy_box((x0, y0, x1, y1), width, height)
@@ -348,7 +356,7 @@ class InferenceRunner:
                     group=w.group,
                     start_ns=w.start_ns,
                     end_ns=w.end_ns,
-                    presence=dict(w.presence),
+                    presence={role: bool(usable[i][ROLES.index(role)]) for role in w.presence},
                     class_names=names,
                     target_probs=_probs(probs[i]),
                     fusion=FusionWeights(omega[i][0], omega[i][1], window_tokens),

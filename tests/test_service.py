@@ -7,6 +7,7 @@ Until a trained checkpoint exists, a tiny-backbone SA-CMF is built here, saved w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from daemon.simulate import SimSettings
 from daemon.window_view import model_view
 from ingest.resample import resample
 from ingest.windowing import Frame, Samples, Window
+from model.checkpoint import save_checkpoint
 from sinks.jsonl import read_jsonl
 from sinks.mcap_recorder import read_recording
 from sinks.record import ResultRecord, from_wire, to_wire
@@ -203,6 +205,49 @@ def test_runner_turns_windows_into_schema_valid_records(runner: InferenceRunner)
     # eval mode: a window's result does not depend on its batch-mates
     alone = runner.run([windows[2]])[0]
     assert np.allclose(alone.target_probs, records[2].target_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("modalities", [["sequence"], ["image"]])
+def test_a_single_modality_checkpoint_is_fed_only_what_it_was_trained_on(tmp_path: Path, modalities: list[str]):
+    """`sacmf train --modalities sequence` records what the model learnt from, and `sacmf evaluate` and
+    `sacmf test` feed it only that. The daemon fed it the whole window: the untrained branch took half
+    the fusion weight, changed the class, and a sequence-only model published detections from a head
+    that was never trained. Now the daemon gives the answer `sacmf evaluate` measured."""
+    from model.infer import restrict
+    from model.sacmf import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "one.pt"
+    save_checkpoint(build_model(TINY), path, "one", extra={"training": {"modalities": modalities}})
+    r = InferenceRunner(path, det_threshold=0.0, det_max_detections=3)
+    loaded = r.load()
+    assert loaded.modalities == tuple(modalities)
+    windows = [make_window(seed=1), make_window(T0 + SEC, seed=2)]
+    records = r.run(windows)
+    batch = restrict(windows_to_batch(windows, loaded.config.preprocess_config()), modalities)
+    with torch.inference_mode():
+        expected = torch.softmax(loaded.model(batch)["logits"].double(), dim=1)
+    for rec, probs in zip(records, expected.tolist(), strict=True):
+        assert np.allclose(rec.target_probs, probs, atol=1e-6)  # what an offline evaluation computes
+        assert rec.presence == dict.fromkeys(("image_a", "image_b", "seq_a", "seq_b"), True)  # the window's data
+        if modalities == ["sequence"]:
+            assert rec.fusion.image == 0.0 and rec.fusion.sequence == pytest.approx(1.0)
+            assert rec.detections == [] and set(rec.fusion.tokens) == {"sequence"}
+        else:
+            assert rec.fusion.sequence == 0.0 and len(rec.detections) == 3
+
+
+def test_record_presence_says_which_inputs_the_model_could_use(runner: InferenceRunner):
+    """A dead infrared camera sending all-NaN frames and a radiometer sending only NaN ([ingest]
+    non_finite = "keep"): the preprocessing treats both as absent, and the record must say so instead of
+    claiming four inputs for an answer made from two."""
+    w = make_window(seed=4)
+    dead = np.full((48, 64), np.nan, np.float32)
+    w.frames["image_b"] = [dataclasses.replace(f, image=dead) for f in w.frames["image_b"]]
+    w.samples["seq_b"] = Samples(None, np.full(1000, np.nan, np.float32), 1_000_000, t0=T0)
+    (rec,) = runner.run([w])
+    assert rec.presence == {"image_a": True, "image_b": False, "seq_a": True, "seq_b": False}
+    assert rec.fusion.tokens["image"].n == TINY.token_grid**2  # one camera's tokens
 
 
 def _tampered(src: Path, dst: Path, edit) -> Path:
