@@ -189,8 +189,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     truth = recorded_truth(path, cfg)
     live = recorded_results(path)
+    (out / "results.jsonl").unlink(missing_ok=True)  # this run's results only
     sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
-    (out / "results.jsonl").unlink(missing_ok=True)
     try:
         rep = replay(path, cfg, speed=speed, batch_size=batch_size, sinks=[sink], fusion=fusion)
     finally:
@@ -242,6 +242,7 @@ def evaluate(
             "late_records": len(rep.late),
             "windows_flushed": rep.flushed,
             "windows_failed": rep.failed,
+            "recording_damage": rep.damage.describe() if rep.damage.lost else None,
             "image_fusion": fusion.identity if fusion is not None else None,
             "image_fusion_failed": rep.fusion_failed,
             "wall_s": rep.wall_s,
@@ -440,6 +441,8 @@ def markdown(report: dict) -> str:
         f"{rp['windows_flushed']} windows flushed at the end, {rp['windows_failed']} failed; "
         f"{_f(rp['wall_s'], 2)} s wall ({_f(rp['windows_per_s'], 1)} windows/s, batch {rp['batch_size']})."
     )
+    if rp.get("recording_damage"):
+        lines.append(f"**The recording is damaged** ({rp['recording_damage']}): the scores lack those windows.")
     if rp.get("image_fusion"):
         f = rp["image_fusion"]
         lines.append(

@@ -52,7 +52,7 @@ from ingest.settings import IngestSettings
 from ingest.subscriber import IngestWorker
 from ingest.windowing import Window
 from sinks.late import late_record
-from sinks.mcap_recorder import read_recording
+from sinks.mcap_recorder import CONTENT_INPUT, CONTENT_RESULT, Damage, read_recording
 from sinks.png import PngFrame
 from sinks.record import ImageFusion, LateRecord, ResultRecord, to_wire
 
@@ -65,16 +65,18 @@ _ids = itertools.count()
 # ---------------------------------------------------------------- recordings
 
 
-def recorded_inputs(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[bytes]]]:
-    """(log time = receive time, exact frames) of every input message, in file (arrival) order."""
-    for rec in read_recording(path):
-        if isinstance(rec.body, list):
-            yield rec.log_time, rec.body
+def recorded_inputs(path: str | os.PathLike[str], damage: Damage | None = None) -> Iterator[tuple[int, list[bytes]]]:
+    """(log time = receive time, exact frames) of every input message, in file (arrival) order.
+
+    The recording's results are not decoded (a replay makes its own), so results written by a newer
+    sacmf do not stop it. ``damage`` counts what a corrupt file lost (``sinks.mcap_recorder.Damage``)."""
+    for rec in read_recording(path, contents=(CONTENT_INPUT,), damage=damage):
+        yield rec.log_time, rec.body  # type: ignore[misc]  # inputs are frame lists
 
 
 def recorded_results(path: str | os.PathLike[str]) -> list[ResultRecord]:
     """The results a live daemon wrote into the recording (its own latencies are the live ones)."""
-    return [rec.body for rec in read_recording(path) if isinstance(rec.body, ResultRecord)]
+    return [rec.body for rec in read_recording(path, contents=(CONTENT_RESULT,))]  # type: ignore[misc]
 
 
 def comparable(record: ResultRecord) -> dict:
@@ -186,6 +188,7 @@ class ReplayReport:
     batches: int = 0
     wall_s: float = 0.0
     model_version: str = ""
+    damage: Damage = field(default_factory=Damage)  # what a corrupt or unfinished recording lost
 
 
 class _Sender:
@@ -284,7 +287,7 @@ def replay(
         report.late.append(late_record(group, sensor, item, reason, time.time_ns()))
 
     worker = IngestWorker(replay_settings(cfg, endpoint), pending.append, on_late=on_late, context=ctx)
-    sender = _Sender(ctx, endpoint, recorded_inputs(path), speed)
+    sender = _Sender(ctx, endpoint, recorded_inputs(path, report.damage), speed)
 
     def infer(windows: list[Window]) -> None:
         report.batches += 1
@@ -381,5 +384,6 @@ def replay(
 
 
 def default_output_dir(recording: str | os.PathLike[str], kind: str) -> Path:
-    """``outputs/<kind>/<recording name without extension>`` (outputs/ is git-ignored)."""
-    return Path("outputs") / kind / Path(recording).name.split(".")[0]
+    """``outputs/<kind>/<recording file name without its extension>`` (outputs/ is git-ignored); the
+    whole stem, so that ``day.1.mcap`` and ``day.2.mcap`` do not share (and overwrite) one folder."""
+    return Path("outputs") / kind / Path(recording).stem

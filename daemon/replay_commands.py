@@ -151,8 +151,12 @@ def _replay(args: argparse.Namespace) -> int:
     )
     if fusion is not None:
         print(f"image fusion: {fusion.method.name} ({rep.fusion_failed} window(s) failed their fusion)")
+    if rep.damage.lost:
+        print(
+            f"error: the recording is damaged: {rep.damage.describe()}; the results lack their windows", file=sys.stderr
+        )
     print(f"results: {out / 'results.jsonl'}" + (f", {png.drawn} pictures under {out}/" if png else ""))
-    return 0 if rep.failed == 0 else 1
+    return 0 if rep.failed == 0 and not rep.damage.lost else 1
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -191,7 +195,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if live:
         print(f"live latency: p50 {live['p50']:.3f} s, p90 {live['p90']:.3f} s, p99 {live['p99']:.3f} s")
     print(f"report: {out / 'report.md'} (and report.json, {len(rep['plots'])} plots)")
-    return 0
+    replayed = rep["replay"]
+    if replayed["recording_damage"]:
+        print(
+            f"error: the recording is damaged: {replayed['recording_damage']}; scores lack its windows", file=sys.stderr
+        )
+    if replayed["windows_failed"]:
+        print(f"error: {replayed['windows_failed']} window(s) failed and are not scored", file=sys.stderr)
+    return 1 if replayed["recording_damage"] or replayed["windows_failed"] else 0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -49,8 +49,8 @@ from typing import Any, NamedTuple
 import msgpack
 import structlog
 from mcap.exceptions import McapError
-from mcap.records import Channel, Message
-from mcap.stream_reader import StreamReader
+from mcap.records import Channel, Chunk, Message, MessageIndex
+from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.well_known import MessageEncoding
 from mcap.writer import CompressionType, Writer
 
@@ -438,48 +438,136 @@ class McapRecorder:
 # ---------------------------------------------------------------- reader
 
 
-def read_recording(path: str | os.PathLike[str], *, strict: bool = False) -> Iterator[Recorded]:
-    """Every message in file (= recording) order, decoded; tolerant of an unfinished file.
+@dataclass
+class Damage:
+    """Parts of a recording that could not be read, for the caller to report (``read_recording``)."""
+
+    chunks: int = 0  # whole chunks skipped: present, but corrupt inside (checksum, compression, records)
+    messages: int = 0  # messages they held, by the message indexes that follow them (when readable)
+    tail_from: int | None = None  # byte offset from which a finished (footer-ended) file was unreadable
+    truncated: bool = False  # an unfinished file ended inside a record: the expected torn tail of a crash
+
+    @property
+    def lost(self) -> bool:
+        """Whether readable-looking data was lost (the torn tail of a crash is not counted as such)."""
+        return bool(self.chunks or self.tail_from is not None)
+
+    def describe(self) -> str:
+        parts = []
+        if self.chunks:
+            parts.append(f"{self.chunks} corrupt chunk(s) skipped, {self.messages} message(s) in them lost")
+        if self.tail_from is not None:
+            parts.append(f"unreadable from byte {self.tail_from} to the end")
+        return "; ".join(parts) or "intact"
+
+
+def read_recording(
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = False,
+    contents: tuple[str, ...] = (CONTENT_INPUT, CONTENT_RESULT, CONTENT_LATE),
+    damage: Damage | None = None,
+) -> Iterator[Recorded]:
+    """Every message in file (= recording) order, decoded; tolerant of an unfinished or damaged file.
 
     A linear scan rather than the index: it works on files whose writer crashed (no summary), and
-    file order is arrival order, which is what a replayer re-publishes. At a truncated tail it stops
-    (``strict=True``: raises RecordingTruncated after yielding the readable prefix).
+    file order is arrival order, which is what a replayer re-publishes. Chunks are framed by their
+    length, so a chunk that is corrupt inside (a flipped bit fails its checksum) is skipped and the
+    scan goes on; ``damage`` (when given) counts what was lost and an error is logged. At a truncated
+    tail it stops (``strict=True``: raises RecordingTruncated after yielding the readable prefix).
+    Only channels whose content is in ``contents`` are decoded (a replay needs the inputs alone, so
+    results of a newer schema do not stop it); a message that cannot be decoded, a channel that is
+    not sacmf's, or one not in MessagePack is an error (McapError).
     """
+    damage = damage if damage is not None else Damage()
     channels: dict[int, Channel] = {}
     count = 0
     started = False  # the magic and a first record were read: from here on, a bad tail is a truncation
+    lost_chunk = False  # the message indexes right after a skipped chunk say how many messages it held
     with open(path, "rb") as fh:
-        records = StreamReader(fh, validate_crcs=True).records
+        size = os.fstat(fh.fileno()).st_size
+        stream = StreamReader(fh, emit_chunks=True)
+        records = stream.records
         while True:
+            at = fh.tell()
             try:
                 rec = next(records)
             except StopIteration:
                 return
-            except Exception as exc:  # McapError, struct/EOF errors, or a decompressor's on a torn chunk
+            except Exception as exc:  # McapError, struct/EOF errors: the framing itself is broken
                 if not started:
                     raise NotARecording(f"{path}: not an MCAP recording ({exc!r})") from exc
+                if _finished(fh, size):  # the file was closed cleanly: this is damage, not a crash's tail
+                    damage.tail_from = at
+                    log.error("recording_damaged", path=str(path), messages=count, error=repr(exc), offset=at)
+                    if strict:
+                        raise RecordingTruncated(f"{path}: unreadable from byte {at}: {exc!r}") from exc
+                    return
+                damage.truncated = True
                 if strict:
                     raise RecordingTruncated(f"{path}: unreadable after {count} messages: {exc!r}") from exc
                 log.warning("recording_truncated", path=str(path), messages=count, error=repr(exc))
                 return
             started = True
-            if isinstance(rec, Channel):
-                channels[rec.id] = rec
-            elif isinstance(rec, Message):
-                channel = channels.get(rec.channel_id)
-                if channel is None:
-                    raise McapError(f"{path}: message on unknown channel {rec.channel_id}")
-                count += 1
-                yield _decode_message(channel, rec)
+            if isinstance(rec, MessageIndex):
+                if lost_chunk:
+                    damage.messages += len(rec.records)
+                continue
+            lost_chunk = False
+            if isinstance(rec, Chunk):
+                try:
+                    inner = breakup_chunk(rec, validate_crc=True)
+                except Exception as exc:
+                    damage.chunks += 1
+                    lost_chunk = True
+                    log.error("recording_chunk_skipped", path=str(path), error=repr(exc), offset=at)
+                    continue
+            else:
+                inner = [rec]
+            for r in inner:
+                if isinstance(r, Channel):
+                    _check_channel(path, r)
+                    channels[r.id] = r
+                elif isinstance(r, Message):
+                    channel = channels.get(r.channel_id)
+                    if channel is None:
+                        raise McapError(f"{path}: message on unknown channel {r.channel_id}")
+                    count += 1
+                    if channel.metadata.get(CONTENT_KEY) in contents:
+                        yield _decode_message(path, channel, r)
 
 
-def _decode_message(channel: Channel, msg: Message) -> Recorded:
+def _finished(fh: Any, size: int) -> bool:
+    """Whether the file ends with the MCAP magic, i.e. its writer closed it (footer and all)."""
+    if size < 8:
+        return False
+    fh.seek(size - 8)
+    return fh.read(8) == b"\x89MCAP0\r\n"
+
+
+def _check_channel(path: Any, channel: Channel) -> None:
     content = channel.metadata.get(CONTENT_KEY)
-    if content == CONTENT_INPUT:
-        frames = decode_raw(channel.topic, msg.data)
-        topic = channel.topic if channel.topic != OTHER_TOPIC else frames[0].decode("utf-8", "replace")
-        return Recorded(topic, msg.log_time, msg.publish_time, frames)
-    if content in (CONTENT_RESULT, CONTENT_LATE):
+    if content not in (CONTENT_INPUT, CONTENT_RESULT, CONTENT_LATE):
+        raise McapError(f"{path}: channel {channel.topic!r} is not a sacmf channel (metadata {channel.metadata})")
+    if channel.message_encoding != MessageEncoding.MessagePack:
+        raise McapError(
+            f"{path}: sacmf channel {channel.topic!r} has message encoding {channel.message_encoding!r}, not msgpack"
+        )
+
+
+class UnreadableMessage(McapError):
+    """A message on a sacmf channel that this version cannot decode (a newer schema, damaged bytes)."""
+
+
+def _decode_message(path: Any, channel: Channel, msg: Message) -> Recorded:
+    try:
+        if channel.metadata.get(CONTENT_KEY) == CONTENT_INPUT:
+            frames = decode_raw(channel.topic, msg.data)
+            topic = channel.topic if channel.topic != OTHER_TOPIC else frames[0].decode("utf-8", "replace")
+            return Recorded(topic, msg.log_time, msg.publish_time, frames)
         record = from_wire(msgpack.unpackb(msg.data, raw=False))
-        return Recorded(channel.topic, msg.log_time, msg.publish_time, record)
-    raise McapError(f"channel {channel.topic!r} is not a sacmf channel (metadata {channel.metadata})")
+    except Exception as exc:  # RecordError (e.g. a newer schema), msgpack's errors, a malformed input map
+        raise UnreadableMessage(
+            f"{path}: cannot decode a message on channel {channel.topic!r} (log time {msg.log_time}): {exc}"
+        ) from exc
+    return Recorded(channel.topic, msg.log_time, msg.publish_time, record)

@@ -370,6 +370,34 @@ def test_replay_fails_the_windows_whose_fusion_fails_and_refuses_bad_weights(rec
         assert "Traceback" not in run.stderr and not (tmp_path / command).exists()
 
 
+def test_a_damaged_recording_replays_what_it_can_and_says_so(recording: Recording, tmp_path: Path):
+    """A flipped bit in a middle chunk: replay and evaluate-stream went on as after a crash's torn tail,
+    dropping every later message, and exited 0. Now only that chunk is lost and both exit 1 saying so."""
+    from tests.test_sinks import _chunk_offsets
+
+    data = bytearray(recording.mcap.read_bytes())
+    chunks = _chunk_offsets(bytes(data))
+    assert len(chunks) >= 3
+    data[chunks[len(chunks) // 2] + 100] ^= 0x01
+    damaged = tmp_path / "damaged.mcap"
+    damaged.write_bytes(bytes(data))
+    whole = replay(recording.mcap, config_mod.load(recording.config))
+    for command in ("replay", "evaluate-stream"):
+        run = cli(command, str(damaged), "--config", str(recording.config), "--out", str(tmp_path / command))
+        assert run.returncode == 1 and "the recording is damaged: 1 corrupt chunk(s) skipped" in run.stderr, run.stderr
+    results = [from_wire(d) for d in read_jsonl(tmp_path / "replay" / "results.jsonl")]
+    assert results and results[-1].end_ns >= whole.results[-1].end_ns - WINDOW_NS  # it went on past the chunk
+    report = json.loads((tmp_path / "evaluate-stream" / "report.json").read_text())
+    assert report["replay"]["recording_damage"].startswith("1 corrupt chunk(s) skipped")
+
+
+def test_output_folders_keep_the_whole_recording_name():
+    from daemon.replay import default_output_dir
+
+    assert default_output_dir("/data/day.1.mcap", "replay") == Path("outputs/replay/day.1")
+    assert default_output_dir("day.2.mcap", "evaluate-stream") == Path("outputs/evaluate-stream/day.2")
+
+
 def test_simulate_record_writes_a_replayable_file_with_truth(tmp_path: Path):
     path = tmp_path / "sim.mcap"
     run = cli("simulate", "--endpoint", "tcp://127.0.0.1:*", "--frame-rate", "5", "--sample-rate", "200",

@@ -27,6 +27,7 @@ from ingest.windowing import GroupWindower, RadChunk, WindowSpec
 from sinks.jsonl import JsonlSink, encode_line, read_jsonl, rotated_paths
 from sinks.late import LateSink, late_record
 from sinks.mcap_recorder import (
+    Damage,
     McapRecorder,
     RawMessage,
     RecordingTruncated,
@@ -557,6 +558,82 @@ def test_a_new_recorder_keeps_the_earlier_recording_at_its_path(tmp_path):
     path.write_bytes(b"")
     assert McapRecorder(path).earlier is None and sorted(p.name for p in tmp_path.iterdir()) == [
         "rec.20261130T005320Z-1.mcap", "rec.20261130T005320Z.mcap", "rec.mcap"]  # fmt: skip
+
+
+def _chunk_offsets(data: bytes) -> list[int]:
+    """Byte offsets of the top-level chunk records of an MCAP file (opcode 6), by its length framing."""
+    out, pos = [], 8
+    while pos + 9 <= len(data):
+        opcode, length = struct.unpack_from("<BQ", data, pos)
+        if opcode == 6:
+            out.append(pos)
+        if opcode == 2:  # footer
+            break
+        pos += 9 + length
+    return out
+
+
+def _write_rad(rec: McapRecorder, n: int) -> list[bytes]:
+    payloads = [os.urandom(64) for _ in range(n)]
+    for i, p in enumerate(payloads):
+        rec.record_input([b"rad/g1/rad_vis", _header("rad", "rad_vis", i, T0 + i, dt_ns=1, n=16, dtype="float32"), p],
+                         T0 + 1000 + i)  # fmt: skip
+    return payloads
+
+
+def test_a_corrupt_chunk_mid_file_costs_only_its_own_messages_and_is_reported(tmp_path):
+    """One flipped bit in chunk 2 of 6 of a cleanly closed recording: the reader stopped there as at a
+    crash's torn tail, with a warning, and a replay of the rest exited 0. The other chunks are read,
+    the damage is counted (chunks, messages by the indexes after them) and logged as an error."""
+    path = tmp_path / "rec.mcap"
+    rec = McapRecorder(path, flush_interval_s=0.0)  # one chunk per message
+    payloads = _write_rad(rec, 6)
+    rec.close()
+    data = bytearray(path.read_bytes())
+    chunks = _chunk_offsets(bytes(data))
+    assert len(chunks) == 6
+    data[chunks[1] + 120] ^= 0x10  # inside the compressed records of the second chunk
+    path.write_bytes(bytes(data))
+    damage = Damage()
+    got = [r.body[2] for r in read_recording(path, damage=damage)]
+    assert got == payloads[:1] + payloads[2:]
+    assert (damage.chunks, damage.messages, damage.tail_from, damage.truncated) == (1, 1, None, False)
+    assert damage.lost and "1 corrupt chunk(s) skipped, 1 message(s)" in damage.describe()
+
+
+def test_recordings_sacmf_cannot_decode_are_clear_errors_and_inputs_need_no_results(tmp_path):
+    """Results of a newer schema stopped a replay, which needs only the inputs; and a channel that is
+    not sacmf's was accepted when it held no message."""
+    from mcap.writer import Writer
+
+    path = tmp_path / "newer.mcap"
+    rec = McapRecorder(path)
+    payloads = _write_rad(rec, 3)
+    rec.close()
+    newer = tmp_path / "newer2.mcap"
+    with newer.open("wb") as fh:  # the same inputs plus a result from a future schema
+        w = Writer(fh)
+        w.start()
+        inputs = w.register_channel("rad/g1/rad_vis", "msgpack", 0, {"sacmf": "input"})
+        for r in read_recording(path):
+            w.add_message(inputs, log_time=r.log_time, data=encode_raw(r.body)[1], publish_time=r.publish_time)
+        det = w.register_channel("det/g1", "msgpack", 0, {"sacmf": "result"})
+        w.add_message(det, log_time=T0, data=msgpack.packb({"kind": "result", "schema": 2}), publish_time=T0)
+        w.finish()
+    assert [r.body[2] for r in read_recording(newer, contents=("input",))] == payloads
+    with pytest.raises(McapError, match="cannot decode a message on channel 'det/g1'.*schema 2"):
+        list(read_recording(newer))
+    for name, encoding, metadata, message in (("json.mcap", "json", {"sacmf": "result"}, True),
+                                              ("foreign.mcap", "msgpack", {}, False)):  # fmt: skip
+        with (tmp_path / name).open("wb") as fh:
+            w = Writer(fh)
+            w.start()
+            ch = w.register_channel("det/g1", encoding, 0, metadata)
+            if message:
+                w.add_message(ch, log_time=1, data=b"{}", publish_time=1)
+            w.finish()
+        with pytest.raises(McapError, match="not msgpack" if message else "not a sacmf channel"):
+            list(read_recording(tmp_path / name))
 
 
 def test_unfinished_mcap_yields_every_message_before_the_cut(tmp_path):
