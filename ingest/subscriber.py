@@ -208,7 +208,7 @@ class IngestWorker:
         limiter = security.RateLimiter(settings.rate_limits, protocol.KINDS, monotonic())
         self.rate_limiter: security.RateLimiter | None = limiter if limiter else None
         self.sock = self._open_socket()
-        self._last_advance = 0
+        self._last_advance: int | None = None  # monotonic ns of the last timer check
         self.last_loop_ns = clock()  # liveness for /healthz
 
     # -- socket ---------------------------------------------------------------------------------
@@ -326,8 +326,9 @@ class IngestWorker:
                 n += 1
         now = self.clock()
         self.last_loop_ns = now
-        if now - self._last_advance >= self.settings.advance_interval_s * 1e9:
-            self._last_advance = now
+        tick = self.monotonic()  # the interval on the wall clock stopped for as long as a step back
+        if self._last_advance is None or tick - self._last_advance >= self.settings.advance_interval_s * 1e9:
+            self._last_advance = tick
             for windower in self.windowers.values():
                 try:
                     fired = windower.advance(now)

@@ -89,6 +89,8 @@ OnLate = Callable[[str, str, object, str], None]
 _NEVER = -(2**64)
 # How many closed window starts to remember for the "closed" vs "expired" late reason.
 _CLOSED_MEMORY = 4096
+# a receive time this far behind the newest one is the host clock stepping back, not jitter (live mode)
+CLOCK_STEP_NS = 1_000_000_000
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -349,6 +351,7 @@ class GroupWindower:
         self._wm: int | None = None
         self._group_max: int | None = None
         self._now: int | None = None
+        self.clock_steps_back = 0  # live: steps back of the receive clock seen (_clock_stepped_back)
         self._buffered = 0
         self._update = spec.late_policy == "update"
         self._horizon = spec.update_horizon_ns
@@ -504,6 +507,8 @@ class GroupWindower:
             return []
         if self._now is None or now_ns > self._now:
             self._now = now_ns
+        elif now_ns < self._now - CLOCK_STEP_NS:
+            self._clock_stepped_back(self._now - now_ns)
         out = self._fire_ready()
         if self._kept:
             updates = self._service_kept()
@@ -571,8 +576,11 @@ class GroupWindower:
         if self._group_max is None or t_max > self._group_max:
             self._group_max = t_max
         if not self._replay:
-            if self._now is None or recv_ns > self._now:
+            now = self._now
+            if now is None or recv_ns > now:
                 self._now = recv_ns
+            elif recv_ns < now - CLOCK_STEP_NS:
+                self._clock_stepped_back(now - recv_ns)
             if inp.last_recv is None or recv_ns > inp.last_recv:
                 inp.last_recv = recv_ns
         out = self._fire_ready()
@@ -583,6 +591,22 @@ class GroupWindower:
             if updates:
                 out[:0] = updates
         return out
+
+    def _clock_stepped_back(self, delta: int) -> None:
+        """The receive clock (the host's wall clock) went back by ``delta``: an NTP step, a VM restored.
+
+        Receive times only ever moved forward here, so after a step back every input's silence stood
+        still for the length of the step: a sensor that died then held the watermark for ``delta`` more
+        than ``idle_timeout``, and open windows piled up (live mode drops them at the caps). Moving the
+        clock and every input's last receive time back by the same amount keeps the silences right.
+        ``max_wait`` is wall-clock time after a window's end, so it waits out the step (the watermark
+        still closes windows as data arrives).
+        """
+        self._now -= delta  # type: ignore[operator]  # set: a step is seen against an earlier time
+        for inp in self._input_list:
+            if inp.last_recv is not None:
+                inp.last_recv -= delta
+        self.clock_steps_back += 1
 
     def _compute_watermark(self) -> int | None:
         gmax = self._group_max

@@ -344,3 +344,41 @@ def test_future_time_check_is_live_only_and_follows_clock_offsets():
         assert (worker.stats.rejected["future_time"] == 1) is refused, (mode, offset_s)
         worker.close()
     ctx.term()
+
+
+@pytest.mark.parametrize("step_s", [0, 30])
+def test_a_host_clock_stepped_back_does_not_freeze_idle_detection(step_s: int):
+    """The daemon's wall clock steps back 30 s (an NTP step, a VM restored) while the sensors' clocks
+    are right, then the infrared camera dies. idle_timeout (2 s) must take it out of the watermark as
+    without the step; receive times only moved forward, so its silence went unmeasured for 30 s and
+    no window came out (and the timer checks stopped: their interval was on the same clock)."""
+    from ingest import protocol
+
+    clock = {"t": 0}
+    st = settings(f"inproc://step-{step_s}", mode="live", roles={"cam_vis": "image_a", "cam_ir": "image_b"},
+                  idle_ns=2 * SEC, max_wait_ns=SEC)  # fmt: skip
+    ctx = zmq.Context()
+    windows = []
+    worker = IngestWorker(st, windows.append, on_late=lambda *a: None, context=ctx, clock=lambda: clock["t"])
+    img = np.zeros((2, 2), np.uint8)
+    seqs = {"cam_vis": 0, "cam_ir": 0}
+
+    def send(sensor: str, t_ns: int) -> None:
+        header = protocol.encode_image_header("g1", sensor, 7, seqs[sensor], t_ns, 0, img)
+        seqs[sensor] += 1
+        worker.handle([protocol.topic("img", "g1", sensor), header, img.tobytes()], recv_ns=clock["t"])
+
+    try:
+        for i in range(100):  # 10 s at 10 frames/s; the host clock steps back at 5 s, cam_ir dies at 5.5 s
+            t = T0 + i * SEC // 10
+            clock["t"] = t - (step_s * SEC if i >= 50 else 0)
+            send("cam_vis", t)
+            if i < 55:
+                send("cam_ir", t)
+            worker.poll(0)
+            time.sleep(0.001)  # the timer checks run on the monotonic clock: let it move
+        assert [w.start_ns - T0 for w in windows][-1] == 8 * SEC  # as without a step
+        assert worker.windowers["g1"].clock_steps_back == (1 if step_s else 0)
+    finally:
+        worker.close()
+        ctx.term()
