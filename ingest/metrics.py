@@ -74,7 +74,8 @@ class IngestCollector(Collector):
         )
         skew = g(
             "sacmf_sensor_clock_offset_seconds",
-            "Estimated receive minus event time (sliding minimum)",
+            "Sliding minimum of receive time minus the time the data was complete (a frame's exposure end, "
+            "a chunk's last sample): the sensor clock's offset plus the shortest transport delay",
             labels=["group", "sensor"],
         )
         late = c(

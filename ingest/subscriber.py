@@ -418,10 +418,14 @@ class IngestWorker:
         if not self.tracker.on_data(route.key, msg.session, msg.seq, recv_ns).deliver:  # duplicate or stale
             return
         t = msg.t_ns + route.offset_ns
-        route.skew.observe(t, recv_ns)
+        # the skew estimate compares receive time with when the data was complete, the earliest it could
+        # be sent: a frame's exposure end, a chunk's last sample (not its first: 100 ms chunks read as a
+        # clock 100 ms behind, which an operator would then "correct" with clock_offset_ms)
         if msg.kind == "img":
+            route.skew.observe(t + msg.exp_ns, recv_ns)
             fired = route.windower.add_frame(Frame(msg.sensor, msg.seq, t, msg.exp_ns, msg.data, msg.meta), recv_ns)
         else:
+            route.skew.observe(t + max(msg.data.shape[0] - 1, 0) * msg.dt_ns, recv_ns)
             fired = route.windower.add_samples(RadChunk(msg.sensor, msg.seq, t, msg.dt_ns, msg.data, msg.meta), recv_ns)
         if fired:
             self._emit(fired)

@@ -382,3 +382,26 @@ def test_a_host_clock_stepped_back_does_not_freeze_idle_detection(step_s: int):
     finally:
         worker.close()
         ctx.term()
+
+
+def test_the_clock_offset_estimate_of_synchronised_sensors_is_their_transport_delay():
+    """With the sensors' clocks right and 1 ms on the wire, the estimate was 0.1 s for a radiometer
+    sending 100 ms chunks and 0.021 s for a camera with 20 ms exposures: it measured from a chunk's
+    first sample and a frame's exposure start, so an operator reading the gauge would have shifted a
+    correct radiometer by 100 ms with clock_offset_ms."""
+    from ingest import protocol
+
+    ctx = zmq.Context()
+    worker = IngestWorker(settings("inproc://skew", mode="live"), lambda w: None, context=ctx)
+    img = np.zeros((2, 2), np.uint8)
+    samples = np.ones(100, np.float32)
+    for i in range(20):  # 2 s: frames of 20 ms exposures, radiation in 100-sample chunks at 1 kHz
+        t = T0 + i * SEC // 10
+        header = protocol.encode_image_header("g1", "cam_vis", 7, i, t, 20_000_000, img)
+        worker.handle([protocol.topic("img", "g1", "cam_vis"), header, img.tobytes()], recv_ns=t + 21_000_000)
+        header = encode_rad_header("g1", "rad_vis", 7, i, t, 1_000_000, samples)
+        worker.handle([protocol.topic("rad", "g1", "rad_vis"), header, samples.tobytes()], recv_ns=t + 100_000_000)
+    for sensor in ("cam_vis", "rad_vis"):
+        assert worker.routes["g1", sensor].skew.offset_ns == 1_000_000, sensor
+    worker.close()
+    ctx.term()
