@@ -86,8 +86,31 @@ LOGGING = {
 }
 
 
+ENDPOINT_TRANSPORTS = ("tcp", "ipc", "inproc", "pgm", "epgm", "ws", "wss")
+
+
+def endpoint_error(ep: Any) -> str | None:
+    """Why ``ep`` is not a ZeroMQ endpoint libzmq would take, or None: checked here, since serve only
+    finds out in its ingest process, after loading the model."""
+    if not isinstance(ep, str) or "://" not in ep:
+        return "is not a ZeroMQ endpoint like tcp://host:port, ipc:///path or inproc://name"
+    transport, _, address = ep.partition("://")
+    if transport not in ENDPOINT_TRANSPORTS:
+        return f"has an unknown transport {transport!r} (one of {', '.join(ENDPOINT_TRANSPORTS)})"
+    if not address:
+        return "has no address after ://"
+    if transport == "tcp":
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            return "needs tcp://host:port with a port in 1..65535 (or * to bind any free port)"
+    return None
+
+
 def _endpoint_or_empty(v: str) -> str | None:
-    return None if v == "" or "://" in v else 'must be a ZeroMQ endpoint like tcp://host:port, or "" for none'
+    if v == "":
+        return None
+    error = endpoint_error(v)
+    return None if error is None else f'{error}, or "" for none'
 
 
 def _device(v: str) -> str | None:
@@ -383,8 +406,8 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
     ing = _section(raw.get("ingest", {}), INGEST, "ingest")
     mode = ing["mode"]
     for ep in ing["endpoints"]:
-        if not isinstance(ep, str) or "://" not in ep:
-            raise ConfigError(f"ingest.endpoints: {ep!r} is not a ZeroMQ endpoint like tcp://host:port or ipc:///path")
+        if (error := endpoint_error(ep)) is not None:
+            raise ConfigError(f"ingest.endpoints: {ep!r} {error}")
     if not ing["endpoints"]:
         raise ConfigError("ingest.endpoints: at least one endpoint is needed")
     window_raw = raw.get("window", {})

@@ -310,7 +310,7 @@ def ingest_process_main(
         pipe.sock.close(linger=linger_ms)
         if inputs is not None:
             inputs.sock.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)  # closes whatever the failed start left open (term() would wait on it)
         return
     collector = IngestCollector([worker])
     limits = RateLimitCollector(lambda: [worker.rate_limiter, worker.unrouted_limiter])

@@ -218,8 +218,12 @@ class IngestWorker:
         if security.uses_curve(s.curve, s.endpoints):
             return self._open_curve()
         sock = self._new_socket()
-        for ep in s.endpoints:
-            (sock.bind if s.bind else sock.connect)(ep)
+        try:
+            for ep in s.endpoints:
+                (sock.bind if s.bind else sock.connect)(ep)
+        except BaseException:  # an open socket would block the context's term() for good
+            sock.close(linger=0)
+            raise
         return sock
 
     def _new_socket(self) -> zmq.Socket:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import datetime
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -467,6 +468,34 @@ def test_serve_without_a_checkpoint_fails_fast_and_says_how_to_get_one(tmp_path:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert f"no model checkpoint at {tmp_path / 'none.pt'}" in err and "save_checkpoint" in err
+
+
+def test_serve_exits_at_once_when_its_input_address_is_taken(tmp_path: Path, checkpoint: Path):
+    """The ingest process's socket stayed open after its bind failed, so its context never terminated:
+    serve waited out the whole shutdown timeout (30 s here) before it exited 2."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "c.toml"
+    text = (ROOT / "config.toml").read_text().replace('"model/weights/default.pt"', f'"{checkpoint}"')
+    text = text.replace('endpoints = ["tcp://127.0.0.1:5555"]', f'endpoints = ["tcp://127.0.0.1:{port}"]')
+    text = text.replace("bind = false", "bind = true", 1).replace('listen = "127.0.0.1:9102"', 'listen = "127.0.0.1:0"')
+    text = text.replace('zmq_endpoint = "tcp://127.0.0.1:5556"', 'zmq_endpoint = ""')
+    cfg.write_text(text)
+    try:
+        proc = sacmf("serve", str(cfg))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        taken.close()
+    assert proc.returncode == 2 and "Address already in use" in err, err[-2000:]
+    started = json.loads(next(line for line in err.splitlines() if '"shutdown_started"' in line or
+                              '"ingest_start_failed"' in line))  # fmt: skip
+    done = json.loads(next(line for line in err.splitlines() if '"shutdown_complete"' in line))
+    took = (datetime.fromisoformat(done["timestamp"]) - datetime.fromisoformat(started["timestamp"])).total_seconds()
+    assert took < 10, took  # was the whole 30 s timeout
 
 
 @pytest.fixture(scope="module")
