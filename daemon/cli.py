@@ -22,6 +22,25 @@ def _check_config(args: argparse.Namespace) -> int:
     if not cfg.model.checkpoint.is_file():  # what serve would refuse at start must not pass here
         print(f"error: [model] checkpoint: no file at {cfg.model.checkpoint}", file=sys.stderr)
         return 2
+    from daemon.inference import CheckpointError, load_checkpoint
+    from daemon.service import checkpoint_sha256
+
+    if cfg.model.sha256 and (actual := checkpoint_sha256(cfg.model.checkpoint)) != cfg.model.sha256:
+        print(
+            f"error: [model] checkpoint {cfg.model.checkpoint} has sha256 {actual}, but [model] sha256 expects "
+            f"{cfg.model.sha256}: serve would refuse it",
+            file=sys.stderr,
+        )
+        return 2
+    try:  # read and built as serve loads it (loads torch)
+        loaded = load_checkpoint(cfg.model.checkpoint, cfg.model.device)
+    except CheckpointError as exc:
+        print(f"error: [model] checkpoint: {str(exc)[:600]}", file=sys.stderr)
+        return 2
+    model_line = (
+        f"  model: {loaded.version} (sha256 {loaded.sha256[:12]}), classes {', '.join(loaded.class_names)}; "
+        f"trained on {' + '.join(loaded.modalities)}"
+    )
     fusion_line = None
     if cfg.image_fusion.method != "none":  # load and warm up the fusion weights as serve would (loads torch)
         from daemon.fusion_stage import FusionLoadError, FusionStage
@@ -36,6 +55,7 @@ def _check_config(args: argparse.Namespace) -> int:
         fusion_line = f"  image fusion: {stage.method.name} ({weights}, warm-up OK), feed {stage.feed}"
     ing = cfg.ingest
     print(f"{args.file}: OK ({ing.transport} on {', '.join(ing.endpoints)}, {'bind' if ing.bind else 'connect'})")
+    print(model_line)
     if fusion_line:
         print(fusion_line)
     for g in ing.groups.values():

@@ -66,7 +66,7 @@ WINDOW = {
     "hop_ms": Key(NUM, 0, _non_negative),
     "allowed_lateness_ms": Key(NUM, 200, _non_negative),
     "idle_timeout_ms": Key(NUM, 2000, _positive),
-    "max_wait_ms": Key(NUM, 1000, _non_negative),
+    "max_wait_ms": Key(NUM, 1000, lambda v: None if v == 0 or v >= 1e-6 else "must be 0 (off) or at least 1e-6 (1 ns)"),
     "missing_policy": Key(str, "emit", allowed=("emit", "drop")),
     "min_roles": Key(int, 1, lambda v: None if 1 <= v <= len(ROLES) else f"must be in 1..{len(ROLES)}"),
     "required_roles": Key(list, []),
@@ -448,7 +448,7 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
         source,
         model=_model(_section(raw.get("model", {}), MODEL, "model")),
         inference=_inference(_section(raw.get("inference", {}), INFERENCE, "inference"), mode),
-        sinks=_sinks(sinks_raw, results_curve),
+        sinks=_sinks(sinks_raw, results_curve, ing["dead_letter"]),
         admin=_admin(_section(raw.get("admin", {}), ADMIN, "admin")),
         shutdown_timeout_s=float(_section(raw.get("shutdown", {}), SHUTDOWN, "shutdown")["timeout_s"]),
         image_fusion=_image_fusion(_section(raw.get("image_fusion", {}), IMAGE_FUSION, "image_fusion")),
@@ -487,30 +487,31 @@ def _inference(i: dict[str, Any], mode: str) -> InferenceSettings:
     )
 
 
-def _check_sink_files(s: dict[str, Any]) -> None:
-    """No two sinks may write the same file (rotated backups included): each sink counts only its own
+def _check_sink_files(s: dict[str, Any], dead_letter: str = "") -> None:
+    """No two writers may share a file (rotated backups included): each sink counts only its own
     bytes, so a shared file grows past its limit and one sink's cleanup after a failed write would cut
-    away the other's records."""
+    away the other's records; the dead-letter file's msgpack records would make a JSONL file unreadable."""
     from sinks.jsonl import rotated_paths
 
     claimed: dict[str, str] = {}
-    for key in ("jsonl_path", "late_path", "mcap_path", "png_dir"):
-        if not s[key]:
+    paths = {f"sinks.{key}": s[key] for key in ("jsonl_path", "late_path", "mcap_path", "png_dir")}
+    paths["ingest.dead_letter"] = dead_letter
+    for key, value in paths.items():
+        if not value:
             continue
-        path = Path(s[key])
-        files = rotated_paths(path, s["jsonl_backups"]) if key in ("jsonl_path", "late_path") else [path]
-        for f in files:
+        rotated = key in ("sinks.jsonl_path", "sinks.late_path")
+        for f in rotated_paths(Path(value), s["jsonl_backups"]) if rotated else [Path(value)]:
             name = os.path.abspath(f)
             if name in claimed:
                 raise ConfigError(
-                    f"sinks.{key} = {s[key]!r}: the file {f} is also written by sinks.{claimed[name]} "
-                    "(rotated backups included); give each sink its own"
+                    f"{key} = {value!r}: the file {f} is also written by {claimed[name]} "
+                    "(rotated backups included); give each its own"
                 )
             claimed[name] = key
 
 
-def _sinks(s: dict[str, Any], curve: security.CurveConfig | None = None) -> SinkSettings:
-    _check_sink_files(s)
+def _sinks(s: dict[str, Any], curve: security.CurveConfig | None = None, dead_letter: str = "") -> SinkSettings:
+    _check_sink_files(s, dead_letter)
     return SinkSettings(
         zmq_endpoint=s["zmq_endpoint"] or None,
         zmq_bind=s["zmq_bind"],

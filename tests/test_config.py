@@ -119,6 +119,7 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
         (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),
         (lambda r: r["window"].update(min_roles=7), "window.min_roles: must be in 1..4"),
+        (lambda r: r["window"].update(max_wait_ms=1e-9), "window.max_wait_ms: must be 0 (off) or at least"),
         (
             lambda r: r["groups"]["g1"].update(
                 sensors={"cam_vis": "image_a"}, clock_offset_ms={}, window={"min_roles": 2}
@@ -212,6 +213,16 @@ def test_check_config_cli(tmp_path: Path):
     no_model.write_text(text.replace('checkpoint = "model/weights/default.pt"', 'checkpoint = "nowhere.pt"'))
     out = run_cli("check-config", str(no_model))
     assert out.returncode == 2 and "[model] checkpoint: no file at nowhere.pt" in out.stderr
+    # serve refuses a checkpoint whose sha256 differs from the pin, and a file that is no checkpoint
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(text.replace('sha256 = ""', 'sha256 = "' + "0" * 64 + '"', 1))
+    out = run_cli("check-config", str(pinned))
+    assert out.returncode == 2 and "but [model] sha256 expects 000" in out.stderr, out.stderr
+    not_a_model = tmp_path / "not_a_model.toml"
+    not_a_model.write_text(text.replace('checkpoint = "model/weights/default.pt"', f'checkpoint = "{pinned}"'))
+    out = run_cli("check-config", str(not_a_model))
+    assert out.returncode == 2 and "error: [model] checkpoint:" in out.stderr and "Traceback" not in out.stderr
+    assert "model: sacmf-" in ok.stdout and "trained on image + sequence" in ok.stdout
 
 
 def test_help_lists_subcommands():
@@ -228,15 +239,20 @@ def test_help_lists_subcommands():
         ({"jsonl_path": "out/r.jsonl", "late_path": "out/./r.jsonl.2"}, "also written by sinks.jsonl_path"),
         ({"jsonl_path": "out/r.jsonl", "mcap_path": "out/r.jsonl.1"}, "sinks.mcap_path"),
         ({"mcap_path": "out/x", "png_dir": "out/x"}, "sinks.png_dir"),
+        ({"jsonl_path": "out/r.jsonl", "dead_letter": "out/r.jsonl"}, "ingest.dead_letter = 'out/r.jsonl': the file"),
     ],
 )
 def test_two_sinks_writing_one_file_is_refused(paths, message):
     """Each sink counts only its own bytes: sharing a file (a rotated backup included) breaks rotation
     and lets one sink's clean-up after a failed write cut the other's records."""
     raw = base()
-    raw["sinks"].update({"jsonl_path": "", "late_path": "", "mcap_path": "", "png_dir": ""} | paths)
+    section = {k: "ingest" if k == "dead_letter" else "sinks" for k in paths}
+    raw["sinks"].update({"jsonl_path": "", "late_path": "", "mcap_path": "", "png_dir": ""})
+    for k, v in paths.items():
+        raw[section[k]][k] = v
     raw["sinks"]["jsonl_backups"] = 3
     with pytest.raises(config.ConfigError, match=message):
         config.parse(raw)
-    raw["sinks"].update({k: f"out/{k}" for k in paths})
+    for k in paths:
+        raw[section[k]][k] = f"out/{k}"
     config.parse(raw)  # distinct paths are fine
