@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from daemon.cli_types import integer, number
 from ingest import protocol, security
 from ingest.settings import GroupSettings, IngestSettings
 from ingest.subscriber import IngestWorker
@@ -236,7 +237,9 @@ def main(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench-curve", help="CURVE vs plain TCP: frames and small messages, and the ingest hot path")
-    b.add_argument("--seconds", type=float, default=2.0, help="duration of each transport measurement")
-    b.add_argument("--repeats", type=int, default=3, help="alternating runs per mode (the median is reported)")
-    b.add_argument("--messages", type=int, default=20000, help="messages per ingest-worker measurement")
+    b.add_argument(
+        "--seconds", type=number(0, 3600, above=True), default=2.0, help="duration of each transport measurement"
+    )
+    b.add_argument("--repeats", type=integer(1), default=3, help="alternating runs per mode (the median is reported)")
+    b.add_argument("--messages", type=integer(1), default=20000, help="messages per ingest-worker measurement")
     b.set_defaults(func=main)

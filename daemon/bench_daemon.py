@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -40,6 +41,7 @@ import numpy as np
 import zmq
 
 from daemon import simulate
+from daemon.cli_types import integer, number
 from daemon.serve_process import DaemonProcess, ServeError, cpu_seconds, metric, process_tree, serve_config
 from daemon.simulate import SceneSource, SimSettings
 from daemon.soak import NOMINAL, ROLES, SENSORS
@@ -545,11 +547,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-daemon", help="end-to-end throughput, latency and idle CPU of serve vs the bare model")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--groups", default="1,4,16", help="comma-separated group counts")
-    p.add_argument("--seconds", type=float, default=30.0, help="per nominal-load latency phase")
-    p.add_argument("--sat-seconds", type=float, default=20.0, help="per saturation phase")
-    p.add_argument("--idle-s", type=float, default=30.0, help="idle CPU phase (0 skips it)")
-    p.add_argument("--torch-threads", type=int, default=1)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--seconds", type=number(0, above=True), default=30.0, help="per nominal-load latency phase")
+    p.add_argument("--sat-seconds", type=number(0, above=True), default=20.0, help="per saturation phase")
+    p.add_argument("--idle-s", type=number(0), default=30.0, help="idle CPU phase (0 skips it)")
+    p.add_argument("--torch-threads", type=integer(1), default=1)
+    p.add_argument("--max-batch-size", type=integer(1), default=8)
     p.add_argument("--prepare-in", default="ingest", help="the daemon's [inference] prepare_in: ingest or main")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     p.set_defaults(func=main)
@@ -580,4 +582,5 @@ def main(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(report["workdir"], ignore_errors=True)  # configs, logs, ipc sockets: kept only on failure
     return 0

@@ -15,6 +15,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -80,14 +81,27 @@ def _sender(endpoint: str, sc: Scenario, n: int, go: mp.Event) -> None:
     ctx.term()
 
 
-def _bare(sock: zmq.Socket, n: int, copy: bool) -> float:
+class SenderDied(RuntimeError):
+    """The sender process exited before sending everything: a measurement that would wait forever."""
+
+
+def _bare(sock: zmq.Socket, n: int, copy: bool, alive: Callable[[], bool]) -> float:
     unpack = msgpack.unpackb
-    recv = sock.recv_multipart
-    frames = recv(copy=copy)
+    sock.setsockopt(zmq.RCVTIMEO, 1000)  # the loop stays a bare recv; a silence of 1 s checks the sender
+
+    def recv() -> list:
+        while True:
+            try:
+                return sock.recv_multipart(copy=copy)
+            except zmq.Again:
+                if not alive():
+                    raise SenderDied("the sender process exited before sending every message") from None
+
+    frames = recv()
     t0 = time.perf_counter()
     unpack(frames[1] if copy else frames[1].buffer)
     for _ in range(n - 1):
-        frames = recv(copy=copy)
+        frames = recv()
         unpack(frames[1] if copy else frames[1].buffer)
     return time.perf_counter() - t0
 
@@ -104,14 +118,17 @@ def _worker(endpoint: str, sc: Scenario, ctx: zmq.Context, late_policy: str = "s
     return IngestWorker(settings, lambda w: None, context=ctx)
 
 
-def _ours(worker: IngestWorker, sc: Scenario, n: int) -> float:
+def _ours(worker: IngestWorker, sc: Scenario, n: int, alive: Callable[[], bool]) -> float:
     """Time from the first message to the last window closed (the final flush included)."""
     key = "g1/cam" if sc.kind == "img" else "g1/rad"
     tracker = worker.tracker
-    worker.sock.poll(10_000)
+    while not worker.sock.poll(1000):
+        if not alive():
+            raise SenderDied("the sender process exited before sending anything")
     t0 = time.perf_counter()
     while tracker.stats(key).delivered < n:
-        worker.poll(100)
+        if not worker.poll(100) and not alive() and not worker.sock.poll(0):
+            raise SenderDied("the sender process exited before sending every message")
     worker.flush()
     dt = time.perf_counter() - t0
     rejected, gaps = sum(worker.stats.rejected.values()), tracker.stats(key).gaps
@@ -139,10 +156,19 @@ def _run_once(sc: Scenario, n: int, which: str, transport: str, late_policy: str
         proc.start()
         time.sleep(0.2)
         go.set()
-        dt = _bare(receiver, n, copy=sc.kind != "img") if which == "bare" else _ours(receiver, sc, n)
-        receiver.close()
-        proc.join(30)
-        ctx.term()
+        try:
+            if which == "bare":
+                dt = _bare(receiver, n, sc.kind != "img", proc.is_alive)
+            else:
+                dt = _ours(receiver, sc, n, proc.is_alive)
+        finally:
+            receiver.close()
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+            ctx.destroy(linger=0)
+    if proc.exitcode != 0:
+        raise SenderDied(f"the sender process exited with status {proc.exitcode}")
     return dt
 
 
@@ -162,12 +188,20 @@ def main(args: argparse.Namespace) -> int:
     for sc in SCENARIOS:
         # size the run from one quick bare measurement so that each lasts about args.seconds
         probe_n = 2000 if sc.kind == "img" else 20000
-        per_msg = _run_once(sc, probe_n, "bare", args.transport) / probe_n
+        try:
+            per_msg = _run_once(sc, probe_n, "bare", args.transport) / probe_n
+        except SenderDied as exc:
+            print(f"error: {sc.name}: {exc}", flush=True)
+            return 1
         n = max(1000, int(args.seconds / per_msg))
         bare, ours = [], []
-        for _ in range(args.repeats):
-            bare.append(_rate(sc, n, _run_once(sc, n, "bare", args.transport)))
-            ours.append(_rate(sc, n, _run_once(sc, n, "ours", args.transport, args.late_policy)))
+        try:
+            for _ in range(args.repeats):
+                bare.append(_rate(sc, n, _run_once(sc, n, "bare", args.transport)))
+                ours.append(_rate(sc, n, _run_once(sc, n, "ours", args.transport, args.late_policy)))
+        except SenderDied as exc:
+            print(f"error: {sc.name}: {exc}", flush=True)
+            return 1
         b, o = statistics.median(bare), statistics.median(ours)
         runs = ", ".join(f"{x:,.0f}" for x in ours)
         unit = {"msgs": "msg/s", "MB": "MB/s", "samples": "samples/s"}[sc.unit]

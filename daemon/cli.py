@@ -92,6 +92,9 @@ def _bench_model(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if not backbones:
+        print("error: --backbones: name at least one backbone", file=sys.stderr)
+        return 2
     try:
         batches = [integer(1)(b) for b in args.batches.split(",") if b.strip()]
     except argparse.ArgumentTypeError as exc:
@@ -383,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_serve)
 
     b = sub.add_parser("bench-ingest", help="benchmark socket -> closed window against bare pyzmq")
-    b.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
-    b.add_argument("--repeats", type=int, default=3, help="runs per scenario (the median is reported)")
+    b.add_argument("--seconds", type=number(0, 3600, above=True), default=3.0, help="duration of each measurement")
+    b.add_argument("--repeats", type=integer(1), default=3, help="runs per scenario (the median is reported)")
     b.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     b.add_argument(
         "--late-policy", default="sink", choices=["sink", "update"], help="[window] late_policy of the measured worker"

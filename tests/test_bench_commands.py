@@ -53,3 +53,42 @@ def test_bench_fusion_stage_times_the_stage_next_to_the_model(tmp_path: Path) ->
     assert [r["method"] for r in rows][1:] == ["mean", "crossfuse"]
     assert all(r["ms"] > 0 and r["size"] == "64x48" for r in rows)
     assert rows[2]["ratio"] > rows[1]["ratio"] >= 1.0  # a network costs more than averaging two frames
+
+
+def test_bench_ingest_stops_when_its_sender_dies_instead_of_waiting_forever() -> None:
+    """The bare receiver blocked in recv for good once the sender process had died (a killed child, a
+    failed import): the benchmark printed its header and hung."""
+    import time
+
+    import pytest
+    import zmq
+
+    from daemon.bench_ingest import SenderDied, _bare
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind("inproc://bench-ingest-dead")
+    started = time.monotonic()
+    try:
+        with pytest.raises(SenderDied):
+            _bare(sock, 10, True, alive=lambda: False)  # nothing ever comes: the sender is gone
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert time.monotonic() - started < 5
+
+
+def test_bench_options_are_checked_by_the_parser() -> None:
+    """--repeats 0 was a StatisticsError, --messages 0 a ZeroDivisionError, --seconds nan a ValueError,
+    --torch-threads 0 a RuntimeError after a 22 s phase, --backbones , an empty table with exit 0."""
+    import subprocess
+    import sys
+
+    from tests.service_helpers import ROOT
+
+    for argv in (["bench-ingest", "--repeats", "0"], ["bench-ingest", "--seconds", "nan"],
+                 ["bench-curve", "--messages", "0"], ["bench-curve", "--repeats", "0"],
+                 ["bench-daemon", "--torch-threads", "0"], ["bench-model", "--backbones", ","]):  # fmt: skip
+        run = subprocess.run([sys.executable, "-m", "daemon.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (argv, run.stderr[-500:])
