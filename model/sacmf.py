@@ -69,8 +69,8 @@ class SACMFConfig:
     mi_beta: float = 2.0
     mi_kappa: float = 0.1
     mi_reduce: Literal["mean", "max"] = "mean"
-    # ablation: True replaces the MI-driven token and modality weighting by uniform weights (the MI EMA
-    # is still estimated and reported, but drives nothing, and the model returns no MI loss)
+    # ablation: True replaces the MI-driven token weights by uniform ones and drops the modality-level
+    # redundancy term (the MI EMA is still estimated and reported, but drives nothing; no MI loss)
     uniform_fusion: bool = False
     fusion_alpha: float = 0.3  # initial weight of the cross-attention term (learnable)
     fusion_beta: float = 0.7  # initial weight of the weighted unimodal terms (learnable)
@@ -431,7 +431,10 @@ class SACMF(nn.Module):
         emb_img = _masked_mean(mi_out.tokens_a, valid_img)  # [B, D], 0 when absent
         emb_seq = _masked_mean(mi_out.tokens_b, valid_seq)
 
-        # modality level: a learned per-sample relevance minus the buffers' redundancy of each modality
+        # modality level: a learned per-sample relevance (the gate) minus each modality's redundancy. With
+        # mi_reduce "mean" both redundancies are M.mean() / I_max, the same number, so the term cancels in
+        # the softmax and the gate alone decides: symmetric pairwise MI cannot say which modality to trust
+        # more (sacmf.md 2.5). "max" (each token's strongest partner) gives asymmetric scores.
         r, s = redundancy_scores(mi_out.mi, self.config.mi_reduce)
         red = torch.stack([r.mean(), s.mean()]).to(z_img.dtype) * (0.0 if uniform else 1.0)  # [2]
         logit = self.gate(torch.cat([emb_img, emb_seq], 1)) - self.config.mi_beta * red  # [B, 2]
