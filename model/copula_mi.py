@@ -72,10 +72,12 @@ def gumbel_mi(theta: Tensor | float) -> Tensor:
     Differentiable; the derivative is (theta-1)(1 + e^c E1(c)) / theta^2.
     """
     theta = _float(theta)
-    th = theta.clamp_min(1.0)
-    c = (th - 1.0).clamp_min(1e-6)
+    # one clamp for every theta in the formula: clamping only c = theta - 1 (ln c and E1 need c > 0) left
+    # 1/theta free, so just above 1 the value fell as theta rose and the gradient had the wrong sign
+    th = theta.clamp_min(1.0 + 1e-6)
+    c = th - 1.0
     mi = EULER_GAMMA - 1.0 + 1.0 / th + torch.log(c) + exp_e1(c) / th
-    # the clamp leaves ~1e-6 at theta = 1; pin independence to exactly 0 and never go negative
+    # the clamp leaves ~1e-5 at theta = 1; pin independence to exactly 0 and never go negative
     return torch.where(theta <= 1.0, torch.zeros_like(mi), mi.clamp_min(0.0))
 
 

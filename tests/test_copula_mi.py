@@ -369,3 +369,13 @@ def test_module_rejects_bad_shapes() -> None:
         mod(torch.zeros(4, 3, 8), torch.zeros(4, 3, 8))
     with pytest.raises(ValueError, match="present"):
         mod(torch.zeros(4, 2, 8), torch.zeros(4, 3, 8), torch.ones(4, 2))
+
+
+def test_mi_is_monotone_with_non_negative_gradient_just_above_independence():
+    """Only c = theta - 1 was clamped (to 1e-6), not the 1/theta terms: for theta in (1, 1 + 1e-6] the
+    value fell as theta rose (I(1 + 1e-7) = 1.3e-5 > I(1 + 2e-6) = 4.9e-9) and dI/dtheta was about -14."""
+    theta = (1.0 + torch.logspace(-9, -3, 200, dtype=torch.float64)).requires_grad_(True)
+    mi = gumbel_mi(theta)
+    mi.sum().backward()
+    assert bool((mi[1:] >= mi[:-1]).all())
+    assert bool((theta.grad >= 0).all())
