@@ -617,6 +617,16 @@ def _security(
     networked = [ep for ep in ing["endpoints"] if not ep.startswith("inproc://")]
     if len(networked) != len(ing["endpoints"]):  # inproc has no security mechanism: no half-secured socket
         raise ConfigError("ingest.endpoints: with [security] curve = true, inproc:// cannot be mixed with others")
+    # a key the topology never reads must not look active (as without curve): name the key that would
+    unused = {
+        "sensor_server_keys": (not ing["bind"], "[ingest] bind = false (publishers bind)"),
+        "authorized_sensors": (ing["bind"], "[ingest] bind = true"),
+        "results_server_key": (bool(sinks["zmq_endpoint"]) and not sinks["zmq_bind"], "[sinks] zmq_bind = false"),
+        "authorized_readers": (bool(sinks["zmq_endpoint"]) and sinks["zmq_bind"], "[sinks] zmq_bind = true"),
+    }
+    for name, (read, when) in unused.items():
+        if sec[name] and not read:
+            raise ConfigError(f"security.{name}: only read with {when}; this config never uses it, remove it")
     server_keys: dict[str, Path] = {}
     if ing["bind"]:
         if not sec["authorized_sensors"]:

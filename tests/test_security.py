@@ -538,6 +538,19 @@ def test_security_config_errors_name_the_key(keys: Keys) -> None:
         ({"security": {**sec, **pin, "sensor_groups": {"cam": ["g9"]}}}, "sensor_groups.cam: group 'g9' is not"),
         ({"security": {**sec, **pin, "authorized_readers": ""}}, "security.authorized_readers: required"),
         ({"security": {**sec, **pin, "allow_ips": ["10.0.0.300"]}}, "security.allow_ips: '10.0.0.300'"),
+        # keys the topology never reads (a server key for a bound socket, say) must not look active
+        (
+            {"security": {**sec, **pin, "results_server_key": str(keys.public("cam"))}},
+            "security.results_server_key: only read with [sinks] zmq_bind = false",
+        ),
+        (
+            {"security": {**sec, **pin, "authorized_sensors": str(keys.readers)}},
+            "security.authorized_sensors: only read with [ingest] bind = true",
+        ),
+        (
+            {"security": {**sec, **pin, "authorized_sensors": str(keys.readers)}, "ingest": {"bind": True}},
+            "security.sensor_server_keys: only read with [ingest] bind = false",
+        ),
         ({"model": {"sha256": "abc"}}, "model.sha256: must be 64 hex digits"),
         ({"admin": {"public_endpoints": ["/reload"]}}, "admin.public_endpoints: '/reload' cannot be public"),
     ]
