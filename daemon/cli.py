@@ -427,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level or "info", args.log_format or "auto")
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except BrokenPipeError:  # `sacmf check-config x | head -1`: the reader has what it wanted
+        logs.to_devnull(sys.stdout.fileno())  # the interpreter's last flush must not raise again
+        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
 
 
 if __name__ == "__main__":

@@ -256,3 +256,16 @@ def test_two_sinks_writing_one_file_is_refused(paths, message):
     for k in paths:
         raw[section[k]][k] = f"out/{k}"
     config.parse(raw)  # distinct paths are fine
+
+
+def test_a_command_piped_into_head_ends_without_a_traceback():
+    """`sacmf check-config config.toml | head -1` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        f"'{sys.executable}' -m daemon.cli --help > /dev/null; '{sys.executable}' -m daemon.cli check-config "
+        "config.toml | head -c 10 > /dev/null",
+        shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
