@@ -62,7 +62,8 @@ INGEST = {
     "max_future_ms": Key(NUM, 10000, _non_negative),
 }
 WINDOW = {
-    "size_ms": Key(NUM, 1000, _positive),
+    # at most a day: the model's resampling bins a window in int64 ns arithmetic (width x length < 2**62)
+    "size_ms": Key(NUM, 1000, lambda v: None if 0 < v <= 86_400_000 else "must be in (0, 86400000] (one day)"),
     "hop_ms": Key(NUM, 0, _non_negative),
     "allowed_lateness_ms": Key(NUM, 200, _non_negative),
     "idle_timeout_ms": Key(NUM, 2000, _positive),

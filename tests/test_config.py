@@ -116,7 +116,8 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["ingest"].update(max_message_bytes=0), "ingest.max_message_bytes: must be in 1..2**62"),
         (lambda r: r["ingest"].update(max_future_ms=-1), "ingest.max_future_ms: must be >= 0"),
         (lambda r: r["ingest"].update(endpoints=["localhost:5555"]), "ingest.endpoints"),
-        (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be > 0"),
+        (lambda r: r["window"].update(size_ms=-1), "window.size_ms: must be in (0, 86400000]"),
+        (lambda r: r["window"].update(size_ms=1e15), "window.size_ms: must be in (0, 86400000] (one day)"),
         (lambda r: r["window"].update(size_ms=1000, hop_ms=300), "size_ms: must be a multiple of hop_ms"),
         (lambda r: r["window"].update(min_roles=7), "window.min_roles: must be in 1..4"),
         (lambda r: r["window"].update(max_wait_ms=1e-9), "window.max_wait_ms: must be 0 (off) or at least"),
@@ -200,7 +201,7 @@ def test_check_config_cli(tmp_path: Path):
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "config.toml").read_text().replace("size_ms = 1000", "size_ms = 0"))
     out = run_cli("check-config", str(bad))
-    assert out.returncode == 2 and "window.size_ms: must be > 0" in out.stderr
+    assert out.returncode == 2 and "window.size_ms: must be in (0, 86400000]" in out.stderr
     broken = tmp_path / "broken.toml"
     broken.write_text("[ingest\n")
     out = run_cli("check-config", str(broken))
