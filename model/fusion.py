@@ -54,7 +54,10 @@ class FusionMethod:
     the fused Y, ``"rgb"`` min-max of the recombined colour image jointly over its channels (CMMDL).
     Tiling: ``multiple`` is the total down-sampling (tiles are padded to it), ``margin`` the pixels dropped at
     each inner tile edge, ``overlap`` the default tile overlap; ``exact_tiles`` says whether tiled output can
-    equal the whole-image output (only without image-global operations).
+    equal the whole-image output (only without image-global operations). ``tile_align`` > 1: tile origins
+    on that grid (the period of the network's token grid); ``tile_residue``: tiles keep the image's size
+    modulo ``multiple`` instead of being padded, for a network that adapts to any size itself, so that
+    each tile sees the whole image's geometry (``fusion_io.tiled``).
     """
 
     name: str
@@ -69,6 +72,8 @@ class FusionMethod:
     overlap: int
     exact_tiles: bool
     global_ops: str
+    tile_align: int = 1
+    tile_residue: bool = False
 
     def stretch_fn(self) -> Callable[[Tensor], Tensor] | None:
         """The authors' own per-image Y stretch (0..255), or None for methods without one."""
@@ -157,6 +162,9 @@ METHODS: dict[str, FusionMethod] = {
         overlap=128,
         exact_tiles=False,
         global_ops="cross-attention over 256x256-pixel tiles of the 1/8 feature map",
+        # 2x2-patch tokens of the 1/8 map repeat every 16 px; any size is floored to 8 and centred back
+        tile_align=16,
+        tile_residue=True,
     ),
     "cmmdl": FusionMethod(
         name="cmmdl",
@@ -266,7 +274,10 @@ def fuse_tensors(
     if not 0 <= ov < tile:
         raise ValueError(f"overlap must be in [0, tile), got {ov} for tile {tile}")
     margin = min(method.margin, ov // 2)
-    return fusion_io.tiled(run, ir, vi, tile=tile, overlap=ov, multiple=method.multiple, margin=margin, device=device)
+    return fusion_io.tiled(
+        run, ir, vi, tile=tile, overlap=ov, multiple=method.multiple, margin=margin, device=device,
+        align=method.tile_align, residue=method.tile_residue,
+    )  # fmt: skip
 
 
 def unit_output(method: FusionMethod, raw: Tensor, *, stretch: bool) -> Tensor:

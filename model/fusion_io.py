@@ -407,6 +407,28 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return [*starts, length - tile]
 
 
+def _spans(length: int, tile: int, step: int, multiple: int, align: int, residue: bool) -> list[tuple[int, int]]:
+    """[start, end) of the tiles along one axis.
+
+    Plain (``align`` 1, no ``residue``): ``tile``-long tiles every ``step``, the last one ending at the end.
+    Otherwise every start is a multiple of ``align`` (a network whose token grid repeats every ``align``
+    px sees the whole image's grid in every tile) and, with ``residue``, every tile's length is congruent
+    to the image's modulo ``multiple``, so a network that floors its down-sampling and centres the
+    result (CrossFuse) shifts each tile's deep path exactly as it shifts the whole image's.
+    """
+    if align <= 1 and not residue:
+        return [(s, min(length, s + tile)) for s in _starts(length, tile, step)]
+    extent = tile - tile % multiple + length % multiple if residue else tile
+    if length <= extent:
+        return [(0, length)]
+    step = max(align, step - step % align)
+    spans = [(s, s + extent) for s in range(0, length - extent, step)]
+    last = (length - extent) - (length - extent) % align  # the end tile grows (by < align) to start aligned
+    while spans and spans[-1][0] >= last:
+        spans.pop()
+    return [*spans, (last, length)]
+
+
 def _ramp(size: int, lead: bool, trail: bool, margin: int, ramp: int) -> torch.Tensor:
     """1-D blend weight of one tile: 0 for ``margin`` px at an inner edge, linear ramp, then 1.
 
@@ -449,6 +471,8 @@ def tiled(
     multiple: int = 1,
     margin: int | None = None,
     device: torch.device | str | None = None,
+    align: int = 1,
+    residue: bool = False,
 ) -> torch.Tensor:
     """Run ``fn(ir_tile, vi_tile) -> fused_tile`` on overlapping tiles and blend the results.
 
@@ -460,12 +484,17 @@ def tiled(
     (default overlap // 4) pixels at every inner tile edge and ramps linearly over the rest of the
     overlap, so for a network whose receptive radius is <= margin the result equals the
     whole-image result, except within that radius of the image border when padding was needed.
-    Wrap argument order as needed, e.g. ``lambda ir, vi: cmmdl(vi, ir)``.
+    ``align`` > 1 puts every tile origin on that grid; ``residue`` keeps each tile's length congruent to
+    the image's modulo ``multiple`` instead of padding it (:func:`_spans`: for networks that handle any
+    size themselves, whose whole-image geometry the tiles must reproduce). Wrap argument order as
+    needed, e.g. ``lambda ir, vi: cmmdl(vi, ir)``.
     """
     if ir.shape != vi.shape or ir.ndim != 4:
         raise ValueError(f"ir and vi must both be (N, C, H, W) of the same size, got {ir.shape} and {vi.shape}")
     if tile < 1 or not 0 <= overlap < tile or multiple < 1:
         raise ValueError(f"need tile >= 1, 0 <= overlap < tile, multiple >= 1 (got {tile}, {overlap}, {multiple})")
+    if align < 1 or (residue and (align % multiple or tile - tile % multiple < align)):
+        raise ValueError(f"need align >= 1, a multiple of {multiple} with residue, and a tile of at least {align}")
     m = overlap // 4 if margin is None else margin
     if not 0 <= 2 * m <= overlap:
         raise ValueError(f"margin must be within [0, overlap / 2], got {m}")
@@ -474,18 +503,18 @@ def tiled(
     run_device = torch.device(device) if device is not None else out_device
     h, w = ir.shape[-2:]
     step = tile - overlap
-    rows, cols = _starts(h, tile, step), _starts(w, tile, step)
+    rows = _spans(h, tile, step, multiple, align, residue)
+    cols = _spans(w, tile, step, multiple, align, residue)
+    pad = 1 if residue else multiple  # residue tiles go in as they are: the network handles their size
     acc: torch.Tensor | None = None
     weight = torch.zeros(1, 1, h, w, device=out_device)
     with torch.no_grad():
-        for r0 in rows:
-            r1 = min(h, r0 + tile)
+        for r0, r1 in rows:
             wr = _ramp(r1 - r0, r0 > 0, r1 < h, m, ramp)
-            for c0 in cols:
-                c1 = min(w, c0 + tile)
+            for c0, c1 in cols:
                 wc = _ramp(c1 - c0, c0 > 0, c1 < w, m, ramp)
-                ti = _pad_to_multiple(ir[..., r0:r1, c0:c1].to(run_device), multiple)
-                tv = _pad_to_multiple(vi[..., r0:r1, c0:c1].to(run_device), multiple)
+                ti = _pad_to_multiple(ir[..., r0:r1, c0:c1].to(run_device), pad)
+                tv = _pad_to_multiple(vi[..., r0:r1, c0:c1].to(run_device), pad)
                 out = fn(ti, tv)
                 if out.ndim != 4 or out.shape[0] != ir.shape[0] or out.shape[-2:] != ti.shape[-2:]:
                     raise ValueError(f"fn must return (N, C, h, w) matching its input tile, got {tuple(out.shape)}")

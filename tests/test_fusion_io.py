@@ -289,6 +289,18 @@ def test_tiled_pads_tiles_to_a_multiple() -> None:
     assert small.shape == (1, 1, 21, 30)
 
 
+@pytest.mark.parametrize("length", [64, 96, 100, 104, 131, 250, 481])
+def test_aligned_residue_tiles_keep_the_whole_images_grid(length: int) -> None:
+    """CrossFuse's token grid repeats every 16 px and it floors any size to 8 and centres the result:
+    tiles starting off that grid, or padded where the whole image is floored, computed another image
+    (up to 74 % of the output range apart from the one-pass result)."""
+    spans = fio._spans(length, 64, 32, 8, 16, True)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(s % 16 == 0 and (e - s) % 8 == length % 8 for s, e in spans)
+    assert all(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # overlapping: all covered
+    assert all(e - s >= min(length, 64 - 64 % 8) for s, e in spans)
+
+
 def test_tiled_blends_networks_with_global_operations() -> None:
     # output = input + tile mean: a global op, so tiles disagree; blending must avoid hard seams
     def fn(ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
