@@ -420,7 +420,9 @@ def _cmd_fusion_metrics(args: argparse.Namespace) -> int:
     print(md_path.read_text(encoding="utf-8", errors="surrogateescape"), end="")
     for name, metric in table.undefined():
         print(
-            f"warning: {metric} is undefined for {name} (e.g. a constant source); left out of the mean", file=sys.stderr
+            f"warning: {metric} is undefined for {name} (a constant source, or an image smaller than the metric's "
+            "window); left out of the mean",
+            file=sys.stderr,
         )
     return 0
 

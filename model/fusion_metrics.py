@@ -143,12 +143,16 @@ def _pearson(x: Array, y: Array) -> float:
         return float(np.sum(xc * yc) / np.sqrt(np.sum(xc * xc) * np.sum(yc * yc)))
 
 
+class ImageTooSmall(ValueError):
+    """The image is smaller than a metric's window (or its pyramid): the metric is undefined for it."""
+
+
 def _valid_filter(img: Array, win1d: Array) -> Array:
     """Separable 'valid' correlation (the window is symmetric, so convolution is the same)."""
     k = win1d.size
     half = k // 2
     if img.shape[0] < k or img.shape[1] < k:
-        raise ValueError(f"image {img.shape} is smaller than the {k}x{k} window")
+        raise ImageTooSmall(f"image {img.shape} is smaller than the {k}x{k} window")
     out = ndimage.correlate1d(img, win1d, axis=0, mode="constant")
     out = ndimage.correlate1d(out, win1d, axis=1, mode="constant")
     return out[half : img.shape[0] - half, half : img.shape[1] - half]
@@ -561,7 +565,7 @@ def _ssim_maps(
         b = _gray(y).astype(np.float32)
         size = 7
         if min(a.shape) < size:
-            raise ValueError(f"image {a.shape} is smaller than the 7x7 SSIM window")
+            raise ImageTooSmall(f"image {a.shape} is smaller than the 7x7 SSIM window")
         cov_norm = size * size / (size * size - 1.0)
 
         def filt(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -630,7 +634,7 @@ def ms_ssim_index(x: ImageLike, y: ImageLike, *, data_range: float = 255.0) -> f
     a = _gray(x)
     b = _gray(y)
     if min(a.shape) < 11 * 2 ** (len(_MS_SSIM_WEIGHTS) - 1):
-        raise ValueError(f"MS-SSIM needs >= 176 px per side, got {a.shape}")
+        raise ImageTooSmall(f"MS-SSIM needs >= 176 px per side, got {a.shape}")
     value = 1.0
     for level, weight in enumerate(_MS_SSIM_WEIGHTS):
         s_map, cs_map = _ssim_maps(a, b, window="gaussian11", data_range=data_range)
@@ -907,7 +911,13 @@ def evaluate_pair(
     unknown = [m for m in wanted if m not in table]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; known: {list(ALL)}")
-    return {name: float(table[name](a, b, f)) for name in wanted}
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = float(table[name](a, b, f))
+        except ImageTooSmall:  # VIF needs 41 px per side, SSIM 7, MS-SSIM 176: undefined, not an abort
+            out[name] = math.nan
+    return out
 
 
 def with_options(convention: str | Convention = "cddfuse", **changes: object) -> Convention:

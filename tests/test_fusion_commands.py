@@ -358,6 +358,24 @@ def test_fusion_metrics_says_which_metric_is_undefined_and_averages_the_rest(tmp
     assert rows["flat"][0] == "nan" and rows["mean"][0] == rows["busy"][0]  # SCD: the mean of the defined one
 
 
+def test_an_image_too_small_for_a_metric_gets_nan_there_not_an_aborted_run(tmp_path: Path, capsys) -> None:
+    """VIF needs 41 px per side: one 32x200 strip among larger pairs ended the whole run with an error
+    naming neither the image nor the metric, and nothing was written."""
+    rng = np.random.default_rng(3)
+    for sub in ("ir", "vi", "fused"):
+        (tmp_path / sub).mkdir()
+    for name, shape in (("strip", (32, 200)), ("big", (64, 64))):
+        for sub in ("ir", "vi", "fused"):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / sub / f"{name}.png")
+    args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
+    assert cli.main(["fusion-metrics", *args, "--metrics", "VIF,EN", "--out", str(tmp_path / "m")]) == 0
+    assert "VIF is undefined for strip" in capsys.readouterr().err
+    rows = {
+        line.split(",")[0]: line.split(",")[1:] for line in (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    }
+    assert rows["strip"][0] == "nan" and rows["strip"][1] != "nan" and rows["mean"][0] == rows["big"][0]
+
+
 def test_fusion_metrics_scores_a_dark_16_bit_image(tmp_path: Path) -> None:
     """A 16-bit IR whose values stay under 256 is on the 0-1 scale once read as 0-255: still valid data."""
     rng = np.random.default_rng(2)
