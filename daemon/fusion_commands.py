@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
+from daemon.cli_types import integer
+
 if TYPE_CHECKING:
     import torch
 
@@ -153,6 +155,7 @@ def fuse_folder(
     s = settings or FuseSettings()
     if s.bits not in (None, 8, 16):
         raise ValueError(f"bits must be 8 or 16, got {s.bits}")
+    fusion.tile_overlap(fusion.get_method(method_name), s.tile, s.overlap)  # before any work: exit 2
     pairs = fusion_io.pair_files(ir_dir, vi_dir)
     out = Path(out_dir)
     inputs = {p.resolve() for pair in pairs for p in pair}
@@ -833,7 +836,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the authors' per-image min-max stretch (default: on for the networks, off for mean)",
     )
-    f.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    f.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     f.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     f.set_defaults(func=_cmd_fuse)
 
@@ -897,7 +900,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this long")
     t.add_argument("--max-steps", type=int, default=None, help="stop (state saved) after this many steps in total")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=integer(1), default=None)
     t.add_argument("--device", default="cpu")
     t.set_defaults(func=_cmd_fuse_train)
 
@@ -909,7 +912,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
     b.add_argument("--tile", type=int, default=256, help="tile side of the tiled runs (default 256; 0: none)")
     b.add_argument("--methods", default=",".join(NETWORKS), help="comma-separated (default: the three networks)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    b.add_argument("--threads", type=integer(1), default=None, help="torch threads per run (default: torch's)")
     b.add_argument(
         "--no-malloc-variant",
         action="store_true",
@@ -926,7 +929,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--size", type=_parse_size, default=(64, 64), help="frame WIDTHxHEIGHT (default 64x64)")
     st.add_argument("--repeats", type=int, default=5)
     st.add_argument("--methods", default="mean," + ",".join(NETWORKS))
-    st.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    st.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's)")
     st.add_argument("--checkpoint", default=str(ROOT / "model" / "weights" / "default.pt"), help="SA-CMF checkpoint")
     st.set_defaults(func=_cmd_bench_stage)
 

@@ -279,6 +279,10 @@ class FusionStage:
             # the first sentence: torch's unpickling errors go on with advice (weights_only=False) not to take
             first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:300]
             raise FusionLoadError(f"{method} weights {ckpt}: {type(exc).__name__}: {first}") from exc
+        try:  # a bad tile or overlap: refused at start, not window by window
+            fusion.tile_overlap(self.method, tile, overlap)
+        except ValueError as exc:
+            raise FusionLoadError(f"{self.method.name} tile {tile} / overlap {overlap}: {exc}") from None
         self.tile = tile
         self.overlap = overlap
         self.device = device

@@ -266,18 +266,32 @@ def fuse_tensors(
         out = method.fuse(model, a, b)
         return out[..., :th, :tw].float()
 
+    ov = tile_overlap(method, tile, overlap)
     if tile <= 0 or (tile >= h and tile >= w):
         return run(ir, vi).to(ir.device)
-    if tile < method.min_side:
-        raise ValueError(f"{method.name}: tile must be >= {method.min_side}, got {tile}")
-    ov = method.overlap if overlap is None else overlap
-    if not 0 <= ov < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {ov} for tile {tile}")
     margin = min(method.margin, ov // 2)
     return fusion_io.tiled(
         run, ir, vi, tile=tile, overlap=ov, multiple=method.multiple, margin=margin, device=device,
         align=method.tile_align, residue=method.tile_residue,
     )  # fmt: skip
+
+
+def tile_overlap(method: FusionMethod, tile: int, overlap: int | None) -> int:
+    """The overlap to tile with (``overlap``, or the method's default capped at half the tile), after
+    checking both; raises ValueError naming the option. Callers check before any work (a bad value
+    used to fail every image of a folder, one by one, after the weights had loaded)."""
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0 (0: the whole image in one pass), got {tile}")
+    least = max(method.min_side, method.tile_align if method.tile_residue else 1)
+    if 0 < tile < least:
+        raise ValueError(f"{method.name}: tile must be >= {least} px, got {tile}")
+    if overlap is None:
+        return min(method.overlap, tile // 2)
+    if tile and not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
+    return overlap
 
 
 def unit_output(method: FusionMethod, raw: Tensor, *, stretch: bool) -> Tensor:

@@ -282,6 +282,24 @@ def _fuse(root: Path, *extra: str, method: str = "mean") -> int:
     return cli.main(["fuse", "--method", method, "--ir", str(root / "ir"), "--vi", str(root / "vi"), *extra])
 
 
+@needs_golden
+def test_tile_options_are_checked_before_any_work_and_a_small_tile_gets_a_fitting_overlap(
+    pairs, tmp_path: Path, capsys
+) -> None:
+    """--tile 8 with CrossFuse (under its 16-px grid) failed image by image after the weights had loaded,
+    exit 1; plain --tile 64 failed every image, its default overlap (64) not being under the tile."""
+    _one_pair(pairs, tmp_path)
+    crossfuse = str(SHARED / "golden" / "crossfuse" / "weights.safetensors")
+    assert _fuse(tmp_path, "--ckpt", crossfuse, "--tile", "8", "--out", str(tmp_path / "a"), method="crossfuse") == 2
+    assert "crossfuse: tile must be >= 16 px" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert (
+        _fuse(tmp_path, "--ckpt", str(CDDFUSE_W), "--tile", "32", "--out", str(tmp_path / "b"), method="cddfuse") == 0
+    )
+    assert (tmp_path / "b" / "07.png").is_file()  # 77 x 101 in 32-px tiles, overlap 16 (the default 64, capped)
+    assert _fuse(tmp_path, "--tile", "32", "--overlap", "32", "--out", str(tmp_path / "c")) == 2
+    assert "overlap must be in [0, tile)" in capsys.readouterr().err
+
+
 def test_fuse_refuses_an_out_folder_that_would_overwrite_its_inputs(pairs, tmp_path: Path, capsys) -> None:
     _one_pair(pairs, tmp_path)
     before = (tmp_path / "ir" / "07.png").read_bytes()
