@@ -402,8 +402,17 @@ class IngestWorker:
                 raise self._unknown(msg.group, msg.sensor)
             if msg.kind != route.kind and msg.kind != "hb":
                 raise protocol.ProtocolError("wrong_kind", f"sensor {msg.sensor!r} takes {route.kind}, got {msg.kind}")
-            if route.max_ahead_ns and msg.kind != "hb":
-                self._check_future(msg, route, recv_ns)
+            kind = msg.kind
+            if kind != "hb":
+                t = msg.t_ns + route.offset_ns
+                # when the data was complete: a frame's exposure end, a chunk's last sample
+                if kind == "img":
+                    t_end = t + msg.exp_ns
+                else:
+                    n = len(msg.data)
+                    t_end = t + (n - 1) * msg.dt_ns if n else t
+                if route.max_ahead_ns and t_end - recv_ns > route.max_ahead_ns:
+                    raise self._future(route, t_end - recv_ns)
         except protocol.ProtocolError as exc:
             self._reject(exc, frames, recv_ns)
             return
@@ -421,34 +430,27 @@ class IngestWorker:
         route.data_messages += 1
         if not self.tracker.on_data(route.key, msg.session, msg.seq, recv_ns).deliver:  # duplicate or stale
             return
-        t = msg.t_ns + route.offset_ns
-        # the skew estimate compares receive time with when the data was complete, the earliest it could
-        # be sent: a frame's exposure end, a chunk's last sample (not its first: 100 ms chunks read as a
-        # clock 100 ms behind, which an operator would then "correct" with clock_offset_ms)
-        if msg.kind == "img":
-            route.skew.observe(t + msg.exp_ns, recv_ns)
+        # the skew estimate compares receive time with when the data was complete, the earliest it could be
+        # sent (not a chunk's first sample: 100 ms chunks read as a clock 100 ms behind, which an operator
+        # would then "correct" with clock_offset_ms)
+        route.skew.observe(t_end, recv_ns)
+        if kind == "img":
             fired = route.windower.add_frame(Frame(msg.sensor, msg.seq, t, msg.exp_ns, msg.data, msg.meta), recv_ns)
         else:
-            route.skew.observe(t + max(msg.data.shape[0] - 1, 0) * msg.dt_ns, recv_ns)
             fired = route.windower.add_samples(RadChunk(msg.sensor, msg.seq, t, msg.dt_ns, msg.data, msg.meta), recv_ns)
         if fired:
             self._emit(fired)
 
     @staticmethod
-    def _check_future(msg: protocol.Message, route: Route, recv_ns: int) -> None:
-        """Refuse data from too far in the future: one frame stamped years ahead (a sensor clock reset
-        to a bad RTC value) would otherwise carry the group's watermark with it, and every window up
-        to that time would close: the group's later data, from every sensor, would all be late."""
-        t_last = msg.t_ns + route.offset_ns  # a frame's event time; a chunk's is its last sample's
-        if msg.kind == "rad" and msg.data.shape[0] > 1:
-            t_last += (msg.data.shape[0] - 1) * msg.dt_ns
-        ahead = t_last - recv_ns
-        if ahead > route.max_ahead_ns:
-            raise protocol.ProtocolError(
-                "future_time",
-                f"{route.key}: event time {ahead / 1e9:.3f} s ahead of its receive time (more than [ingest] "
-                f"max_future_ms = {route.max_ahead_ns / 1e6:g}; fix the sensor's clock or its clock_offset_ms)",
-            )
+    def _future(route: Route, ahead: int) -> protocol.ProtocolError:
+        """Data from too far in the future is refused: one frame stamped years ahead (a sensor clock reset
+        to a bad RTC value) would otherwise carry the group's watermark with it, and every window up to
+        that time would close: the group's later data, from every sensor, would all be late."""
+        return protocol.ProtocolError(
+            "future_time",
+            f"{route.key}: event time {ahead / 1e9:.3f} s ahead of its receive time (more than [ingest] "
+            f"max_future_ms = {route.max_ahead_ns / 1e6:g}; fix the sensor's clock or its clock_offset_ms)",
+        )
 
     def messages(self) -> dict[tuple[str, str, str], int]:
         """Valid messages received, by (group, sensor, kind)."""
