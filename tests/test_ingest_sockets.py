@@ -283,6 +283,33 @@ def test_a_send_timeout_raises_without_using_a_seq_and_a_retry_is_gapless(ctx):
     assert seqs == list(range(len(sent) + 1))
 
 
+class TwoCameras:
+    """A live-mode worker for two cameras on an injected clock, and a sender of tiny frames to it."""
+
+    def __init__(self, name: str, **settings_kw) -> None:
+        self.now = 0
+        st = settings(f"inproc://{name}", mode="live", roles={"cam_vis": "image_a", "cam_ir": "image_b"}, **settings_kw)
+        self.ctx = zmq.Context()
+        self.windows: list = []
+        self.late: list = []
+        self.worker = IngestWorker(
+            st, self.windows.append, on_late=lambda *a: self.late.append(a), context=self.ctx, clock=lambda: self.now
+        )
+        self.img = np.zeros((2, 2), np.uint8)
+        self.seqs = {"cam_vis": 0, "cam_ir": 0}
+
+    def send(self, sensor: str, t_ns: int) -> None:
+        from ingest import protocol
+
+        header = protocol.encode_image_header("g1", sensor, 7, self.seqs[sensor], t_ns, 0, self.img)
+        self.seqs[sensor] += 1
+        self.worker.handle([protocol.topic("img", "g1", sensor), header, self.img.tobytes()], recv_ns=self.now)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.ctx.term()
+
+
 @pytest.mark.parametrize("max_future_s", [10, 0])
 def test_one_frame_stamped_far_in_the_future_is_refused_not_made_the_watermark(max_future_s: int):
     """A camera whose clock said 2100 for one frame (a bad RTC after a reboot), while the group's other
@@ -290,38 +317,22 @@ def test_one_frame_stamped_far_in_the_future_is_refused_not_made_the_watermark(m
     of every sensor of the group was late and no window was ever emitted again. With max_future_ns
     (the default [ingest] max_future_ms = 10 s) the frame is refused as future_time and counted as a
     gap of its sensor; windows go on. With the check off (0) the test shows the damage it prevents."""
-    from ingest import protocol
-
-    clock = {"t": 0}
-    st = settings("inproc://future", mode="live", roles={"cam_vis": "image_a", "cam_ir": "image_b"},
-                  idle_ns=2 * SEC, max_wait_ns=SEC, max_future_ns=max_future_s * SEC)  # fmt: skip
-    ctx = zmq.Context()
-    windows, late = [], []
-    worker = IngestWorker(st, windows.append, on_late=lambda *a: late.append(a), context=ctx, clock=lambda: clock["t"])
-    img = np.zeros((2, 2), np.uint8)
-    seqs = {"cam_vis": 0, "cam_ir": 0}
-
-    def send(sensor: str, t_ns: int) -> None:
-        header = protocol.encode_image_header("g1", sensor, 7, seqs[sensor], t_ns, 0, img)
-        seqs[sensor] += 1
-        worker.handle([protocol.topic("img", "g1", sensor), header, img.tobytes()], recv_ns=clock["t"])
-
+    g = TwoCameras("future", idle_ns=2 * SEC, max_wait_ns=SEC, max_future_ns=max_future_s * SEC)
     try:
         for i in range(200):  # 20 s at 10 frames/s, the daemon's clock in step with the cameras
-            clock["t"] = t = T0 + i * SEC // 10
-            send("cam_ir", 4_102_444_800 * SEC if i == 20 else t)  # one frame stamped 2100-01-01
+            g.now = t = T0 + i * SEC // 10
+            g.send("cam_ir", 4_102_444_800 * SEC if i == 20 else t)  # one frame stamped 2100-01-01
             if not 50 <= i < 80:  # cam_vis silent for 3 s (its publisher restarts)
-                send("cam_vis", t)
-            worker.poll(0)
+                g.send("cam_vis", t)
+            g.worker.poll(0)
         if max_future_s:
-            assert worker.stats.rejected == {"future_time": 1}
-            assert not late and len(windows) >= 17  # every second up to the last few, none lost
-            assert worker.tracker.stats("g1/cam_ir").gaps == 1  # its seq: lost to the pipeline, counted
+            assert g.worker.stats.rejected == {"future_time": 1}
+            assert not g.late and len(g.windows) >= 17  # every second up to the last few, none lost
+            assert g.worker.tracker.stats("g1/cam_ir").gaps == 1  # its seq: lost to the pipeline, counted
         else:  # the failure the check prevents
-            assert len(late) > 100 and len(windows) < 8
+            assert len(g.late) > 100 and len(g.windows) < 8
     finally:
-        worker.close()
-        ctx.term()
+        g.close()
 
 
 def test_future_time_check_is_live_only_and_follows_clock_offsets():
@@ -352,36 +363,20 @@ def test_a_host_clock_stepped_back_does_not_freeze_idle_detection(step_s: int):
     are right, then the infrared camera dies. idle_timeout (2 s) must take it out of the watermark as
     without the step; receive times only moved forward, so its silence went unmeasured for 30 s and
     no window came out (and the timer checks stopped: their interval was on the same clock)."""
-    from ingest import protocol
-
-    clock = {"t": 0}
-    st = settings(f"inproc://step-{step_s}", mode="live", roles={"cam_vis": "image_a", "cam_ir": "image_b"},
-                  idle_ns=2 * SEC, max_wait_ns=SEC)  # fmt: skip
-    ctx = zmq.Context()
-    windows = []
-    worker = IngestWorker(st, windows.append, on_late=lambda *a: None, context=ctx, clock=lambda: clock["t"])
-    img = np.zeros((2, 2), np.uint8)
-    seqs = {"cam_vis": 0, "cam_ir": 0}
-
-    def send(sensor: str, t_ns: int) -> None:
-        header = protocol.encode_image_header("g1", sensor, 7, seqs[sensor], t_ns, 0, img)
-        seqs[sensor] += 1
-        worker.handle([protocol.topic("img", "g1", sensor), header, img.tobytes()], recv_ns=clock["t"])
-
+    g = TwoCameras(f"step-{step_s}", idle_ns=2 * SEC, max_wait_ns=SEC)
     try:
         for i in range(100):  # 10 s at 10 frames/s; the host clock steps back at 5 s, cam_ir dies at 5.5 s
             t = T0 + i * SEC // 10
-            clock["t"] = t - (step_s * SEC if i >= 50 else 0)
-            send("cam_vis", t)
+            g.now = t - (step_s * SEC if i >= 50 else 0)
+            g.send("cam_vis", t)
             if i < 55:
-                send("cam_ir", t)
-            worker.poll(0)
+                g.send("cam_ir", t)
+            g.worker.poll(0)
             time.sleep(0.001)  # the timer checks run on the monotonic clock: let it move
-        assert [w.start_ns - T0 for w in windows][-1] == 8 * SEC  # as without a step
-        assert worker.windowers["g1"].clock_steps_back == (1 if step_s else 0)
+        assert [w.start_ns - T0 for w in g.windows][-1] == 8 * SEC  # as without a step
+        assert g.worker.windowers["g1"].clock_steps_back == (1 if step_s else 0)
     finally:
-        worker.close()
-        ctx.term()
+        g.close()
 
 
 def test_the_clock_offset_estimate_of_synchronised_sensors_is_their_transport_delay():
