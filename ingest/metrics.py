@@ -69,7 +69,8 @@ class IngestCollector(Collector):
         restarts = c("sacmf_publisher_restarts", "Publisher restarts (new sessions)", labels=["group", "sensor"])
         age = g(
             "sacmf_sensor_last_message_age_seconds",
-            "Seconds since the last message (data or heartbeat)",
+            "Seconds since the last message (data or heartbeat); for a configured sensor never heard from, "
+            "since ingest started listening",
             labels=["group", "sensor"],
         )
         skew = g(
@@ -131,6 +132,9 @@ class IngestCollector(Collector):
                 if s.last_message_recv_ns is not None:
                     age.add_metric(labels, max(0.0, (now - s.last_message_recv_ns) / 1e9))
             for r in w.routes.values():
+                heard = tracked.get(r.key)
+                if heard is None or heard.last_message_recv_ns is None:  # silent since start: a stall too
+                    age.add_metric([r.group, r.sensor], max(0.0, (now - w.started_ns) / 1e9))
                 nbytes.add_metric([r.group, r.sensor], r.bytes)
                 if r.skew.offset_ns is not None:
                     skew.add_metric([r.group, r.sensor], r.skew.offset_ns / 1e9)

@@ -210,6 +210,7 @@ class IngestWorker:
         self.sock = self._open_socket()
         self._last_advance: int | None = None  # monotonic ns of the last timer check
         self.last_loop_ns = clock()  # liveness for /healthz
+        self.started_ns = self.last_loop_ns  # a sensor never heard from has been silent since then
 
     # -- socket ---------------------------------------------------------------------------------
 

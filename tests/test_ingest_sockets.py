@@ -400,3 +400,27 @@ def test_the_clock_offset_estimate_of_synchronised_sensors_is_their_transport_de
         assert worker.routes["g1", sensor].skew.offset_ns == 1_000_000, sensor
     worker.close()
     ctx.term()
+
+
+def test_a_sensor_never_heard_from_has_a_last_message_age_from_the_start():
+    """The age gauge existed only for sensors that had sent something, so SacmfSensorStalled could not fire
+    for a sensor (or a whole group) that was silent from start-up: a topic routed nowhere, a shard left
+    out of the proxy. Its age now counts from when ingest started listening."""
+    now = {"t": T0}
+    ctx = zmq.Context()
+    worker = IngestWorker(settings("inproc://age", mode="live"), lambda w: None, context=ctx, clock=lambda: now["t"])
+    reg = CollectorRegistry()
+    reg.register(IngestCollector([worker], clock=lambda: now["t"]))
+    samples = np.ones(10, np.float32)
+    header = encode_rad_header("g1", "rad_vis", 7, 0, T0, 1_000_000, samples)
+    worker.handle([b"rad/g1/rad_vis", header, samples.tobytes()], recv_ns=T0 + 2 * SEC)
+    now["t"] = T0 + 9 * SEC
+    ages = {
+        s.labels["sensor"]: s.value
+        for fam in text_string_to_metric_families(generate_latest(reg).decode())
+        for s in fam.samples
+        if s.name == "sacmf_sensor_last_message_age_seconds"
+    }
+    assert ages == {"rad_vis": 7.0, "cam_vis": 9.0, "cam_ir": 9.0, "rad_ir": 9.0}
+    worker.close()
+    ctx.term()

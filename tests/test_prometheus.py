@@ -19,6 +19,8 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
@@ -487,6 +489,16 @@ def test_systemd_unit_and_dockerfile_match_the_daemon():
         assert re.search(pattern, text, re.M), f"Dockerfile sed {pattern!r} no longer matches config.toml"
         text = re.sub(pattern, replacement, text, flags=re.M)
     image_cfg = config_mod.parse(tomllib.loads(text), "image config")
+    # the build's own check, run as the build runs it (from /, no weights in the image): it must pass
+    check = re.search(r"sacmf (check-config[^\n]*?) /etc/sacmf/config\.toml", docker)
+    assert check is not None, "the Dockerfile no longer checks its config"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.toml").write_text(text)
+        run = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *check.group(1).split(), str(Path(tmp) / "config.toml")],
+            cwd="/", capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    assert run.returncode == 0, run.stderr
     assert image_cfg.admin.host == "0.0.0.0"
     assert str(image_cfg.admin.port) in re.search(r"^EXPOSE (.+)$", docker, re.M).group(1).split()
     assert f"127.0.0.1:{image_cfg.admin.port}/healthz" in docker
