@@ -104,6 +104,11 @@ class IngestCollector(Collector):
         wm_lag = g("sacmf_watermark_lag_seconds", "Newest event time minus the watermark", labels=["group"])
         dead = c("sacmf_dead_letter_skipped_messages", "Rejected messages not written: dead-letter file full")
         cb_err = c("sacmf_ingest_callback_errors", "Exceptions raised by window/late consumers", labels=["callback"])
+        drops = c(
+            "sacmf_ingest_connection_drops",
+            "Connections to a publisher that libzmq dropped (an oversized frame, the peer gone); reconnected",
+            labels=["endpoint"],
+        )
 
         reasons = dict.fromkeys(REJECT_REASONS, 0)
         dead_skipped = win_err = late_err = internal = 0
@@ -118,6 +123,9 @@ class IngestCollector(Collector):
             late_err += st.late_callback_errors
             if w.dead_letter is not None:
                 dead_skipped += w.dead_letter.skipped
+            if not w.settings.bind:
+                for endpoint in w.settings.endpoints:
+                    drops.add_metric([endpoint], st.disconnects[endpoint])
             tracked = _snapshot(w.tracker.snapshot)
             for key, s in tracked.items():
                 group, sensor = key.split("/", 1)
@@ -166,4 +174,4 @@ class IngestCollector(Collector):
         cb_err.add_metric(["internal"], internal)
         yield from (messages, nbytes, rejected, gaps, missing, joined, dups, reord, stale, restarts, age, skew, late,
                     late_s, late_used, emitted, updated, triggers, dropped, buffered, open_w, kept, wm_lag, dead,
-                    cb_err)  # fmt: skip
+                    cb_err, drops)  # fmt: skip

@@ -25,6 +25,7 @@ from pathlib import Path
 import msgpack
 import structlog
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ingest import protocol, security
 from ingest.accounting import ClockSkewEstimator, SequenceTracker
@@ -129,6 +130,7 @@ class IngestStats:
         self.window_callback_errors = 0
         self.internal_errors = 0  # exceptions raised by our own handling of a message (bugs), counted
         self.raw_callback_errors = 0
+        self.disconnects: Counter[str] = Counter()  # connected endpoint -> connections libzmq dropped
 
 
 @dataclass(slots=True, eq=False)
@@ -208,6 +210,13 @@ class IngestWorker:
         limiter = security.RateLimiter(settings.rate_limits, protocol.KINDS, monotonic())
         self.rate_limiter: security.RateLimiter | None = limiter if limiter else None
         self.sock = self._open_socket()
+        # Connected sockets: libzmq drops a connection for a frame over ZMQ_MAXMSGSIZE (or another protocol
+        # error) and then never reconnects it, so one oversized frame would cut a publisher off for good.
+        # A monitor sees the drop; the timer loop counts it and connects again.
+        self._drops: dict[zmq.Socket, zmq.Socket] = {}
+        if not settings.bind:
+            for sock in self._peers or [self.sock]:
+                self._drops[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._last_advance: int | None = None  # monotonic ns of the last timer check
         self.last_loop_ns = clock()  # liveness for /healthz
         self.started_ns = self.last_loop_ns  # a sensor never heard from has been silent since then
@@ -334,6 +343,8 @@ class IngestWorker:
         tick = self.monotonic()  # the interval on the wall clock stopped for as long as a step back
         if self._last_advance is None or tick - self._last_advance >= self.settings.advance_interval_s * 1e9:
             self._last_advance = tick
+            if self._drops:
+                self._reconnect_dropped()
             for windower in self.windowers.values():
                 try:
                     fired = windower.advance(now)
@@ -470,7 +481,31 @@ class IngestWorker:
             out.extend(windows)
         return out
 
+    def _reconnect_dropped(self) -> None:
+        """Connect again every endpoint whose connection libzmq dropped (see ``__init__``)."""
+        for sock, monitor in self._drops.items():
+            while monitor.poll(0):
+                event = parse_monitor_message(monitor.recv_multipart())
+                endpoint = bytes(event.get("endpoint") or b"").decode("utf-8", "replace")
+                if event["event"] != zmq.EVENT_DISCONNECTED or endpoint not in self.settings.endpoints:
+                    continue
+                self.stats.disconnects[endpoint] += 1
+                log.warning(
+                    "publisher_connection_dropped",
+                    endpoint=endpoint,
+                    drops=self.stats.disconnects[endpoint],
+                    hint="a frame over [ingest] max_message_bytes + 64 KiB, or the publisher went away; reconnecting",
+                )
+                with contextlib.suppress(zmq.ZMQError):  # already gone from libzmq's side
+                    sock.disconnect(endpoint)
+                sock.connect(endpoint)
+
     def close(self) -> None:
+        for monitor_of, monitor in self._drops.items():
+            with contextlib.suppress(zmq.ZMQError):
+                monitor_of.disable_monitor()
+            monitor.close(linger=0)
+        self._drops = {}
         self.sock.close(linger=0)
         for sock in self._peers:
             sock.close(linger=0)

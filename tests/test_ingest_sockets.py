@@ -424,3 +424,44 @@ def test_a_sensor_never_heard_from_has_a_last_message_age_from_the_start():
     assert ages == {"rad_vis": 7.0, "cam_vis": 9.0, "cam_ir": 9.0, "rad_ir": 9.0}
     worker.close()
     ctx.term()
+
+
+def test_a_frame_over_the_size_limit_does_not_cut_a_connected_publisher_off():
+    """libzmq drops a connection that brings a frame over ZMQ_MAXMSGSIZE and never connects it again: with
+    the default topology (sacmf connects to publishers that bind), one oversized frame silenced every
+    sensor of that publisher until sacmf restarted. The drop is now counted and the endpoint reconnected."""
+    from ingest.protocol import Limits
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    endpoint = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    st = settings(endpoint, mode="live", bind=False, limits=Limits(max_message_bytes=4096))
+    worker = IngestWorker(st, lambda w: None, context=ctx)
+    seq = iter(range(10**6))
+
+    def send(n: int) -> None:
+        values = np.ones(n, np.float32)
+        header = encode_rad_header("g1", "rad_vis", 7, next(seq), time.time_ns(), 1_000_000, values)
+        pub.send_multipart([b"rad/g1/rad_vis", header, values.tobytes()])
+
+    def delivered() -> int:
+        return worker.messages()["g1", "rad_vis", "rad"]
+
+    try:
+        deadline = time.monotonic() + 10
+        while delivered() == 0 and time.monotonic() < deadline:  # the subscription reaches the publisher
+            send(4)
+            worker.poll(20)
+        assert delivered() > 0
+        send(100_000)  # 400 kB: over 4096 + 64 KiB, libzmq drops the connection
+        before = delivered()
+        deadline = time.monotonic() + 10
+        while delivered() == before and time.monotonic() < deadline:
+            send(4)
+            worker.poll(20)
+        assert delivered() > before, "the publisher stayed cut off"
+        assert worker.stats.disconnects[endpoint] == 1
+    finally:
+        worker.close()
+        pub.close(0)
+        ctx.term()
