@@ -381,3 +381,36 @@ def test_crossfuse_deep_sign_penalty_pushes_negative_activity_up(batch) -> None:
     assert trainer.losses(ir, vi, 0)["ir_sign"] < before["ir_sign"]
     with pytest.raises(ValueError, match="CrossFuse stage-1 term"):
         ft.make_trainer("cddfuse", ft.TrainOptions(deep_sign_weight=1.0))
+
+
+@needs_data
+def test_a_stop_inside_a_step_is_recorded_and_the_resume_says_so(tmp_path: Path) -> None:
+    """A second Ctrl-C lands wherever it lands: after the encoder's optimiser stepped and before the
+    decoder's, say. The state then holds weights one optimiser ahead of its step count, and the resumed
+    run repeats that batch: it can differ from an uninterrupted run by about one step. The state file
+    now says the stop was inside a step, and the resumed run says what that costs."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    ir_dir, vi_dir = _write_pairs(tmp_path / "data", {"a": ("01", slice(100, 196), slice(100, 196))})
+    options = ft.TrainOptions(epochs=3, batch_size=2, patch=32, stride=32, min_contrast=0.0)
+    out = tmp_path / "run"
+    stepped = {"n": 0}
+
+    def interrupt(optimizer, args, kwargs) -> None:  # the first optimiser of the third step has stepped
+        stepped["n"] += 1
+        if stepped["n"] == 2 * 2 + 1:  # CDDFuse phase I: two optimisers per step (encoder, decoder)
+            raise KeyboardInterrupt
+
+    handle = register_optimizer_step_post_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ft.train("cddfuse", ir_dir, vi_dir, out, options)
+    finally:
+        handle.remove()
+    state = torch.load(out / ft.STATE_FILE, weights_only=False)
+    assert state["global_step"] == 2 and state["mid_step"] is True
+    notes: list[str] = []
+    result = ft.train("cddfuse", ir_dir, vi_dir, out, replace(options, resume=True, max_steps=3),
+                      on_step=lambda info: notes.append(info.note or ""))  # fmt: skip
+    assert "stopped inside step 3" in notes[0] and any("stopped inside step 3" in n for n in result.notes)
+    assert torch.load(out / ft.STATE_FILE, weights_only=False)["mid_step"] is False  # a clean stop this time
