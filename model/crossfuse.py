@@ -857,7 +857,7 @@ def ms_ssim(x: Tensor, y: Tensor, *, normalize: bool = True) -> Tensor:
     coarse scales), *valid* convolution, means over the whole batch; then 2x2 average pooling; 5 scales.
     The value range L is guessed from ``x``: 255 if max(x) > 128 else 1 (minus -1 if min(x) < -0.5), so
     C1 = (0.01 L)^2, C2 = (0.03 L)^2. ``normalize`` maps every term to (t + 1) / 2. Combination, quirk
-    included: prod_i(cs_i^w_i * ssim_5^w_5) over the first four scales (the finest-scale SSIM factor
+    included: prod_i(cs_i^w_i * ssim_5^w_5) over the first four scales (the coarsest-scale SSIM factor
     enters four times), not the textbook prod(cs_i^w_i) * ssim_5^w_5.
     """
     hi = 255.0 if x.max() > 128 else 1.0
