@@ -70,7 +70,8 @@ def window_to_raw(
         if present:
             values, valid = resample(window.samples[role], window.start_ns, window.end_ns, seq_len, method=method)
             if values.ndim > 1:  # [n, ...] -> [n]
-                values = values.reshape(seq_len, -1).mean(axis=1)
+                # in float64: channels near the float32 limit would sum to inf and drop the modality
+                values = values.reshape(seq_len, -1).mean(axis=1, dtype=np.float64).astype(np.float32)
             raw[role], raw[f"{role}_valid"] = values, valid
         else:
             raw[role], raw[f"{role}_valid"] = None, None

@@ -28,6 +28,7 @@ IMG_DTYPES = ("uint8", "uint16", "float32")
 RAD_DTYPES = ("float32", "float64", "uint16", "uint32")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 MAX_META_BYTES = 4096
+MAX_META_DEPTH = 32  # maps and arrays inside meta (meta itself is level 1)
 UINT64_MAX = 2**64 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -57,7 +58,7 @@ REJECT_REASONS = (
     "too_large",  # declared payload larger than the configured maximum message size
     "payload_size",  # payload length differs from what the header declares
     "non_finite",  # NaN/Inf in a float payload while the policy is "reject"
-    "meta_too_large",
+    "meta_too_large",  # meta over MAX_META_BYTES or nested deeper than MAX_META_DEPTH
     "unknown_group",  # group not configured (for this replica)
     "unknown_sensor",  # sensor not configured in its group
     "wrong_kind",  # a configured sensor sent a kind that its role does not take
@@ -101,6 +102,18 @@ class Limits:
     max_message_bytes: int = 64 * 2**20
     reject_non_finite: bool = True
     max_image_side: int = 16384
+
+
+def _shallow(value: Any, limit: int = MAX_META_DEPTH) -> bool:
+    """Whether maps and arrays in ``value`` nest at most ``limit`` deep. A 606-byte header can nest 505
+    levels: the frame carries its meta on to the main process by pickle, which fails from about 500, and
+    the whole window was lost."""
+    level = [value]
+    for _ in range(limit):
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return True
+    return not any(isinstance(x, (dict, list)) for x in level)
 
 
 def _is_int(x: Any) -> bool:
@@ -244,6 +257,8 @@ def decode(frames: list[Any], limits: Limits = Limits()) -> Message:
     header_bytes = len(header)
     if meta is not None and header_bytes > MAX_META_BYTES and len(msgpack.packb(meta)) > MAX_META_BYTES:
         raise ProtocolError("meta_too_large", f"meta exceeds {MAX_META_BYTES} bytes")
+    if meta and not _shallow(meta):
+        raise ProtocolError("meta_too_large", f"meta nested deeper than {MAX_META_DEPTH} levels")
     nbytes = len(frames[0]) + header_bytes
     if kind == "hb":
         return Message(kind, group, sensor, h["session"], h["t_ns"], None, h["last_seq"], 0, 0, None, meta, nbytes)

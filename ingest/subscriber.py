@@ -214,9 +214,10 @@ class IngestWorker:
         # error) and then never reconnects it, so one oversized frame would cut a publisher off for good.
         # A monitor sees the drop; the timer loop counts it and connects again.
         self._drops: dict[zmq.Socket, zmq.Socket] = {}
-        if not settings.bind:
+        if not settings.bind and any(not ep.startswith("inproc://") for ep in settings.endpoints):
             for sock in self._peers or [self.sock]:
-                self._drops[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                if isinstance(sock, zmq.Socket):
+                    self._drops[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._last_advance: int | None = None  # monotonic ns of the last timer check
         self.last_loop_ns = clock()  # liveness for /healthz
         self.started_ns = self.last_loop_ns  # a sensor never heard from has been silent since then

@@ -97,6 +97,13 @@ def test_payload_is_a_view_of_the_zmq_frame(ctx):
     b.close()
 
 
+def _nested(levels: int) -> list:
+    x: list = [1]
+    for _ in range(levels - 1):
+        x = [x]
+    return x
+
+
 IMG = np.zeros((4, 4), np.uint8)
 CASES = {
     "frame_count": [b"img/g1/cam", msgpack.packb({})],
@@ -121,6 +128,8 @@ CASES = {
     "payload_size": img_msg(IMG, shape=[4, 5]),
     "non_finite": img_msg(np.array([[0, np.nan]], np.float32)),
     "meta_too_large": img_msg(IMG, meta={"x": "a" * 5000}),
+    # 606 bytes, 505 levels: small, but its frame could not be pickled on to the model (the window was lost)
+    "meta_too_large_deep": img_msg(IMG, meta={"x": _nested(504)}),
 }
 
 
@@ -137,6 +146,14 @@ def test_non_finite_keep_policy_and_rad_dtype():
     assert reason_of(rad_msg(np.arange(3, dtype=np.int8))) == "dtype"
     assert reason_of(rad_msg(np.arange(3.0), dt_ns=0)) == "field_type"
     assert reason_of(rad_msg(np.arange(3.0), n=0)) == "field_type"
+
+
+def test_meta_may_nest_32_levels_and_its_frame_reaches_the_model_process():
+    import pickle
+
+    ok = decode(img_msg(IMG, meta={"x": _nested(31)}), Limits())  # meta + 31 lists = 32 levels
+    assert pickle.loads(pickle.dumps(ok.meta)) == ok.meta
+    assert reason_of(img_msg(IMG, meta={"x": _nested(32)})) == "meta_too_large"
 
 
 def test_configured_size_limits():

@@ -144,6 +144,17 @@ def test_window_to_raw_resamples_with_validity_masks_and_keeps_presence():
     assert np.array_equal(raw.seq_a, ref_values) and np.array_equal(raw.seq_a_valid, ref_valid)
 
 
+def test_multichannel_samples_near_the_float32_limit_average_without_overflow():
+    """A 2-channel detector reading 3e38 (finite in float32) was averaged over its channels in float32:
+    the sum overflowed to inf, the preprocessing invalidated every bin and the modality went absent; the
+    same reading from a 1-channel detector was kept."""
+    w = make_window(roles=("seq_a",))
+    w.samples["seq_a"] = Samples(None, np.full((1000, 2), 3e38, np.float32), 1_000_000, t0=T0)
+    raw = window_to_raw(w, seq_len=16)
+    assert np.isfinite(raw.seq_a).all() and raw.seq_a_valid.all()
+    assert np.allclose(raw.seq_a, 3e38, rtol=1e-6)
+
+
 def test_colour_frames_near_the_float32_limit_average_without_overflow():
     """A finite [H, W, 3] float32 frame whose channels sum past float32's range keeps its bright pixel."""
     rgb = np.ones((4, 6, 3), np.float32)
