@@ -560,6 +560,9 @@ class Service:
         if not self.runner.warm:  # the first load is still running
             return 503, {"result": "refused", "error": "starting"}
         with self._reload_lock:
+            if self.state.draining or self.stop.is_set():  # queued behind another reload when the stop came
+                return 503, {"result": "refused", "error": "draining"}
+            log.info("model_reload_started", path=str(self.cfg.model.checkpoint))
             candidate = None
             stage = self.fusion
             if stage is not None and stage.checkpoint is not None:
@@ -599,6 +602,20 @@ class Service:
             if self.fusion is not None:
                 body["image_fusion"] = self.fusion.identity
             return 200, body
+
+    def _await_reload(self) -> None:
+        """Let a reload that was under way when the stop came finish before the interpreter exits.
+
+        Reloads run on their own threads (SIGHUP) or the admin server's (POST), both daemonic: one still
+        loading or warming up a model inside PyTorch when the interpreter shut down made the process
+        abort (status 134) after a clean drain. Reloads asked for after the stop are refused at once; the
+        one in flight gets what is left of the shutdown deadline (at least 5 s), then the exit goes on.
+        """
+        left = max(5.0, (self._stop_at or time.monotonic()) + self.cfg.shutdown_timeout_s - time.monotonic())
+        if self._reload_lock.acquire(timeout=left):
+            self._reload_lock.release()
+        else:
+            log.warning("reload_still_running_at_exit", waited_s=round(left, 1))
 
     def _fusion_candidate(self, stage: Any) -> Any:
         """A new stage from the configured fusion weights, validated; None when their sha256 is unchanged."""
@@ -650,7 +667,9 @@ class Service:
         host, port = self.admin.address
         log.info("admin_listening", url=f"http://{host}:{port}", host=host, port=port)
         try:
-            return self._run_started(threads)
+            status = self._run_started(threads)
+            self._await_reload()
+            return status
         except Exception:  # a bug in the main loop: drain what can be drained, and never hang at exit
             log.exception("main_loop_failed")
             if not self.state.draining:

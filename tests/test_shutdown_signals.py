@@ -331,3 +331,28 @@ def test_a_main_loop_bug_drains_and_exits_instead_of_hanging_on_the_ingest_proce
     assert '"shutdown_complete"' in err  # drained: sinks closed, the ingest process told to stop
     child = int(out.split()[1])
     assert not Path(f"/proc/{child}").exists() or b") Z" in Path(f"/proc/{child}/stat").read_bytes()
+
+
+def test_sigterm_while_a_reload_is_loading_a_model_still_exits_0(tmp_path: Path, checkpoint: Path):
+    """A reload runs on a daemonic thread: when the drain finished while it was still loading or warming a
+    model inside PyTorch, the interpreter's exit aborted the process (status 134) after a clean drain."""
+    import dataclasses
+
+    from model.checkpoint import save_checkpoint
+    from model.sacmf import build_model
+    from tests.service_helpers import TINY
+
+    big = dataclasses.replace(TINY, d_model=128, frame_size=256, token_grid=8, seq_len=1024, det_channels=64)
+    torch.manual_seed(5)
+    d = Daemon(tmp_path, checkpoint)
+    try:
+        d.start()
+        save_checkpoint(build_model(big), tmp_path / "big.pt", "big")  # a second or so to load and warm up
+        os.replace(tmp_path / "big.pt", d.checkpoint)
+        d.proc.send_signal(signal.SIGHUP)
+        d.event("model_reload_started", timeout=30)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(60) == 0, d.events[-5:]
+        assert d.event("shutdown_complete")["clean"] is True
+    finally:
+        d.close()
