@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +79,11 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process: `systemctl reload` right after start (the unit is
+    # Type=exec) would kill the daemon while it loads. Until serve installs its own handlers, a SIGHUP
+    # is remembered and honoured as a reload once the daemon is ready.
+    early_reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_reload.set())
     from daemon import service
 
     try:
@@ -86,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     # [logging] applies unless the command line chose explicitly
     logs.configure(args.log_level or cfg.log_level, args.log_format or cfg.log_format)
-    return service.serve(cfg)
+    return service.serve(cfg, early_reload)
 
 
 def _bench_model(args: argparse.Namespace) -> int:

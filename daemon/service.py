@@ -642,12 +642,15 @@ class Service:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_requested.set())
 
-    def run(self) -> int:
+    def run(self, early_reload: threading.Event | None = None) -> int:
         import torch
 
         from daemon.admin import AdminHandlers, AdminServer
 
         self._install_signals()
+        if early_reload is not None and early_reload.is_set():  # a SIGHUP before the handlers: honoured once ready
+            log.info("reload_requested_during_start")
+            self.reload_requested.set()
         threads = self.cfg.model.torch_threads or max(1, cpu_count() - 1)
         torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):  # settable once per process, before any parallel work
@@ -1246,8 +1249,10 @@ def _build_info() -> dict[str, str]:
     return {"version": own, "python": platform.python_version(), "torch": torch.__version__}
 
 
-def serve(cfg: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit status."""
+def serve(cfg: Config, early_reload: threading.Event | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit status. ``early_reload``: set by a
+    SIGHUP that came before the daemon's own handlers (``sacmf serve`` installs it first thing); the
+    reload then runs once the daemon is ready."""
     ckpt = cfg.model.checkpoint
     if not ckpt.is_file():  # checked before torch is imported: a clear, fast failure
         print(
@@ -1279,4 +1284,4 @@ def serve(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 2
-    return service.run()
+    return service.run(early_reload)

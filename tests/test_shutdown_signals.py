@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from daemon.serve_process import process_tree
-from tests.service_helpers import ROOT, Daemon, http, tiny_checkpoint
+from tests.service_helpers import ROOT, Daemon, http, sacmf, tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -354,5 +354,27 @@ def test_sigterm_while_a_reload_is_loading_a_model_still_exits_0(tmp_path: Path,
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(60) == 0, d.events[-5:]
         assert d.event("shutdown_complete")["clean"] is True
+    finally:
+        d.close()
+
+
+def test_a_sighup_while_starting_is_a_reload_once_ready_not_the_end(tmp_path: Path, checkpoint: Path):
+    """SIGHUP's default action ends a process: a `systemctl reload` in the seconds serve spends importing
+    torch and loading the model killed it (status 129) before it was ever ready."""
+    d = Daemon(tmp_path, checkpoint)
+    try:
+        d.sub_thread.start()
+        d.proc = sacmf("serve", str(d.config))
+        threading.Thread(target=d._read_logs, daemon=True).start()
+        deadline = time.monotonic() + 60  # torch is being imported: seconds before the daemon's own handlers
+        while "libtorch" not in Path(f"/proc/{d.proc.pid}/maps").read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        d.proc.send_signal(signal.SIGHUP)
+        d.sim.start()
+        d.event("ready", timeout=90)
+        assert d.event("reload_requested_during_start", timeout=10)
+        assert d.event("model_reloaded", timeout=30)["version"] == "tiny-v1"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(60) == 0
     finally:
         d.close()
