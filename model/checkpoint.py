@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,24 @@ def config_from_dict(raw: object, origin: str = "config") -> SACMFConfig:
         raise CheckpointError(f"{origin}: invalid config: {exc}") from exc
 
 
+def _check_members(path: Path, data: bytes) -> None:
+    """Every member of the file's zip archive must match its CRC-32. torch.load does not check them, so a
+    file overwritten in place and read mid-copy (``rsync --inplace``, ``dd conv=notrunc``) loaded as a
+    mix of the old and the new weights under the new file's version."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return  # not torch's zip format: torch.load says what it is
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint archive ({type(exc).__name__}: {exc})") from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: member {bad!r} fails its checksum: the file is damaged or was read while being written "
+            "(replace checkpoints atomically: write elsewhere, then mv)"
+        )
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     """Read and parse a file without building the model: (payload dict, sha256 of the bytes)."""
     path = Path(path)
@@ -148,6 +167,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
     sha = hashlib.sha256(data).hexdigest()
+    _check_members(path, data)
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, disallowed pickle content, ...

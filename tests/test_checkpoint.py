@@ -182,3 +182,19 @@ def test_read_checkpoint_exposes_the_optional_keys(trained, tmp_path: Path):
     _, meta = load_checkpoint(path)
     assert meta.resume is not None and meta.resume["history"] == [{"x": 1.0}]
     assert ckpt_mod.CHECKPOINT_FORMAT == "sacmf-checkpoint/1" == raw["format"]
+
+
+def test_a_checkpoint_read_while_being_overwritten_in_place_is_refused(tmp_path: Path):
+    """`rsync --inplace` or `dd conv=notrunc` replacing v1 by v2 and read half way: torch.load does not
+    check the archive's CRCs, so the file loaded as v2 with most of v1's weights, and a hot reload
+    served it under v2's name."""
+    torch.manual_seed(0)
+    save_checkpoint(build_model(TINY), tmp_path / "v1.pt", "v1")
+    torch.manual_seed(1)
+    save_checkpoint(build_model(TINY), tmp_path / "v2.pt", "v2")
+    v1, v2 = (tmp_path / "v1.pt").read_bytes(), (tmp_path / "v2.pt").read_bytes()
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(v2[: 40 * 4096] + v1[40 * 4096 :])  # the head of the new file over the old one
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        read_checkpoint(torn)
+    assert read_checkpoint(tmp_path / "v2.pt")[0]["version"] == "v2"  # whole files still load
