@@ -285,10 +285,12 @@ def tile_overlap(method: FusionMethod, tile: int, overlap: int | None) -> int:
     least = max(method.min_side, method.tile_align if method.tile_residue else 1)
     if 0 < tile < least:
         raise ValueError(f"{method.name}: tile must be >= {least} px, got {tile}")
+    # CrossFuse: tiles shrink to a multiple of 8 and step on its 16-px grid, so the overlap must leave a step
+    most = tile - tile % method.multiple - method.tile_align if method.tile_residue else tile - 1
     if overlap is None:
-        return min(method.overlap, tile // 2)
-    if tile and not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
+        return max(0, min(method.overlap, tile // 2, most))
+    if tile and not 0 <= overlap <= most:
+        raise ValueError(f"{method.name}: overlap must be in [0, {most}] for tile {tile}, got {overlap}")
     if overlap < 0:
         raise ValueError(f"overlap must be >= 0, got {overlap}")
     return overlap

@@ -418,9 +418,11 @@ def _spans(length: int, tile: int, step: int, multiple: int, align: int, residue
     """
     if align <= 1 and not residue:
         return [(s, min(length, s + tile)) for s in _starts(length, tile, step)]
-    extent = tile - tile % multiple + length % multiple if residue else tile
+    base = tile - tile % multiple if residue else tile
+    extent = base + length % multiple if residue else tile
     if length <= extent:
         return [(0, length)]
+    step -= tile - base  # the overlap stays at least what was asked for: tiles shrank to a multiple
     step = max(align, step - step % align)
     spans = [(s, s + extent) for s in range(0, length - extent, step)]
     last = (length - extent) - (length - extent) % align  # the end tile grows (by < align) to start aligned
@@ -505,6 +507,11 @@ def tiled(
     step = tile - overlap
     rows = _spans(h, tile, step, multiple, align, residue)
     cols = _spans(w, tile, step, multiple, align, residue)
+    # every seam must overlap by at least both margins, or pixels there get weight 0 from both tiles
+    seams = [a[1] - b[0] for spans in (rows, cols) for a, b in zip(spans, spans[1:], strict=False)]
+    if seams and 2 * m > min(seams):
+        m = max(0, min(seams)) // 2
+        ramp = max(0, min(seams) - 2 * m)
     pad = 1 if residue else multiple  # residue tiles go in as they are: the network handles their size
     acc: torch.Tensor | None = None
     weight = torch.zeros(1, 1, h, w, device=out_device)

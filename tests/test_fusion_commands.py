@@ -297,7 +297,7 @@ def test_tile_options_are_checked_before_any_work_and_a_small_tile_gets_a_fittin
     )
     assert (tmp_path / "b" / "07.png").is_file()  # 77 x 101 in 32-px tiles, overlap 16 (the default 64, capped)
     assert _fuse(tmp_path, "--tile", "32", "--overlap", "32", "--out", str(tmp_path / "c")) == 2
-    assert "overlap must be in [0, tile)" in capsys.readouterr().err
+    assert "mean: overlap must be in [0, 31] for tile 32, got 32" in capsys.readouterr().err
 
 
 def test_fuse_refuses_an_out_folder_that_would_overwrite_its_inputs(pairs, tmp_path: Path, capsys) -> None:

@@ -301,6 +301,25 @@ def test_aligned_residue_tiles_keep_the_whole_images_grid(length: int) -> None:
     assert all(e - s >= min(length, 64 - 64 % 8) for s, e in spans)
 
 
+def test_residue_tiles_blend_without_holes_and_overlaps_that_leave_no_step_are_refused() -> None:
+    """Residue tiles shrink to a multiple of 8 and step on the 16-px grid: with the margin taken from the
+    nominal overlap, seams that overlapped less got weight 0 from both tiles (NaN pixels: 784 of a
+    100x100 image at tile 72 / overlap 64, 960 of 64x64 at tile 24)."""
+    from model import fusion
+
+    cf = fusion.get_method("crossfuse")
+    for tile, overlap in ((24, None), (72, 56), (40, 16), (16, None), (100, 0)):
+        ov = fusion.tile_overlap(cf, tile, overlap)
+        for h, w in ((64, 64), (100, 100), (101, 131)):
+            x = torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(tile))
+            out = fio.tiled(lambda a, b: a.clone(), x, x, tile=tile, overlap=ov, multiple=8,
+                            margin=min(cf.margin, ov // 2), align=16, residue=True)  # fmt: skip
+            assert torch.equal(out.isfinite(), torch.ones_like(out, dtype=torch.bool)), (tile, overlap, h, w)
+            assert torch.allclose(out, x, atol=1e-6)  # an identity network blends back to its input
+    with pytest.raises(ValueError, match="crossfuse: overlap must be in \\[0, 56\\] for tile 72"):
+        fusion.tile_overlap(cf, 72, 64)
+
+
 def test_tiled_blends_networks_with_global_operations() -> None:
     # output = input + tile mean: a global op, so tiles disagree; blending must avoid hard seams
     def fn(ir: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
