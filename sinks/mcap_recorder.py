@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import msgpack
 import structlog
 from mcap.exceptions import McapError
+from mcap.reader import make_reader
 from mcap.records import Channel, Chunk, Message, MessageIndex
 from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.well_known import MessageEncoding
@@ -486,6 +487,8 @@ def read_recording(
     lost_chunk = False  # the message indexes right after a skipped chunk say how many messages it held
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
+        channels.update(_summary_channels(fh, size))  # a channel defined in a corrupt chunk is known there too
+        fh.seek(0)
         stream = StreamReader(fh, emit_chunks=True)
         records = stream.records
         while True:
@@ -530,11 +533,26 @@ def read_recording(
                     channels[r.id] = r
                 elif isinstance(r, Message):
                     channel = channels.get(r.channel_id)
+                    if channel is None and damage.chunks:  # defined in a chunk that was skipped: lost too
+                        damage.messages += 1
+                        continue
                     if channel is None:
                         raise McapError(f"{path}: message on unknown channel {r.channel_id}")
                     count += 1
                     if channel.metadata.get(CONTENT_KEY) in contents:
                         yield _decode_message(path, channel, r)
+
+
+def _summary_channels(fh: Any, size: int) -> dict[int, Channel]:
+    """The channels listed in a finished file's summary ({} for an unfinished or damaged one)."""
+    if not _finished(fh, size):
+        return {}
+    try:
+        fh.seek(0)
+        summary = make_reader(fh).get_summary()
+    except Exception:  # a damaged summary: the scan finds the channels where they were written
+        return {}
+    return dict(summary.channels) if summary is not None else {}
 
 
 def _finished(fh: Any, size: int) -> bool:

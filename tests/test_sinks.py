@@ -601,6 +601,26 @@ def test_a_corrupt_chunk_mid_file_costs_only_its_own_messages_and_is_reported(tm
     assert damage.lost and "1 corrupt chunk(s) skipped, 1 message(s)" in damage.describe()
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_corrupt_chunk_holding_a_channels_definition_costs_only_its_messages(tmp_path, finished: bool):
+    """The recorder defines each channel in the chunk where it is first used: skipping that chunk left the
+    channel unknown, and the next message on it ended the whole read ("message on unknown channel")."""
+    path = tmp_path / "rec.mcap"
+    rec = McapRecorder(path, flush_interval_s=0.0)  # one chunk per message; the first defines the channel
+    payloads = _write_rad(rec, 6)
+    unfinished = path.read_bytes()
+    rec.close()
+    data = bytearray(path.read_bytes() if finished else unfinished)
+    data[_chunk_offsets(bytes(data))[0] + 120] ^= 0x10
+    path.write_bytes(bytes(data))
+    damage = Damage()
+    got = [r.body[2] for r in read_recording(path, damage=damage)]
+    if finished:  # the summary names every channel: only the corrupt chunk's message is lost
+        assert got == payloads[1:] and (damage.chunks, damage.messages) == (1, 1)
+    else:  # no summary: the channel stays unknown; its messages are counted lost, not an error
+        assert got == [] and damage.chunks == 1 and damage.messages == 6 and damage.lost
+
+
 def test_recordings_sacmf_cannot_decode_are_clear_errors_and_inputs_need_no_results(tmp_path):
     """Results of a newer schema stopped a replay, which needs only the inputs; and a channel that is
     not sacmf's was accepted when it held no message."""
