@@ -102,8 +102,8 @@ def endpoint_error(ep: Any) -> str | None:
         return "has no address after ://"
     if transport == "tcp":
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
-            return "needs tcp://host:port with a port in 1..65535 (or * to bind any free port)"
+        if not sep or not host or not (port == "*" or (port.isdigit() and 0 <= int(port) < 65536)):
+            return "needs tcp://host:port with a port in 0..65535 (* or 0: bind any free port)"
     return None
 
 

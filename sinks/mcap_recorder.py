@@ -253,6 +253,11 @@ def keep_earlier(path: Path) -> Path | None:
             os.link(path, target)  # never replaces an existing file, unlike rename
         except FileExistsError:
             continue
+        except OSError:  # a file system without hard links (FAT, some network mounts): rename a free name
+            if target.exists():
+                continue
+            os.rename(path, target)
+            return target
         path.unlink()
         return target
     raise OSError(f"cannot move the earlier recording {path} aside: 1000 names taken")

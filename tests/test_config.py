@@ -91,7 +91,7 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["sinks"].update(zmq_endpoint="localhost:1"), "sinks.zmq_endpoint: is not a ZeroMQ endpoint"),
         (lambda r: r["ingest"].update(endpoints=["foo://bar"]), "'foo://bar' has an unknown transport 'foo'"),
         (lambda r: r["ingest"].update(endpoints=["tcp://127.0.0.1:notaport"]), "needs tcp://host:port"),
-        (lambda r: r["ingest"].update(endpoints=["tcp://127.0.0.1:70000"]), "port in 1..65535"),
+        (lambda r: r["ingest"].update(endpoints=["tcp://127.0.0.1:70000"]), "port in 0..65535"),
         (lambda r: r["sinks"].update(fsync="sometimes"), "sinks.fsync"),
         (lambda r: r["admin"].update(listen="9102"), "admin.listen: listen address"),
         (lambda r: r["admin"].update(tokn="x"), "admin.tokn: unknown key"),
