@@ -982,7 +982,7 @@ def train(
                 for b in range(start_batch, batches):
                     asked = stop is not None and stop()
                     if asked or step >= max_steps or time.monotonic() - started >= budget_s:
-                        _save_state(state_path, recipe, trainer, epoch, b, step)
+                        _save_state(state_path, recipe, trainer, epoch, b, step, mid_step=resumed_note is not None)
                         return TrainResult(epoch, step, True, checkpoints, state_path, last, notes, asked)
                     idx = order[b * bs : (b + 1) * bs]
                     note = None
@@ -1025,9 +1025,9 @@ def train(
                 start_batch = 0
                 resume_at = (epoch, 0)
                 checkpoints = _release(trainer, out, epoch)
-                _save_state(state_path, recipe, trainer, epoch, 0, step)
+                _save_state(state_path, recipe, trainer, epoch, 0, step, mid_step=resumed_note is not None)
         except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM in the CLI: wherever it lands
-            _save_state(state_path, recipe, trainer, *resume_at, step, mid_step=in_step)
+            _save_state(state_path, recipe, trainer, *resume_at, step, mid_step=in_step or resumed_note is not None)
             raise
     if not checkpoints:  # resumed a finished run: report the files it already wrote
         folder = out / MODELS_DIR

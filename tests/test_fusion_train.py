@@ -409,6 +409,8 @@ def test_a_stop_inside_a_step_is_recorded_and_the_resume_says_so(tmp_path: Path)
         handle.remove()
     state = torch.load(out / ft.STATE_FILE, weights_only=False)
     assert state["global_step"] == 2 and state["mid_step"] is True
+    ft.train("cddfuse", ir_dir, vi_dir, out, replace(options, resume=True, max_steps=2))  # stops before a step
+    assert torch.load(out / ft.STATE_FILE, weights_only=False)["mid_step"] is True  # still the partial weights
     notes: list[str] = []
     result = ft.train("cddfuse", ir_dir, vi_dir, out, replace(options, resume=True, max_steps=3),
                       on_step=lambda info: notes.append(info.note or ""))  # fmt: skip
