@@ -85,13 +85,17 @@ class FusionOutcome:
 
     ``status``: ``"fused"`` (``window`` holds the fused Image-A when the feed is ``image_a``),
     ``"not_fused"`` (a camera was missing: ``window`` is the original), ``"failed"`` (``error`` says why;
-    ``window`` is the original, which the caller must not feed to a model trained on fused frames).
+    ``window`` is the original). The stage's feed decides the rest, here once for the daemon and replay:
+    ``served`` is False for a window that must not reach a model trained on fused frames (failed under
+    feed ``image_a``); ``identity`` is what its result record names, set when the model gets it fused.
     """
 
     window: Any
     status: str
     quality: dict[str, float] | None = None
     error: FusionError | None = None
+    served: bool = True
+    identity: dict[str, str | None] | None = None
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -401,15 +405,19 @@ class FusionStage:
         ``"image_a"``, the original for ``"none"`` (fused for its quality only) and whenever the status is
         not ``"fused"``.
         """
+        fed = self.feed == "image_a"
         try:
             fused, quality = self.fuse_window(window)
         except FusionError as exc:
-            return FusionOutcome(window, FAILED, error=exc)
+            return FusionOutcome(window, FAILED, error=exc, served=not fed)
         except Exception as exc:  # a frame the stage cannot take, an out-of-memory, a bug: this window only
-            return FusionOutcome(window, FAILED, error=FusionError(f"{type(exc).__name__}: {exc}"))
+            error = FusionError(f"{type(exc).__name__}: {exc}")
+            return FusionOutcome(window, FAILED, error=error, served=not fed)
         if quality is None:
             return FusionOutcome(window, NOT_FUSED)
-        return FusionOutcome(fused if self.feed == "image_a" else window, FUSED, quality)
+        if fed:
+            return FusionOutcome(fused, FUSED, quality, identity=self.identity)
+        return FusionOutcome(window, FUSED, quality)
 
     def process(
         self, windows: Sequence[Any], on_quality: Callable[[str, dict[str, float]], None] | None = None

@@ -327,8 +327,8 @@ def replay(
                 png.write(item)
 
     def fuse(windows: list[Window], fused: dict[tuple, Any]) -> list[Window]:
-        """The windows the model gets after the fusion stage, as ``Service._fuse`` decides it."""
-        from daemon.fusion_stage import FAILED, FUSED
+        """The windows the model gets after the fusion stage, as the daemon decides it (``FusionOutcome``)."""
+        from daemon.fusion_stage import FAILED
 
         kept = []
         for w in windows:
@@ -337,11 +337,11 @@ def replay(
                 report.fusion_failed += 1
                 err = str(outcome.error)[:300]
                 log.error("replay_image_fusion_failed", group=w.group, start_ns=w.start_ns, error=err)
-                if fusion.feed == "image_a":  # the model was trained on fused frames: no result for this one
+                if not outcome.served:  # the model was trained on fused frames: no result for this one
                     report.failed += 1
                     continue
-            if outcome.status == FUSED and fusion.feed == "image_a":
-                fused[(w.group, w.start_ns, w.revision)] = fusion.identity
+            if outcome.identity is not None:
+                fused[(w.group, w.start_ns, w.revision)] = outcome.identity
             kept.append(outcome.window)
         return kept
 

@@ -1050,7 +1050,7 @@ class Service:
         is logged (at most every 10 s). The loop ticks after every window: one network pass can take
         seconds, and a batch of them is work, not a hang (``/healthz``).
         """
-        from daemon.fusion_stage import FAILED, FUSED
+        from daemon.fusion_stage import FAILED
 
         kept: list[Window] = []
         fusion: list[dict | None] = []
@@ -1073,16 +1073,16 @@ class Service:
                         start_ns=w.start_ns,
                         reason=err.reason,
                         error=str(err)[:300],
-                        window="failed" if stage.feed == "image_a" else "served (feed none)",
+                        window="served (feed none)" if outcome.served else "failed",
                         failures_total=self._fusion_failures,
                     )
-                if stage.feed == "image_a":
+                if not outcome.served:
                     failed.append((w, err))
                     continue
             elif outcome.quality is not None:
                 self.metrics.observe_fusion_quality(w.group, outcome.quality)
             kept.append(outcome.window)
-            fusion.append(stage.identity if outcome.status == FUSED and stage.feed == "image_a" else None)
+            fusion.append(outcome.identity)
         return kept, fusion, failed
 
     def _hand_on(self, name: str, q: queue.Queue, item: Any) -> None:
