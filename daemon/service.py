@@ -683,11 +683,7 @@ class Service:
             # the ingest process is not daemonic (it must flush its windows), so multiprocessing would
             # join it at interpreter exit, forever if nothing told it to stop: tell it, then make sure
             if self._child is not None and self._child.is_alive():
-                self._child_stop.set()
-                self._child.join(5)
-                if self._child.is_alive():
-                    self._child.kill()
-                    self._child.join(5)
+                self._end_child(5.0)
             self.admin.stop()
             if self._pipe_dir:
                 shutil.rmtree(self._pipe_dir, ignore_errors=True)
@@ -876,6 +872,18 @@ class Service:
             return False
         return True
 
+    def _end_child(self, timeout: float) -> bool:
+        """Tell the ingest process to stop (flushing its windows), wait up to ``timeout``, kill it past
+        that; True when it exited by itself with status 0."""
+        assert self._child is not None and self._child_stop is not None
+        self._child_stop.set()
+        self._child.join(timeout)
+        if self._child.is_alive():
+            self._child.kill()
+            self._child.join(5)
+            return False
+        return self._child.exitcode == 0
+
     def _shutdown(self, deadline: float) -> bool:
         """Unready -> stop input and flush (ingest) -> drain the queue through the model -> close sinks."""
         st = self.state
@@ -890,15 +898,7 @@ class Service:
             t.join(left())
         threads_done = not any(t.is_alive() for t in self._threads)
         sinks_clean = self._close_sinks(left())
-        child_ok = True
-        if self._child is not None:
-            self._child.join(left())
-            if self._child.is_alive():
-                self._child.kill()
-                self._child.join(5)
-                child_ok = False
-            elif self._child.exitcode != 0:
-                child_ok = False
+        child_ok = self._end_child(left()) if self._child is not None else True
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         clean = threads_done and sinks_clean and child_ok and time.monotonic() <= deadline
