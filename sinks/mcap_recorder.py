@@ -491,11 +491,11 @@ def read_recording(
     started = False  # the magic and a first record were read: from here on, a bad tail is a truncation
     lost_chunk = False  # the message indexes right after a skipped chunk say how many messages it held
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        channels.update(_summary_channels(fh, size))  # a channel defined in a corrupt chunk is known there too
+        finished = _finished(fh, os.fstat(fh.fileno()).st_size)  # closed by its writer: footer and summary
+        if finished:
+            channels.update(_summary_channels(fh))  # a channel defined in a corrupt chunk is known there too
         fh.seek(0)
-        stream = StreamReader(fh, emit_chunks=True)
-        records = stream.records
+        records = StreamReader(fh, emit_chunks=True).records
         while True:
             at = fh.tell()
             try:
@@ -505,7 +505,7 @@ def read_recording(
             except Exception as exc:  # McapError, struct/EOF errors: the framing itself is broken
                 if not started:
                     raise NotARecording(f"{path}: not an MCAP recording ({exc!r})") from exc
-                if _finished(fh, size):  # the file was closed cleanly: this is damage, not a crash's tail
+                if finished:  # the file was closed cleanly: this is damage, not a crash's tail
                     damage.tail_from = at
                     log.error("recording_damaged", path=str(path), messages=count, error=repr(exc), offset=at)
                     if strict:
@@ -548,10 +548,8 @@ def read_recording(
                         yield _decode_message(path, channel, r)
 
 
-def _summary_channels(fh: Any, size: int) -> dict[int, Channel]:
-    """The channels listed in a finished file's summary ({} for an unfinished or damaged one)."""
-    if not _finished(fh, size):
-        return {}
+def _summary_channels(fh: Any) -> dict[int, Channel]:
+    """The channels listed in a finished file's summary ({} for a damaged one)."""
     try:
         fh.seek(0)
         summary = make_reader(fh).get_summary()
