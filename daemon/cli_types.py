@@ -1,11 +1,26 @@
-"""argparse types for numeric options: a bad value is a usage error naming the option (exit 2), not a
-traceback from deep inside torch or a value silently accepted (a negative count, a NaN threshold)."""
+"""Small pieces the command handlers share.
+
+argparse types for numeric options: a bad value is a usage error naming the option (exit 2), not a
+traceback from deep inside torch or a value silently accepted (a negative count, a NaN threshold). And
+the stop event of the long-running commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
+import threading
 from collections.abc import Callable
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set: a long-running command (simulate, soak) checks it between
+    its steps and ends cleanly instead of dying inside one."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
 
 
 def integer(minimum: int) -> Callable[[str], int]:

@@ -48,6 +48,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from daemon.cli_types import stop_on_signals
 from ingest import protocol
 from ingest.publisher import SensorPublisher
 from model.synth import CLASS_NAMES, SynthConfig, generate_scene, scene_seed
@@ -402,15 +403,10 @@ def curve_command(args: argparse.Namespace) -> int:
     options). Why the simulator takes keys: it proves a secured daemon end to end before real sensors
     exist, with the publisher library real sensor hosts use. Key problems are reported, not raised.
     """
-    import signal
-
     try:
         s = settings_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
     curve = {k: getattr(args, k) for k in ("curve_secret", "curve_server_public", "curve_clients")}
-    return publish_command(args, s, stop, **curve)
+    return publish_command(args, s, stop_on_signals(), **curve)

@@ -38,7 +38,6 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.cli_types import integer, number
+from daemon.cli_types import integer, number, stop_on_signals
 from daemon.serve_process import (
     DaemonProcess,
     ServeError,
@@ -931,9 +930,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    stop = stop_on_signals()
     try:
         report = run_soak(opts, stop)
     except ServeError as exc:  # SoakError included
