@@ -269,7 +269,10 @@ def test_recorded_truth_keeps_one_scene_per_scene_whatever_the_clock_offsets(rec
     shifted_path.write_text(text)
     scenes = recorded_truth(recording.mcap, plain)["g1"]
     shifted = recorded_truth(recording.mcap, config_mod.load(shifted_path))["g1"]
-    assert len(shifted) == len(scenes) >= 2 and all(t.has_boxes for t in shifted)
+    assert len(shifted) == len(scenes) >= 2
+    # the offset costs no scene its boxes; a scene whose camera frames never reached the recording (PUB/SUB
+    # loses the first messages of a new subscription) has none either way
+    assert [t.has_boxes for t in shifted] == [t.has_boxes for t in scenes] and sum(t.has_boxes for t in scenes) >= 2
 
 
 def test_replay_runs_without_the_live_rate_limits_and_dead_letter_file(recording: Recording):
