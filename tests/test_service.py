@@ -422,6 +422,29 @@ def test_a_reload_before_the_model_is_loaded_is_refused_not_a_crash(tmp_path: Pa
     assert (status, body) == (503, {"result": "refused", "error": "starting"})
 
 
+def test_a_window_that_misses_the_drain_deadline_is_counted_as_lost_at_shutdown(tmp_path: Path, checkpoint: Path):
+    """A window arriving while the lossless queue is full and the drain's deadline has passed: counted, not hidden."""
+    from prometheus_client import generate_latest
+
+    from daemon.config import parse
+    from daemon.service import WINDOW, Service
+
+    raw = {
+        "groups": {"g1": {"sensors": {"cam": "image_a"}}},
+        "model": {"checkpoint": str(checkpoint)},
+        "inference": {"policy": "block", "queue_size": 1, "max_batch_size": 1},
+    }
+    service = Service(parse(raw))
+    assert service._dispatch(WINDOW, make_window(T0)) is False  # queued: the queue had room
+    service.state.draining = True
+    service._drain_deadline = time.monotonic() - 1.0
+    assert service._dispatch(WINDOW, make_window(T0 + SEC)) is False
+    assert (service.state.windows_received, service.state.windows_lost, service.queue.depth) == (2, 1, 1)
+    text = generate_latest(service.metrics.registry).decode()
+    assert 'sacmf_inference_windows_dropped_total{reason="shutdown"} 1.0' in text
+    assert 'sacmf_inference_windows_dropped_total{reason="queue_full"} 0.0' in text
+
+
 def test_admin_reload_needs_the_token_except_on_loopback_without_one():
     server, calls = _admin("127.0.0.1")
     base = f"http://127.0.0.1:{server.address[1]}"
