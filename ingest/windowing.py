@@ -42,7 +42,9 @@ Semantics, normative for the daemon:
   emission has revision 0 (one that never opened and stays unacceptable is counted as dropped
   incomplete). Such late data is counted as late (``late_messages``, ``late_samples``) and in
   ``late_used``, and is not handed to ``on_late``; late data that no fired window within the horizon
-  holds still is. The decisions use event time and the frontier only, so replays stay deterministic.
+  holds still is, and so is (without being counted twice) late data that sliding windows beyond the
+  horizon also held: those windows missed it. The decisions use event time and the frontier only, so
+  replays stay deterministic.
 * Contents are sorted by event time with ties broken by ``(sensor, seq)``, so any arrival order that
   stays within the lateness bound gives identical windows.
 * Each window lists frames per image role and samples per sequence role (keys for all roles; empty when
@@ -417,8 +419,12 @@ class GroupWindower:
             ow.own_bytes += nbytes
             self._buffered += nbytes
         else:
-            if t < self._late_bound and not (self._update and self._absorb_frame(frame, cell)):
-                self._report_late(frame.sensor, frame, 1, cell - self._size + hop)
+            if t < self._late_bound:
+                first = cell - self._size + hop
+                if not (self._update and self._absorb_frame(frame, cell)):
+                    self._report_late(frame.sensor, frame, 1, first)
+                elif first < self._horizon_start():  # sliding: its older windows are beyond the horizon
+                    self._hand_late(frame.sensor, frame, first)  # counted late where it was absorbed
             frontier = self._frontier
             size = self._size
             for s in range(cell - size + hop, cell + hop, hop):
@@ -469,18 +475,27 @@ class GroupWindower:
         if t0 < self._late_bound:
             k = min(n, -((t0 - self._late_bound) // step))  # samples with t < late_bound
             j = k  # of those, the first j are reported; the rest go into updates
+            m = k  # the first m go to on_late: they missed a fired window (m >= j)
             if self._update:
                 horizon = self._horizon_start()
                 # the fired windows from the horizon on hold every late sample from it on (size is a
                 # multiple of hop); with none fired there yet (a horizon under a hop), all are reported
                 if horizon + size <= self._frontier:  # type: ignore[operator]  # set: t0 is late
                     j = min(k, max(0, -((t0 - horizon) // step)))
+                    m = j
                     if j < k:
                         held += self._absorb_samples(chunk, j, k, step, horizon)
-            if j:
-                item = chunk if j == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:j], chunk.meta)
-                t_j = t0 + (j - 1) * dt
-                self._report_late(chunk.sensor, item, j, t_j - t_j % hop - size + hop)
+                        # sliding windows: a sample before horizon + size - hop also belonged to a
+                        # window older than the horizon, which it missed
+                        m = min(k, max(0, -((t0 - (horizon + size - hop)) // step)))
+            if m:
+                item = chunk if m == n else RadChunk(chunk.sensor, chunk.seq, t0, dt, values[:m], chunk.meta)
+                t_m = t0 + (m - 1) * dt
+                first_start = t_m - t_m % hop - size + hop
+                if j:
+                    self._report_late(chunk.sensor, item, j, first_start)
+                else:  # counted late by _absorb_samples
+                    self._hand_late(chunk.sensor, item, first_start)
         frontier = self._frontier
         # Windows from the first one holding t0 to the last one holding t_last, skipping closed ones and any
         # that hold no sample: the work follows the samples, never the time span (two samples a century
@@ -566,6 +581,9 @@ class GroupWindower:
     def _report_late(self, sensor: str, item: object, n_samples: int, first_start: int) -> None:
         self.late_messages[sensor] += 1
         self.late_samples[sensor] += n_samples
+        self._hand_late(sensor, item, first_start)
+
+    def _hand_late(self, sensor: str, item: object, first_start: int) -> None:
         if self._on_late is not None:
             reason = "closed" if first_start in self._closed_set else "expired"
             self._on_late(self.group, sensor, item, reason)

@@ -543,6 +543,27 @@ def test_update_policy_reports_late_samples_when_no_fired_window_within_the_hori
         assert run.w.late_used[late.sensor] == 0 and not any(x.trigger == "update" for x in run.out)
 
 
+def test_update_policy_reports_late_data_that_its_older_sliding_windows_beyond_the_horizon_missed() -> None:
+    """Sliding windows: late data updates its windows within the horizon and goes to the late sink as
+    well when an older window of it is beyond the horizon, so no window loses it without a record."""
+    spec = WindowSpec(20, hop_ns=10, mode="replay", late_policy="update", update_horizon_ns=10)
+    run = Run(spec, {"cam_a": "image_a"})
+    run.feed([Ev("cam_a", 0, 75), Ev("cam_a", 1, 100), Ev("cam_a", 2, 85)])  # frontier 100: horizon from 80
+    assert [(late_sig(i), r) for _, _, i, r in run.late] == [(("f", "cam_a", 2, 85), "closed")]  # [70, 90)
+    with85 = [(x.start_ns, x.revision) for x in run.out if any(f.t_ns == 85 for f in x.frames["image_a"])]
+    assert with85 == [(80, 0)]  # [80, 100) never opened: its update is revision 0
+    assert run.w.late_messages == run.w.late_samples == run.w.late_used == {"cam_a": 1}
+
+    run = Run(spec, {"rad_a": "seq_a"})
+    late = Ev("rad_a", 2, 76, dt=2, n=7)  # 76..88
+    run.feed([Ev("rad_a", 0, 75, dt=1, n=1), Ev("rad_a", 1, 100, dt=1, n=1), late])
+    # 76, 78: only in windows beyond the horizon; 80..88: in [80, 100) (updated) and [70, 90) (beyond it)
+    assert [(late_sig(i)[3:], r) for _, _, i, r in run.late] == [((76, 2, tuple(_values(late).tolist())), "closed")]
+    (upd,) = [x for x in run.out if x.trigger == "update"]
+    assert (upd.start_ns, upd.samples["seq_a"].t_ns.tolist()) == (80, [80, 82, 84, 86, 88])
+    assert (run.w.late_messages, run.w.late_samples, run.w.late_used) == ({"rad_a": 1}, {"rad_a": 7}, {"rad_a": 1})
+
+
 def test_update_policy_counts_a_window_made_only_of_unacceptable_late_data_as_dropped() -> None:
     spec = WindowSpec(10, mode="replay", late_policy="update", update_horizon_ns=100, required_roles=("image_a",))
     run = Run(spec, {"cam_a": "image_a", "cam_b": "image_b"})
