@@ -145,6 +145,9 @@ class Route:
     windower: GroupWindower
     skew: ClockSkewEstimator
     max_ahead_ns: int = 0  # live groups: data further ahead of its receive time is refused (0 = off)
+    # event times whose windows stay within int64 ns (a window reaches one size beyond its samples)
+    t_lo: int = protocol.INT64_MIN
+    t_hi: int = protocol.INT64_MAX
     data_messages: int = 0
     heartbeats: int = 0
     bytes: int = 0
@@ -186,9 +189,11 @@ class IngestWorker:
                 skew = ClockSkewEstimator(int(settings.skew_window_s * 1e9))
                 offset = g.offsets_ns.get(sensor, 0)
                 ahead = settings.max_future_ns if g.window.mode == "live" else 0  # replay: event time only
+                size = g.window.size_ns
                 self.routes[g.name, sensor] = Route(
-                    g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew, ahead
-                )
+                    g.name, sensor, ROLE_KIND[role], offset, f"{g.name}/{sensor}", windower, skew, ahead,
+                    t_lo=protocol.INT64_MIN + size, t_hi=protocol.INT64_MAX - size,
+                )  # fmt: skip
         # Every topic a route serves (all kinds): anything else is refused by its topic, before decoding.
         self._routed_topics = frozenset(
             protocol.topic(kind, group, sensor) for (group, sensor) in self.routes for kind in protocol.KINDS
@@ -426,6 +431,8 @@ class IngestWorker:
                     t_end = t + (n - 1) * msg.dt_ns if n else t
                 if route.max_ahead_ns and t_end - recv_ns > route.max_ahead_ns:
                     raise self._future(route, t_end - recv_ns)
+                if t < route.t_lo or t_end > route.t_hi:
+                    raise self._out_of_range(route, t, t_end)
         except protocol.ProtocolError as exc:
             self._reject(exc, frames, recv_ns)
             return
@@ -463,6 +470,16 @@ class IngestWorker:
             "future_time",
             f"{route.key}: event time {ahead / 1e9:.3f} s ahead of its receive time (more than [ingest] "
             f"max_future_ms = {route.max_ahead_ns / 1e6:g}; fix the sensor's clock or its clock_offset_ms)",
+        )
+
+    @staticmethod
+    def _out_of_range(route: Route, t: int, t_end: int) -> protocol.ProtocolError:
+        """Event times within a window of the int64 limits (years 1677 and 2262: a sensor clock gone
+        wrong) would give windows whose bounds do not fit the int64 ns that results and arrays carry."""
+        return protocol.ProtocolError(
+            "field_type",
+            f"{route.key}: event time {t}..{t_end} ns (clock offset applied) puts its windows outside the "
+            f"int64 ns range [{route.t_lo}, {route.t_hi}]; fix the sensor's clock or its clock_offset_ms",
         )
 
     def messages(self) -> dict[tuple[str, str, str], int]:

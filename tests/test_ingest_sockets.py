@@ -357,6 +357,29 @@ def test_future_time_check_is_live_only_and_follows_clock_offsets():
     ctx.term()
 
 
+def test_event_times_whose_windows_leave_int64_are_refused_and_the_stream_goes_on():
+    """A radiation clock reading 1677 (int64's floor) gave a window starting below int64: it failed in
+    resampling and its window got no result. Such data is refused as field_type; valid data goes on."""
+    from ingest import protocol
+
+    ctx = zmq.Context()
+    windows: list = []
+    st = settings("inproc://int64-edges", mode="replay", roles={"rad_a": "seq_a"})
+    worker = IngestWorker(st, windows.append, context=ctx, clock=lambda: T0)
+    size = st.groups["g1"].window.size_ns
+    values = np.arange(10, dtype=np.float32)
+    for seq, t0 in enumerate((protocol.INT64_MIN + 5, protocol.INT64_MAX - 95, protocol.INT64_MIN + size, T0)):
+        header = protocol.encode_rad_header("g1", "rad_a", 7, seq, t0, 10, values)
+        worker.handle([protocol.topic("rad", "g1", "rad_a"), header, values.tobytes()], recv_ns=T0)
+    worker.flush()
+    assert worker.stats.rejected == {"field_type": 2}
+    assert [w.start_ns for w in windows] == [protocol.INT64_MIN + size - (protocol.INT64_MIN + size) % size,
+                                             T0 - T0 % size]  # fmt: skip
+    assert all(w.start_ns >= protocol.INT64_MIN and w.end_ns <= protocol.INT64_MAX for w in windows)
+    worker.close()
+    ctx.term()
+
+
 @pytest.mark.parametrize("step_s", [0, 30])
 def test_a_host_clock_stepped_back_does_not_freeze_idle_detection(step_s: int):
     """The daemon's wall clock steps back 30 s (an NTP step, a VM restored) while the sensors' clocks
