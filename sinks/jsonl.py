@@ -9,6 +9,9 @@ Why these choices:
 * Rotation by rename, like logrotate: ``file.{N-1}`` -> ``file.N`` ... ``file`` -> ``file.1``, then a
   new ``file``. The record that triggered the rotation is written after the rename, into the new file,
   so rotation never drops or splits a record; only files beyond ``backups`` are deleted (by design).
+  A rotation that fails (a backup name taken by a directory, a read-only backup) is logged, counted
+  in ``rotation_failures`` and retried ``ROTATE_RETRY_S`` later; meanwhile records go on into the live
+  file past ``max_bytes``: the size bound gives way before a record is lost.
 * Before each write the path is checked against the open descriptor's inode (like the stdlib's
   ``WatchedFileHandler``): if someone moved or deleted the file, or its directory vanished, we reopen
   instead of writing into an unlinked inode where records would silently disappear. If the reopen
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +46,7 @@ from sinks.record import LateRecord, ResultRecord, to_wire
 log = structlog.get_logger("sacmf.sinks")
 
 FSYNC_POLICIES = ("always", "rotate", "never")
+ROTATE_RETRY_S = 30.0  # after a failed rotation, the live file grows this long before the next try
 
 
 def encode_line(record: ResultRecord | LateRecord) -> bytes:
@@ -103,6 +108,8 @@ class JsonlSink:
         self._size = 0
         self.written = 0
         self.rotations = 0
+        self.rotation_failures = 0
+        self._rotate_after = 0.0  # monotonic: no rotation attempt before it (set by a failed one)
         self.torn_bytes_dropped = 0  # fragments of a cut-short last line removed at open
         self._closed = False
         # Open eagerly so that a bad path is reported at start-up; the directory is not created:
@@ -115,8 +122,14 @@ class JsonlSink:
             raise RuntimeError(f"sink {self.name!r} is closed")
         line = self._encode(record)
         self._ensure_open()
-        if self._size > 0 and self._size + len(line) > self.max_bytes:
-            self._rotate()
+        if self._size > 0 and self._size + len(line) > self.max_bytes and time.monotonic() >= self._rotate_after:
+            try:
+                self._rotate()
+            except OSError as exc:
+                self.rotation_failures += 1
+                self._rotate_after = time.monotonic() + ROTATE_RETRY_S
+                log.warning("jsonl_rotation_failed", sink=self.name, path=str(self.path), error=repr(exc)[:300],
+                            retry_in_s=ROTATE_RETRY_S, size=self._size, max_bytes=self.max_bytes)  # fmt: skip
             self._ensure_open()
         self._append(line)
         self.written += 1

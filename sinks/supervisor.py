@@ -31,11 +31,14 @@ import structlog
 
 log = structlog.get_logger("sacmf.sinks")
 
+EXIT_GRACE_S = 0.2  # how long close waits past its deadline for a worker that is not inside a write
+
 
 class Sink(Protocol):
     name: str
 
-    def write(self, record: Any) -> None: ...
+    # None when written; False when the sink chose not to write it (a rate limit): counted as skipped
+    def write(self, record: Any) -> bool | None: ...
 
     def close(self) -> None: ...
 
@@ -75,15 +78,17 @@ class _Lane:
         self.done = threading.Event()
         self.in_flight = False  # the worker holds a record it took from the queue (under ``cond``)
         self.given_up = False  # close() counted that record as abandoned: it must not count again
+        self.writing = False  # the worker is inside sink.write()
 
 
 class SinkSupervisor:
     """Owns the sinks: ``submit(record)`` fans out without blocking, ``close(timeout)`` drains them.
 
     Counters (plain dicts keyed by sink name, read at any time, e.g. by a Prometheus collector):
-    ``written``, ``errors`` (failed write attempts), ``dropped`` (oldest records dropped on a full
-    queue), ``failed`` (records abandoned after ``max_attempts``), ``abandoned`` (left in the queue, or
-    inside a hung ``write``, when ``close`` timed out). Their sum is the number of records submitted.
+    ``written``, ``skipped`` (the sink chose not to write them: ``write`` returned False),
+    ``errors`` (failed write attempts), ``dropped`` (oldest records dropped on a full queue),
+    ``failed`` (records abandoned after ``max_attempts``), ``abandoned`` (left in the queue, or inside a
+    hung ``write``, when ``close`` timed out). All but ``errors`` add up to the records submitted.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class SinkSupervisor:
         self.log_interval_s = log_interval_s
         self._lanes = {lane.name: lane for lane in lanes}
         self.written = dict.fromkeys(names, 0)
+        self.skipped = dict.fromkeys(names, 0)
         self.errors = dict.fromkeys(names, 0)
         self.dropped = dict.fromkeys(names, 0)
         self.failed = dict.fromkeys(names, 0)
@@ -111,6 +117,7 @@ class SinkSupervisor:
         self._last_log: dict[str, float] = {}
         self._suppressed = dict.fromkeys(names, 0)
         self._closed = False
+        self._finished = False  # finish_closing ran: hung lanes' records are counted once
         for lane in lanes:
             name = f"sink-{lane.name}"
             lane.thread = threading.Thread(target=self._run, args=(lane,), name=name, daemon=True)
@@ -139,22 +146,40 @@ class SinkSupervisor:
         """Drain every queue, then close every sink, all within ``timeout`` seconds.
 
         Returns True when every queued record was handled (written or counted as failed) and every
-        sink closed in time. Records still queued at the deadline are counted in ``abandoned``; a
-        worker stuck inside a hung sink is left behind (it is a daemon thread).
+        sink closed in time. Records still queued at the deadline are counted in ``abandoned`` (and
+        logged); a worker stuck inside a hung sink is left behind (it is a daemon thread).
         """
-        if self._closed:
-            return all(lane.done.is_set() for lane in self._lanes.values())
-        self._closed = True
         deadline = time.monotonic() + timeout
+        self.start_closing(deadline)
+        return self.finish_closing(deadline)
+
+    def start_closing(self, deadline: float) -> None:
+        """Tell every worker to drain and close its sink by ``deadline`` (monotonic); returns at once,
+        so that several supervisors drain side by side (``finish_closing`` waits)."""
+        if self._closed:
+            return
+        self._closed = True
         for lane in self._lanes.values():
             with lane.cond:
                 lane.closing = True
                 lane.deadline = deadline
                 lane.cond.notify_all()
+
+    def finish_closing(self, deadline: float) -> bool:
+        """Wait for the workers until ``deadline``; see ``close`` for what is returned and counted."""
+        if not self._closed:
+            raise RuntimeError("finish_closing() before start_closing()")
+        if self._finished:
+            return all(lane.done.is_set() for lane in self._lanes.values())
+        self._finished = True
         clean = True
         for lane in self._lanes.values():
             assert lane.thread is not None
             lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread.is_alive() and not lane.writing:
+                # between attempts, or taking its last record, at the deadline: it sees the deadline and
+                # stops by itself (counting what it leaves), unlike a worker stuck inside a write
+                lane.thread.join(EXIT_GRACE_S)
             if lane.thread.is_alive():  # stuck inside the sink: give up on what it still holds
                 with lane.cond:
                     # the record inside the hung write() too, so the counters still add up to what
@@ -165,6 +190,9 @@ class SinkSupervisor:
                 clean = False
             elif self.abandoned[lane.name]:
                 clean = False
+            if self.abandoned[lane.name]:
+                log.error("sink_records_abandoned", sink=lane.name, records=self.abandoned[lane.name],
+                          hung=lane.thread.is_alive())  # fmt: skip
         return clean
 
     # ------------------------------------------------------------------ worker
@@ -186,7 +214,7 @@ class SinkSupervisor:
                 with lane.cond:
                     lane.in_flight = False
                     if not lane.given_up:
-                        counter = self.written if outcome == "written" else self.failed
+                        counter = {"written": self.written, "skipped": self.skipped}.get(outcome, self.failed)
                         counter[lane.name] += 1
                     lane.given_up = False
         finally:
@@ -197,19 +225,25 @@ class SinkSupervisor:
             lane.done.set()
 
     def _deliver(self, lane: _Lane, record: Any) -> str:
-        """Write with retries: "written" or "failed" (the caller counts it)."""
+        """Write with retries: "written", "skipped" or "failed" (the caller counts it)."""
         attempts = 0
         while True:
+            lane.writing = True
             try:
-                lane.sink.write(record)
+                skipped = lane.sink.write(record) is False
             except Exception as exc:  # any failure of one sink stays inside its lane
+                lane.writing = False
                 attempts += 1
                 lane.consecutive_failures += 1
                 self.errors[lane.name] += 1
-                self._log_failure(lane, exc)
-                if attempts >= self.retry.max_attempts or not self._backoff(lane):
+                last = attempts >= self.retry.max_attempts
+                self._log_failure(lane, exc, last)
+                if last or not self._backoff(lane):
                     return "failed"
                 continue
+            lane.writing = False
+            if skipped:
+                return "skipped"  # no write was attempted: says nothing of a failing sink's health
             if lane.consecutive_failures:
                 log.info("sink_recovered", sink=lane.name, failures=lane.consecutive_failures)
                 lane.consecutive_failures = 0
@@ -224,15 +258,20 @@ class SinkSupervisor:
                 if wait <= 0:
                     return False
             # submit() and close() notify this condition; a wake-up only ends the wait when close's
-            # deadline has passed, otherwise the rest of the delay is slept out.
+            # deadline has passed, otherwise the rest of the delay is slept out (up to that deadline:
+            # a close that begins during a long wait must not be waited out).
             end = time.monotonic() + wait
-            while (left := end - time.monotonic()) > 0:
+            while True:
+                if lane.closing:
+                    if time.monotonic() >= lane.deadline:
+                        return False
+                    end = min(end, lane.deadline)
+                left = end - time.monotonic()
+                if left <= 0:
+                    return True
                 lane.cond.wait(left)
-                if lane.closing and time.monotonic() >= lane.deadline:
-                    return False
-        return True
 
-    def _log_failure(self, lane: _Lane, exc: BaseException) -> None:
+    def _log_failure(self, lane: _Lane, exc: BaseException, gave_up: bool) -> None:
         now = time.monotonic()
         last = self._last_log.get(lane.name)
         if last is not None and now - last < self.log_interval_s:
@@ -240,11 +279,13 @@ class SinkSupervisor:
             return
         self._last_log[lane.name] = now
         suppressed, self._suppressed[lane.name] = self._suppressed[lane.name], 0
+        # the record's last attempt: it is given up (counted in ``failed``), not retried
+        after = {"record_failed": True} if gave_up else {"retry_in_s": self.retry.delay(lane.consecutive_failures)}
         log.warning(
             "sink_write_failed",
             sink=lane.name,
             error=repr(exc)[:300],
             consecutive_failures=lane.consecutive_failures,
-            retry_in_s=self.retry.delay(lane.consecutive_failures),
             suppressed=suppressed,
+            **after,
         )

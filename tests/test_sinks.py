@@ -940,3 +940,77 @@ def test_supervisor_close_drains_and_closes_every_sink_from_its_worker():
         sup.submit(1)
     with pytest.raises(ValueError, match="unique"):
         SinkSupervisor([ListSink("x"), ListSink("x")])
+
+
+def test_supervisor_close_cuts_a_running_backoff_wait_short_at_its_deadline():
+    """A sink failing for a while waits seconds between attempts; a close that begins during such a
+    wait ends the wait at its deadline and closes the sink, instead of sleeping the wait out."""
+    flaky = FlakySink("disk")
+    sup = SinkSupervisor([flaky], retry=RetryPolicy(base_s=0.4, cap_s=5.0, max_attempts=100))
+    sup.submit("r0")
+    _wait_for(lambda: len(flaky.attempts) >= 3)  # waited 0.4 s and 0.8 s; now waiting 1.6 s
+    t = time.monotonic()
+    clean = sup.close(timeout=0.5)
+    took = time.monotonic() - t
+    assert clean and took < 1.0 and sup._lanes["disk"].done.is_set()
+    assert (sup.failed["disk"], sup.written["disk"], len(flaky.attempts)) == (1, 0, 3)
+
+
+class SkippingSink(ListSink):
+    """Writes every other record; the rest it skips on purpose (as the PNG sink's rate limit does)."""
+
+    def write(self, record) -> bool | None:
+        if record % 2:
+            return False
+        self.records.append(record)
+        return None
+
+
+def test_supervisor_counts_skipped_records_apart_and_logs_the_last_attempt_and_abandoned_ones():
+    skipping = SkippingSink("skip")
+    sup = SinkSupervisor([skipping, RaisingSink()], retry=RetryPolicy(base_s=0.01, cap_s=0.01, max_attempts=1))
+    with structlog.testing.capture_logs() as logs:
+        for i in range(10):
+            sup.submit(i)
+        assert sup.close(timeout=10.0)
+    assert (sup.written["skip"], sup.skipped["skip"], skipping.records) == (5, 5, [0, 2, 4, 6, 8])
+    assert (sup.written["raiser"], sup.skipped["raiser"], sup.failed["raiser"]) == (0, 0, 10)
+    (failed,) = [e for e in logs if e["event"] == "sink_write_failed"]  # rate limited to one line
+    assert failed["record_failed"] is True and "retry_in_s" not in failed  # max_attempts 1: no retry follows
+    assert not [e for e in logs if e["event"] == "sink_recovered"]
+
+    hung = HungSink()
+    sup = SinkSupervisor([hung])
+    with structlog.testing.capture_logs() as logs:
+        for i in range(3):
+            sup.submit(i)
+        hung.entered.wait(5)
+        assert not sup.close(timeout=0.2)
+        assert not sup.close(timeout=0.2)  # a second close counts nothing again
+    hung.release.set()
+    assert sup.abandoned["hung"] == 3
+    assert [(e["sink"], e["records"]) for e in logs if e["event"] == "sink_records_abandoned"] == [("hung", 3)]
+
+
+def test_jsonl_rotation_that_fails_keeps_writing_into_the_live_file_and_retries(tmp_path, monkeypatch):
+    """A backup name taken by a directory made every rotation, and with it every later record, fail."""
+    from sinks import jsonl
+
+    monkeypatch.setattr(jsonl, "ROTATE_RETRY_S", 0.0)  # retry at the next record instead of 30 s later
+    path = tmp_path / "r.jsonl"
+    (tmp_path / "r.jsonl.2").mkdir()
+    (tmp_path / "r.jsonl.2" / "x").write_text("in the way")
+    records = [make_result(i) for i in range(10)]
+    sink = JsonlSink(path, max_bytes=sum(len(encode_line(r)) for r in records[:2]), backups=2, fsync="never")
+    with structlog.testing.capture_logs() as logs:
+        for rec in records[:6]:
+            sink.write(rec)
+        assert sink.rotation_failures == 4 and sink.rotations == 0
+        assert [from_wire(d) for d in read_jsonl(path)] == records[:6]  # all in the live file, past max_bytes
+        shutil.rmtree(tmp_path / "r.jsonl.2")  # the fault clears: the next rotation goes through
+        for rec in records[6:]:
+            sink.write(rec)
+    sink.close()
+    assert sink.rotations >= 1 and [e["event"] for e in logs].count("jsonl_rotation_failed") == 4
+    got = [from_wire(d) for d in read_jsonl(path, backups=2)]  # files beyond backups=2 go, by design
+    assert got == records[-len(got) :] and len(got) >= 3
