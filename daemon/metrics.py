@@ -80,7 +80,14 @@ class StateCollector(Collector):
         for result in RELOAD_RESULTS:
             reloads.add_metric([result], s.get("reloads", {}).get(result, 0))
         sink_depth = GaugeMetricFamily("sacmf_sink_queue_depth", "Records waiting for a sink", labels=["sink"])
-        written = CounterMetricFamily("sacmf_sink_records_written", "Records a sink wrote", labels=["sink"])
+        written = CounterMetricFamily(
+            "sacmf_sink_records_written",
+            "Records a sink wrote (zmq: handed to ZeroMQ, which drops them for a subscriber past its high-water mark)",
+            labels=["sink"],
+        )
+        skipped = CounterMetricFamily(
+            "sacmf_sink_records_skipped", "Records a sink chose not to write (png: its rate limit)", labels=["sink"]
+        )
         errors = CounterMetricFamily("sacmf_sink_errors", "Failed write attempts, by sink", labels=["sink"])
         sink_dropped = CounterMetricFamily(
             "sacmf_sink_records_dropped", "Records dropped because a sink's queue was full", labels=["sink"]
@@ -93,6 +100,7 @@ class StateCollector(Collector):
             for name in sup.names:
                 sink_depth.add_metric([name], depths.get(name, 0))
                 written.add_metric([name], sup.written[name])
+                skipped.add_metric([name], sup.skipped[name])
                 errors.add_metric([name], sup.errors[name])
                 sink_dropped.add_metric([name], sup.dropped[name])
                 failed.add_metric([name], sup.failed[name])
@@ -101,7 +109,7 @@ class StateCollector(Collector):
         )
         if s.get("snapshot_age_s") is not None:
             age.add_metric([], s["snapshot_age_s"])
-        families = [depth, dropped, reloads, sink_depth, written, errors, sink_dropped, failed, age]
+        families = [depth, dropped, reloads, sink_depth, written, skipped, errors, sink_dropped, failed, age]
         if s.get("recording_inputs_dropped") is not None:  # only when inputs are recorded ([sinks] mcap_inputs)
             pipe = CounterMetricFamily(
                 "sacmf_recording_inputs_dropped",
