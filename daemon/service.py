@@ -803,13 +803,32 @@ class Service:
             self.png = SinkSupervisor(pictures, queue_size=PNG_QUEUE)
 
     def _close_sinks(self, timeout: float) -> bool:
+        """Late, inputs and pictures drain side by side within the first half of ``timeout``, then the
+        results get what is left: they close the MCAP file the late and inputs lanes also write, and they
+        are what matters most, so a late or picture sink failing up to its deadline cannot take their
+        time (they go on writing meanwhile: only closing waits)."""
+        now = time.monotonic()
+        deadline = now + timeout
+        first = [sup for sup in (self.late, self.inputs, self.png) if sup is not None]
+        early = now + timeout / 2 if self.results is not None else deadline
+        for sup in first:
+            sup.start_closing(early)
         clean = True
-        deadline = time.monotonic() + timeout
-        # late and inputs first: they share the MCAP file the results one closes
-        for sup in (self.late, self.inputs, self.png, self.results):
-            if sup is not None:
-                clean &= sup.close(max(0.0, deadline - time.monotonic()))
+        for sup in first:
+            clean &= sup.finish_closing(early)
+        if self.results is not None:
+            clean &= self.results.close(max(0.0, deadline - time.monotonic()))
         return clean
+
+    def _sinks_lost(self) -> dict:
+        out = {}
+        for sup in (self.results, self.late, self.inputs, self.png):
+            if sup is not None:
+                for name in sup.names:
+                    failed, abandoned = sup.failed[name], sup.abandoned[name]
+                    if failed or abandoned:
+                        out[name] = {"failed": failed, "abandoned": abandoned}
+        return out
 
     def _start_ingest(self) -> bool:
         self._pipe_dir = tempfile.mkdtemp(prefix="sacmf-")  # mode 0700: only this user can reach the pipe
@@ -917,6 +936,8 @@ class Service:
             windows_failed=st.failed_windows,
             results_published=st.results_published,
             sinks_written=dict(self.results.written) if self.results else {},
+            # records a sink did not write: failed after its retries, or still queued at the deadline
+            sinks_lost=self._sinks_lost(),
             inputs_recorded=sum(self.inputs.written.values()) if self.inputs else 0,
             inputs_dropped=inputs_dropped,
         )

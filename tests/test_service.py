@@ -445,6 +445,45 @@ def test_a_window_that_misses_the_drain_deadline_is_counted_as_lost_at_shutdown(
     assert 'sacmf_inference_windows_dropped_total{reason="queue_full"} 0.0' in text
 
 
+class _Sink:
+    """A results sink that writes slowly, or a late sink whose disk is gone (every write fails)."""
+
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name, self.fail, self.records, self.closed = name, fail, [], False
+
+    def write(self, record) -> None:
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        time.sleep(0.01)
+        self.records.append(record)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_late_sink_failing_to_the_end_leaves_the_results_time_to_close(tmp_path: Path, checkpoint: Path):
+    """Sinks closed one after another on one deadline: a late sink retrying until it took all of it, and
+    the results sinks (MCAP summary, fsync) were closed with 0 s left, i.e. not at all before exit."""
+    from daemon.config import parse
+    from daemon.service import Service
+    from sinks.supervisor import RetryPolicy, SinkSupervisor
+
+    raw = {"groups": {"g1": {"sensors": {"cam": "image_a"}}}, "model": {"checkpoint": str(checkpoint)}}
+    service = Service(parse(raw))
+    late, results = _Sink("late", fail=True), _Sink("jsonl")
+    service.late = SinkSupervisor([late], retry=RetryPolicy(base_s=0.05, cap_s=0.05, max_attempts=10**6))
+    service.results = SinkSupervisor([results])
+    for i in range(20):
+        service.late.submit(i)
+        service.results.submit(i)
+    t = time.monotonic()
+    clean = service._close_sinks(2.0)
+    assert time.monotonic() - t < 2.5 and not clean  # the late records were given up
+    assert results.closed and results.records == list(range(20))
+    lost = service._sinks_lost()  # the record in its retries failed, the queued ones were abandoned
+    assert list(lost) == ["late"] and lost["late"]["failed"] + lost["late"]["abandoned"] == 20
+
+
 def test_admin_reload_needs_the_token_except_on_loopback_without_one():
     server, calls = _admin("127.0.0.1")
     base = f"http://127.0.0.1:{server.address[1]}"
