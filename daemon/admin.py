@@ -31,6 +31,7 @@ that says why.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import ipaddress
@@ -163,6 +164,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, sort_keys=True).encode() + b"\n", "application/json")
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self._guarded(self._post)
+
+    def _guarded(self, handle: Callable[[], None]) -> None:
+        """A bug answering one request is a logged 500, not a dropped connection and a bare traceback
+        on stderr (outside the JSON log)."""
+        try:
+            handle()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-answer
+        except Exception:
+            log.exception("admin_request_failed", client=self.client_address[0], path=self.path[:200])
+            self.close_connection = True
+            with contextlib.suppress(Exception):  # the headers may be out already
+                self._json(500, {"error": "internal error (logged)"})
+
+    def _get(self) -> None:
         h = self.server.handlers
         path = self.path.split("?", 1)[0]
         if path in ADMIN_PATHS and not self._may_read(path):
@@ -182,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": "not found", "endpoints": ["/metrics", "/healthz", "/readyz", "/reload"]})
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def _post(self) -> None:
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:

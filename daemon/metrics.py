@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 
 from sinks.record import ResultRecord
@@ -238,7 +238,10 @@ class DaemonMetrics:
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """(body, content type) for ``/metrics``; OpenMetrics when the scraper asks for it."""
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except Exception:  # a malformed OpenMetrics version (client_python compares it unparsed)
+            encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
         return encoder(self.registry), content_type
 
 

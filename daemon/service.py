@@ -921,6 +921,13 @@ class Service:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
         clean = threads_done and sinks_clean and child_ok and time.monotonic() <= deadline
+        # received but neither published, failed nor dropped: still queued, or inside a stage whose thread
+        # the deadline left behind; lost like those the receiver could not queue in time
+        unfinished = st.windows_received - st.results_published - st.failed_windows - self.queue.dropped
+        unfinished -= st.windows_lost
+        if unfinished > 0:
+            st.windows_lost += unfinished
+            log.error("windows_unfinished_at_shutdown", windows=unfinished, queued=self.queue.depth)
         snap = st.snapshot
         # inputs missing from the recording: dropped at the pipe (ingest process) or at the sink's queue
         inputs_dropped = (snap.inputs_dropped if snap else 0) + (

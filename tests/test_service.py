@@ -23,6 +23,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import structlog
 import torch
 import zmq
 
@@ -412,6 +413,34 @@ def test_admin_answers_a_bad_or_huge_content_length_instead_of_dropping_the_conn
     assert calls == []
 
 
+def test_a_malformed_accept_header_gets_metrics_and_a_failing_handler_a_logged_500():
+    """client_python compares an OpenMetrics version unparsed: `version=abc` raised inside the handler,
+    the connection closed without an answer and a bare traceback went to stderr."""
+    from daemon.metrics import DaemonMetrics
+
+    metrics = DaemonMetrics()
+
+    def health():
+        raise RuntimeError("a bug in a probe")
+
+    handlers = AdminHandlers(metrics=metrics.exposition, health=health, ready=lambda: (True, {}),
+                             reload=lambda: (200, {}))  # fmt: skip
+    server = AdminServer("127.0.0.1", 0, handlers).start()
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        for accept in ("application/openmetrics-text; version=abc", "application/openmetrics-text; version=1.0.0-rc1"):
+            status, body = http(f"{base}/metrics", headers={"Accept": accept})
+            assert status == 200 and "sacmf_inference_windows_received_total" in body, accept
+        status, body = http(f"{base}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert status == 200 and body.rstrip().endswith("# EOF")  # a well-formed request still gets OpenMetrics
+        with structlog.testing.capture_logs() as logs:
+            status, body = http(f"{base}/healthz")
+        assert status == 500 and "error" in json.loads(body)
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["admin_request_failed"]
+    finally:
+        server.stop()
+
+
 def test_a_reload_before_the_model_is_loaded_is_refused_not_a_crash(tmp_path: Path, checkpoint: Path):
     """POST /reload is served from the admin server's start, before the first load has finished."""
     from daemon.config import parse
@@ -443,6 +472,50 @@ def test_a_window_that_misses_the_drain_deadline_is_counted_as_lost_at_shutdown(
     text = generate_latest(service.metrics.registry).decode()
     assert 'sacmf_inference_windows_dropped_total{reason="shutdown"} 1.0' in text
     assert 'sacmf_inference_windows_dropped_total{reason="queue_full"} 0.0' in text
+
+
+def test_windows_still_queued_when_the_drain_deadline_passes_are_counted_as_lost(
+    tmp_path: Path, checkpoint: Path, monkeypatch
+):
+    """A model slower than the drain allows: windows left in the queue or in a stage at the deadline got
+    no result and were counted nowhere (shutdown_complete said 0 dropped)."""
+    from prometheus_client import generate_latest
+
+    from daemon.config import parse
+    from daemon.inference import synthetic_window
+    from daemon.service import WINDOW, Service
+
+    raw = {
+        "groups": {"g1": {"sensors": {"a": "image_a", "b": "image_b", "r1": "seq_a", "r2": "seq_b"}}},
+        "model": {"checkpoint": str(checkpoint)},
+        "inference": {"policy": "block", "queue_size": 16, "max_batch_size": 1},
+        "sinks": {"zmq_endpoint": "", "jsonl_path": str(tmp_path / "r.jsonl"), "mcap_path": ""},
+    }
+    service = Service(parse(raw))
+    service.runner.load()
+    service._open_sinks()
+    forward = service.runner.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.2)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(service.runner, "forward", slow_forward)
+    loops = (service._prepare_loop, service._inference_loop, service._finish_loop)
+    service._threads = [threading.Thread(target=f, daemon=True) for f in loops]
+    for t in service._threads:
+        t.start()
+    config = service.runner.current.config
+    for i in range(16):
+        w = synthetic_window(config, seed=i, group="g1")
+        service._dispatch(WINDOW, dataclasses.replace(w, start_ns=w.start_ns + i * SEC, end_ns=w.end_ns + i * SEC))
+    service.queue.close()  # the ingest process said DONE
+    assert not service._shutdown(time.monotonic() + 1.0)
+    st = service.state
+    assert 0 < st.results_published < 16 and st.failed_windows == 0
+    assert st.windows_lost == 16 - st.results_published  # every window is a result or counted lost
+    text = generate_latest(service.metrics.registry).decode()
+    assert f'sacmf_inference_windows_dropped_total{{reason="shutdown"}} {float(st.windows_lost)}' in text
 
 
 class _Sink:
