@@ -12,6 +12,12 @@ Files are aligned by identical id. Samples are returned *raw* (integer images as
 sequences, no normalisation, no resizing): the model's preprocessing is one shared function applied
 later, so training, evaluation and the live daemon cannot drift apart. Optional label fields written by
 :func:`model.synth.write_dataset` (boxes, object classes, SNRs) are passed through when present.
+
+Box labels for your own data: ``"boxes": [[x0, y0, x1, y1], ...]`` in Image-A pixels with as many
+``"object_classes"`` (and ``"boxes_b"``, rows ``null`` where the object is not in Image-B). A record
+without ``"boxes"`` has no box labels: the detection loss and the detection scores skip it. A record
+with ``"boxes": []`` is a frame labelled empty: it teaches the model empty sky, and every detection on
+it is a false positive.
 """
 
 from __future__ import annotations
@@ -150,6 +156,8 @@ class FourModalityDataset(Dataset[dict[str, Any]]):
         seq_a, seq_b  np.ndarray float32 [T], [T']
         label         int, target class
         boxes         np.ndarray float32 [N, 4] (x0, y0, x1, y1) in Image-A px; [0, 4] if not labelled
+        boxes_known   bool: the record has a "boxes" list (``[]`` is a labelled empty frame, whose
+                      detections are false positives; a record without the key has no box labels)
         boxes_b       np.ndarray float32 [N, 4] in Image-B, NaN rows where absent
         object_classes np.ndarray int64 [N]
         snr_img, snr_seq  float (NaN if not labelled); low_snr bool
@@ -192,6 +200,7 @@ class FourModalityDataset(Dataset[dict[str, Any]]):
             "seq_b": _load_seq(self.files["Seq-B"][sid]),
             "label": int(rec["class"]),
             "boxes": boxes,
+            "boxes_known": rec.get("boxes") is not None,
             "boxes_b": boxes_b,
             "object_classes": classes,
             "snr_img": float(rec.get("snr_img", float("nan"))),
@@ -226,4 +235,5 @@ def collate_raw(batch: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("snr_img", "snr_seq"):
         out[key] = torch.tensor([s[key] for s in batch], dtype=torch.float32)
     out["low_snr"] = torch.tensor([s["low_snr"] for s in batch], dtype=torch.bool)
+    out["boxes_known"] = torch.tensor([s["boxes_known"] for s in batch], dtype=torch.bool)
     return out

@@ -446,11 +446,13 @@ def raw_from_dataset_item(item: dict[str, Any]) -> RawSample:
     """Adapter for one item of :class:`model.dataset.FourModalityDataset`.
 
     An unlabelled layout (no boxes in labels.jsonl) yields ``boxes=None`` so the detection loss skips it
-    instead of learning "empty sky".
+    instead of learning "empty sky"; a record saying ``"boxes": []`` is a labelled empty frame, learnt
+    and scored as one (``boxes_known``; items without that key count as labelled when they hold a box).
     """
     boxes = item.get("boxes")
     classes = item.get("object_classes")
-    labelled = boxes is not None and classes is not None and np.shape(boxes)[0] > 0
+    known = item.get("boxes_known", boxes is not None and np.shape(boxes)[0] > 0)
+    labelled = bool(known) and boxes is not None and classes is not None
     return RawSample(
         image_a=item.get("image_a"),
         image_b=item.get("image_b"),

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from model.dataset import DatasetLayoutError, FourModalityDataset, collate_raw
+from model.preprocess import PreprocessConfig, preprocess, raw_from_dataset_item
 from model.synth import (
     CLASS_NAMES,
     DEBRIS,
@@ -315,6 +316,15 @@ def test_user_layout_with_text_sequences_and_float_images(tmp_path: Path) -> Non
     assert np.array_equal(item["seq_b"], np.arange(5.0, dtype=np.float32) * 2)
     batch = collate_raw([item])
     assert batch["image_a"].dtype == torch.float32 and float(batch["image_a"][0, 0, 0]) == 0.5
+    # no "boxes" key: no box labels (skipped by the detection loss and scoring); "boxes": [] is a labelled
+    # empty frame, whose detections are false positives (it was taken for unlabelled)
+    (split / "labels.jsonl").write_text('{"id": "x1", "class": 4, "boxes": [], "boxes_b": [], "object_classes": []}\n')
+    empty = FourModalityDataset(tmp_path)[0]
+    assert (item["boxes_known"], empty["boxes_known"]) == (False, True)
+    pcfg = PreprocessConfig(frame_size=8, seq_len=5)
+    known = [bool(preprocess(raw_from_dataset_item(x), pcfg)["boxes_known"]) for x in (item, empty)]
+    assert known == [False, True]
+    assert collate_raw([item, empty])["boxes_known"].tolist() == [False, True]
 
 
 # ---------------------------------------------------------------------- measured complementarity check
