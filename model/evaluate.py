@@ -4,9 +4,11 @@ Why the metrics are implemented here in numpy rather than taken from scikit-lear
 depend on it, and each definition below is a few lines that the tests check against hand-computed
 cases. Definitions follow the usual conventions (and the reference's metric list, sacmf.md section 1.2):
 
-* per-class precision / recall / F1 with zero division counted as 0; "macro" averages over the classes
-  that occur in the truth or the predictions (scikit-learn's default label set), "weighted" weights by
-  support, "micro" pools all decisions (equal to accuracy for single-label classification);
+* per-class precision / recall / F1 with zero division counted as 0 in the averages; "macro" averages
+  over the classes that occur in the truth or the predictions (scikit-learn's default label set),
+  "weighted" weights by support, "micro" pools all decisions (equal to accuracy for single-label
+  classification). The per-class table shows such a score as NaN instead (a class never predicted
+  has no precision, one absent from the truth no recall, one in neither no F1), by the rule below;
 * a score over no samples at all (an empty subset, box precision without detections, box recall without
   ground truth) is NaN, written as null in metrics.json and n/a in report.md: a 0 there would read as a
   measured failure of the model;
@@ -73,10 +75,10 @@ def classification_scores(cm: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n": int(n),
         "accuracy": float(tp.sum() / n) if n else nan,
-        "per_class": {
-            "precision": precision.tolist(),
-            "recall": recall.tolist(),
-            "f1": f1.tolist(),
+        "per_class": {  # undefined scores NaN (null in metrics.json, n/a in report.md), not 0
+            "precision": np.where(predicted > 0, precision, nan).tolist(),
+            "recall": np.where(support > 0, recall, nan).tolist(),
+            "f1": np.where(used, f1, nan).tolist(),
             "support": support.astype(int).tolist(),
         },
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -380,6 +381,12 @@ def test_precision_recall_f1_by_hand():
     assert s["macro_precision"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
     assert s["macro_recall"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
     assert s["weighted_f1"] == pytest.approx((2 * 1 / 2 + 2 * 4 / 5 + 2 * 2 / 3) / 6)
+    # class 3, in neither truth nor predictions, has no per-class score (it read 0: a measured failure)
+    assert [math.isnan(s["per_class"][k][3]) for k in ("precision", "recall", "f1")] == [True] * 3
+    assert s["per_class"]["precision"][:3] == pytest.approx([1 / 2, 2 / 3, 1])
+    wrong = classification_scores(confusion_matrix(np.array([0, 0]), np.array([0, 1]), 2))["per_class"]
+    # class 1 predicted once, never true: precision 0 (measured), no recall, F1 0 (it is averaged as 0)
+    assert wrong["precision"][1] == 0.0 and math.isnan(wrong["recall"][1]) and wrong["f1"][1] == 0.0
     unbalanced = classification_scores(confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1]), 2))
     # class 0: P 1 R 2/3 F1 4/5 (support 3); class 1: P 1/2 R 1 F1 2/3 (support 1)
     assert unbalanced["weighted_f1"] == pytest.approx((3 * 4 / 5 + 2 / 3) / 4)
