@@ -293,7 +293,7 @@ def _model_args(p: argparse._SubParsersAction) -> None:
     y.add_argument("--n-train", type=integer(0), default=2000)
     y.add_argument("--n-val", type=integer(0), default=500)
     y.add_argument("--n-test", type=integer(0), default=1000)
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--seed", type=integer(0), default=0)
     y.add_argument("--frame-size", type=integer(1), default=64, help="frame side in px (default 64)")
     y.add_argument("--seq-len", type=integer(1), default=256, help="radiometer samples per scene (default 256)")
     y.add_argument("--overwrite", action="store_true", help="replace existing split directories")

@@ -537,13 +537,15 @@ def write_dataset(
     unless ``overwrite``, because stale files from an older run would silently misalign the layout.
     """
     cfg = cfg or SynthConfig()
+    if seed < 0:  # SeedSequence refuses it, but only after the directories were made
+        raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     for split in SPLITS:
         split_dir = out / split
         if split_dir.exists() and any(split_dir.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{split_dir} is not empty (pass overwrite=True to replace it)")
+                raise FileExistsError(f"{split_dir} is not empty (sacmf synth --overwrite replaces it)")
             shutil.rmtree(split_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stream, split in enumerate(SPLITS):

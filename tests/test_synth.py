@@ -261,6 +261,9 @@ def test_refuses_to_mix_with_an_existing_dataset(tmp_path: Path) -> None:
         write_dataset(tmp_path, 1, 1, 1, seed=2)
     write_dataset(tmp_path, 1, 1, 1, seed=2, overwrite=True)
     assert len(FourModalityDataset(tmp_path, "train")) == 1
+    with pytest.raises(ValueError, match="seed must be >= 0"):  # refused before anything is written
+        write_dataset(tmp_path / "neg", 1, 1, 1, seed=-1)
+    assert not (tmp_path / "neg").exists()
 
 
 @pytest.mark.parametrize(
