@@ -72,6 +72,7 @@ INGEST_START_TIMEOUT_S = 120.0
 
 # pipe message kinds: frame 0 of each multipart message
 WINDOW, LATE, STATS, READY, DONE, ERROR = b"W", b"L", b"S", b"R", b"D", b"E"
+CHILD_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # the parent decides when ingest stops
 
 
 # ---------------------------------------------------------------- pipe codec
@@ -269,8 +270,9 @@ def ingest_process_main(
     """
     # The process group gets the operator's Ctrl-C / systemd's SIGTERM too; only the parent decides
     # when ingest stops, so that it can flush in order.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in CHILD_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_IGNORES)  # blocked by the parent around the start
     logs.configure(log_level, log_format)
     structlog.contextvars.bind_contextvars(process="ingest")
     from daemon.adapt import prepare_window_arrays  # numpy only: this process never loads torch
@@ -868,7 +870,13 @@ class Service:
             ),
             name="sacmf-ingest",
         )
-        self._child.start()
+        # A Ctrl-C reaches the whole process group: a child still importing (before its SIG_IGN below) died
+        # of it. The child inherits this mask across the exec and unblocks once it ignores the signals.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_IGNORES)
+        try:
+            self._child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self._threads = [
             threading.Thread(target=self._receiver_loop, args=(pull,), name="receiver", daemon=True),
             threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),

@@ -378,3 +378,28 @@ def test_a_sighup_while_starting_is_a_reload_once_ready_not_the_end(tmp_path: Pa
         assert d.proc.wait(60) == 0
     finally:
         d.close()
+
+
+def test_a_ctrl_c_while_the_ingest_process_starts_is_a_clean_stop(tmp_path: Path, checkpoint: Path):
+    """A terminal's Ctrl-C goes to the whole process group: the ingest process, still importing before
+    it ignores SIGINT, died with a KeyboardInterrupt traceback and serve exited 1."""
+    d = Daemon(tmp_path, checkpoint)
+    try:
+        d.sub_thread.start()
+        d.sim.start()
+        d.proc = sacmf("serve", str(d.config))
+        threading.Thread(target=d._read_logs, daemon=True).start()
+        deadline = time.monotonic() + 90
+        while len(tree := process_tree(d.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(tree) >= 2, "no ingest process was started"
+        for pid in reversed(tree):  # as the terminal does: every process of the group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        assert d.proc.wait(60) == 0
+        time.sleep(0.5)  # the log reader catches up with the last lines
+        text = [e["line"] for e in d.events if e.get("event") == "_text"]
+        assert not [line for line in text if "KeyboardInterrupt" in line or "Traceback" in line], text
+        assert [e for e in d.events if e.get("event") == "shutdown_complete"][0]["clean"] is True
+    finally:
+        d.close()
