@@ -320,7 +320,7 @@ def ingest_process_main(
     def snapshot(flushed: int = 0) -> IngestSnapshot:
         families = [*collector.collect(), *limits.collect()]
         rec = (inputs.sent, inputs.dropped) if inputs is not None else (0, 0)
-        auth = dict(worker.auth.rejected) if worker.auth is not None else {}
+        auth = worker.auth_rejected()
         return IngestSnapshot(
             families, worker.last_loop_ns, counts["windows"], counts["late"], flushed, *rec, auth_rejected=auth
         )

@@ -70,6 +70,22 @@ AUTH_REJECT_REASONS = (
 # but those are counted by the handler itself (with the address), so the monitor skips them
 _HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+# a connecting CURVE socket (we pin the publisher's server key): every way its handshake can fail, and
+# the success that ends a run of failures
+CLIENT_HANDSHAKE_FAILED = _HANDSHAKE_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+CLIENT_HANDSHAKE_EVENTS = CLIENT_HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def client_refusal(event: int, value: int) -> tuple[str, str]:
+    """(reason, hint) for a failed handshake of a connecting CURVE socket with the publisher it pins."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        return "mechanism", "the publisher at this endpoint does not speak CURVE (plaintext, or another mechanism)"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "handshake", "the publisher refused our key (add our public key to its admitted keys)"
+    return "handshake", (
+        "the peer at this endpoint did not prove the pinned server key: an impostor, or the wrong key file "
+        "pinned in [security] sensor_server_keys"
+    )
 
 
 class KeyFileError(ValueError):

@@ -66,6 +66,10 @@ def _read_rest(topic: bytes, recv: Callable, more: Callable) -> tuple[list, int,
     return frames, extra, extra_bytes
 
 
+RETRY_BASE_S, RETRY_MAX_S = 0.5, 30.0  # connecting again after refused handshakes
+DROP_HINT = "a frame over [ingest] max_message_bytes + 64 KiB, or the publisher went away; reconnecting"
+
+
 class RateLimitedLog:
     """At most one log line per reason and interval; the count of suppressed lines rides along."""
 
@@ -218,11 +222,20 @@ class IngestWorker:
         # Connected sockets: libzmq drops a connection for a frame over ZMQ_MAXMSGSIZE (or another protocol
         # error) and then never reconnects it, so one oversized frame would cut a publisher off for good.
         # A monitor sees the drop; the timer loop counts it and connects again.
+        # With CURVE the same monitor sees handshakes with a pinned publisher fail (an impostor, a wrong key
+        # pinned): libzmq does not retry those either, and connecting again at once would retry (and log)
+        # 20 times a second, so they are counted as refusals and retried with a backoff.
         self._drops: dict[zmq.Socket, zmq.Socket] = {}
+        self._refused: dict[str, int] = {}  # endpoint -> handshakes refused in a row
+        self._retry_at: dict[str, tuple[zmq.Socket, int]] = {}  # endpoint -> (socket, monotonic ns)
+        self.client_rejected: Counter[str] = Counter()  # connected CURVE: refused handshakes, by reason
         if not settings.bind and any(not ep.startswith("inproc://") for ep in settings.endpoints):
+            events = zmq.EVENT_DISCONNECTED
+            if settings.curve is not None:
+                events |= security.CLIENT_HANDSHAKE_EVENTS
             for sock in self._peers or [self.sock]:
                 if isinstance(sock, zmq.Socket):
-                    self._drops[sock] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                    self._drops[sock] = sock.get_monitor_socket(events)
         self._last_advance: int | None = None  # monotonic ns of the last timer check
         self.last_loop_ns = clock()  # liveness for /healthz
         self.started_ns = self.last_loop_ns  # a sensor never heard from has been silent since then
@@ -500,23 +513,53 @@ class IngestWorker:
         return out
 
     def _reconnect_dropped(self) -> None:
-        """Connect again every endpoint whose connection libzmq dropped (see ``__init__``)."""
+        """Connect again every endpoint whose connection libzmq dropped (see ``__init__``): at once after
+        a drop, after a growing wait (0.5 s doubling to 30 s) after refused handshakes."""
+        now, wall = self.monotonic(), self.clock()
         for sock, monitor in self._drops.items():
             while monitor.poll(0):
                 event = parse_monitor_message(monitor.recv_multipart())
                 endpoint = bytes(event.get("endpoint") or b"").decode("utf-8", "replace")
-                if event["event"] != zmq.EVENT_DISCONNECTED or endpoint not in self.settings.endpoints:
+                kind = event["event"]
+                if endpoint not in self.settings.endpoints:
                     continue
-                self.stats.disconnects[endpoint] += 1
-                log.warning(
-                    "publisher_connection_dropped",
-                    endpoint=endpoint,
-                    drops=self.stats.disconnects[endpoint],
-                    hint="a frame over [ingest] max_message_bytes + 64 KiB, or the publisher went away; reconnecting",
-                )
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._refused.pop(endpoint, None)
+                elif kind & security.CLIENT_HANDSHAKE_FAILED:
+                    self._handshake_refused(sock, endpoint, security.client_refusal(kind, event["value"]), now, wall)
+                elif kind == zmq.EVENT_DISCONNECTED and endpoint not in self._refused:
+                    self.stats.disconnects[endpoint] += 1
+                    self._reject_log(
+                        "publisher_connection_dropped", f"drop:{endpoint}", wall, endpoint=endpoint,
+                        drops=self.stats.disconnects[endpoint],
+                        hint=DROP_HINT,
+                    )  # fmt: skip
+                    self._retry_at[endpoint] = (sock, now)
+        for endpoint, (sock, at) in list(self._retry_at.items()):
+            if now >= at:
+                del self._retry_at[endpoint]
                 with contextlib.suppress(zmq.ZMQError):  # already gone from libzmq's side
                     sock.disconnect(endpoint)
                 sock.connect(endpoint)
+
+    def _handshake_refused(
+        self, sock: zmq.Socket, endpoint: str, refusal: tuple[str, str], now: int, wall: int
+    ) -> None:
+        reason, hint = refusal
+        n = self._refused[endpoint] = self._refused.get(endpoint, 0) + 1
+        self.client_rejected[reason] += 1
+        wait_s = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(n - 1, 16))
+        with contextlib.suppress(zmq.ZMQError):  # libzmq would retry every 100 ms (reconnect_ivl) meanwhile
+            sock.disconnect(endpoint)
+        self._retry_at[endpoint] = (sock, now + int(wait_s * 1e9))
+        self._reject_log(
+            "curve_peer_rejected", f"curve:{endpoint}", wall, socket="ingest", reason=reason, endpoint=endpoint,
+            total=self.client_rejected[reason], refused_in_a_row=n, retry_in_s=wait_s, hint=hint,
+        )  # fmt: skip
+
+    def auth_rejected(self) -> dict[str, int]:
+        """Refused CURVE peers by reason: bound, the ZAP handler's; connected, the refused handshakes."""
+        return dict(self.auth.rejected) if self.auth is not None else dict(self.client_rejected)
 
     def close(self) -> None:
         for monitor_of, monitor in self._drops.items():

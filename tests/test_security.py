@@ -389,6 +389,7 @@ def test_connect_topology_pins_each_publisher_and_checks_its_groups(keys: Keys, 
     )
     groups = {"g1": GroupSettings("g1", {"rad_vis": "seq_a", "rad_ir": "seq_b"}, _spec("replay"))}
     s = IngestSettings(tuple(eps.values()), groups, bind=False, transport="pull", curve=curve)
+    started = time.monotonic()
     wt = WorkerThread(s, ctx).start()
     w = wt.worker
     try:
@@ -406,6 +407,13 @@ def test_connect_topology_pins_each_publisher_and_checks_its_groups(keys: Keys, 
         assert w.messages()["g1", "rad_ir", "rad"] == 0
         assert good._auth is not None and good._auth.admitted == 1  # the daemon, by its key
         assert raw["impostor"][2] is not None and raw["impostor"][2].admitted == 0
+        # The impostor's and the plain publisher's refused handshakes are counted as refusals (they read as
+        # connection drops with a wrong hint, 20 a second) and retried after 0.5 s, 1 s, 2 s, ...
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
+        refused = w.auth_rejected()
+        assert refused["handshake"] >= 1 and refused["handshake"] + refused["mechanism"] >= 2, refused
+        assert refused["handshake"] + refused["mechanism"] <= 16, refused  # libzmq alone retries every 100 ms
+        assert sum(w.stats.disconnects.values()) == 0
     finally:
         wt.finish()
         good.close()
