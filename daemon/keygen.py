@@ -88,6 +88,9 @@ def _simulate_args(parser: argparse.ArgumentParser) -> None:
 
     def handler(args: argparse.Namespace) -> int:
         if args.curve_secret is None:
+            if args.curve_server_public is not None or args.curve_clients is not None:
+                # asked for CURVE without the key to speak it: publishing in plaintext would hide that
+                parser.error("--curve-server-public and --curve-clients need --curve-secret (this sensor's key)")
             return plain(args)
         from daemon.simulate import curve_command
 

@@ -137,6 +137,15 @@ def test_keygen_writes_standard_certificates_with_a_private_secret(tmp_path: Pat
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--curve-clients", "--curve-server-public"])
+def test_simulate_asked_for_curve_without_its_secret_is_a_usage_error(keys: Keys, option: str, capsys) -> None:
+    """It published in plaintext, exit 0: an operator who asked for CURVE would not notice."""
+    args = build_parser().parse_args(["simulate", "--duration", "0.1", option, str(keys.daemon_dir)])
+    with pytest.raises(SystemExit) as exc:
+        args.func(args)
+    assert exc.value.code == 2 and "need --curve-secret" in capsys.readouterr().err
+
+
 def test_loose_key_permissions_are_refused_naming_the_file_and_mode(keys: Keys) -> None:
     secret = keys.secret("cam")
     os.chmod(secret, 0o640)
