@@ -15,6 +15,16 @@ from daemon import logs
 from daemon.cli_types import integer, number
 
 
+def _warn_refused_key_files(cfg: config_mod.Config) -> None:
+    """Key files serve would refuse one by one (it starts, and admits the other keys)."""
+    from ingest.security import scan_authorized_keys
+
+    for curve in (cfg.ingest.curve, cfg.sinks.zmq_curve):
+        if curve is not None and curve.authorized_dir is not None:
+            for path, why in scan_authorized_keys(curve.authorized_dir)[1].items():
+                print(f"warning: {path}: {why}; serve refuses this key (logged, counted as key_file)", file=sys.stderr)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.file)
@@ -23,6 +33,7 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     ing = cfg.ingest
     summary = f"{args.file}: OK ({ing.transport} on {', '.join(ing.endpoints)}, {'bind' if ing.bind else 'connect'})"
+    _warn_refused_key_files(cfg)
     if args.config_only:
         print(f"{summary}; the model and fusion weights were not checked (--config-only)")
         return 0

@@ -580,6 +580,12 @@ def _public_endpoints(v: list) -> str | None:
     return f"{bad[0]!r} cannot be public (choose among /healthz, /readyz, /metrics)" if bad else None
 
 
+def _tolerant_keys(directory: str) -> dict[bytes, str]:
+    """A bad directory is a config error; a bad file in it is not: serving refuses that one key (logged
+    and counted), as it does when the file appears while running (`check-config` warns about it)."""
+    return security.load_authorized_keys(directory, strict=False)
+
+
 def _key_file(where: str, load: Any, value: str) -> Any:
     """Load a key file or directory now, so that a bad one is a config error naming the key."""
     try:
@@ -632,7 +638,7 @@ def _security(
     if ing["bind"]:
         if not sec["authorized_sensors"]:
             raise ConfigError("security.authorized_sensors: required with curve = true and [ingest] bind = true")
-        known = _key_file("security.authorized_sensors", security.load_authorized_keys, sec["authorized_sensors"])
+        known = _key_file("security.authorized_sensors", _tolerant_keys, sec["authorized_sensors"])
     else:
         for ep, path in sec["sensor_server_keys"].items():
             if ep not in ing["endpoints"]:
@@ -670,7 +676,7 @@ def _security(
         if sinks["zmq_bind"]:
             if not sec["authorized_readers"]:
                 raise ConfigError("security.authorized_readers: required with curve = true and [sinks] zmq_bind")
-            _key_file("security.authorized_readers", security.load_authorized_keys, sec["authorized_readers"])
+            _key_file("security.authorized_readers", _tolerant_keys, sec["authorized_readers"])
             results_curve = security.CurveConfig(authorized_dir=Path(sec["authorized_readers"]), **common)
         else:
             if not sec["results_server_key"]:

@@ -197,16 +197,19 @@ def load_public_certificate(path: str | os.PathLike[str]) -> bytes:
     return public
 
 
-def load_authorized_keys(directory: str | os.PathLike[str]) -> dict[bytes, str]:
+def load_authorized_keys(directory: str | os.PathLike[str], *, strict: bool = True) -> dict[bytes, str]:
     """Public key (Z85) -> key name, for every ``*.key`` in ``directory``.
 
     Refuses a directory (or certificate in it) that others may write, and two files with one key
-    (a key must have one name: the name is the identity its groups are granted to).
+    (a key must have one name: the name is the identity its groups are granted to). ``strict=False``
+    refuses only a bad directory and leaves bad files out (:func:`scan_authorized_keys` says why).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise KeyFileError(f"{directory}: not a directory of public certificates")
     check_public_location(directory)
+    if not strict:
+        return scan_authorized_keys(directory)[0]
     keys: dict[bytes, str] = {}
     for cert in sorted(directory.glob("*.key")):
         public = load_public_certificate(cert)
@@ -376,11 +379,14 @@ class ZapHandler:
         self.deny = parse_networks(deny_ips, "deny_ips")
         self.socket_name = socket_name
         self.domain = domain.encode()
-        self.keys = load_authorized_keys(self.directory)  # public key -> name; raises on a bad directory
         self.refused_files: dict[str, str] = {}  # path -> why, for files the last reading refused
         self.rejected: Counter[str] = Counter(dict.fromkeys(AUTH_REJECT_REASONS, 0))  # fixed keys: safe to copy
         self.admitted = 0
         self._log = _BoundedLog(log_interval_s)
+        # public key -> name. Raises on a bad directory; a bad file in it is refused on its own, as when the
+        # directory is re-read while serving: a stray file must not stop a restart for every other key.
+        self.keys = load_authorized_keys(self.directory, strict=False)
+        self._report_files(scan_authorized_keys(self.directory)[1])
         self._monitors: list[zmq.Socket] = []
         self._watched: list[zmq.Socket] = []
         self._zap: zmq.Socket | None = None
@@ -499,14 +505,17 @@ class ZapHandler:
             problems[str(self.directory)] = f"{exc} (no key is added until it is fixed; removals still apply)"
         else:
             keys, problems = scan_authorized_keys(self.directory, previous)
+        self._report_files(problems)
+        if keys != previous:
+            log.info("curve_keys_reloaded", socket=self.socket_name, keys=sorted(keys.values()))
+            self.keys = keys
+
+    def _report_files(self, problems: dict[str, str]) -> None:
         for path, error in problems.items():
             if self.refused_files.get(path) != error:  # once per file and problem: bounded by file changes
                 self.rejected["key_file"] += 1
                 log.error("curve_key_file_refused", socket=self.socket_name, file=path, error=error)
         self.refused_files = problems
-        if keys != previous:
-            log.info("curve_keys_reloaded", socket=self.socket_name, keys=sorted(keys.values()))
-            self.keys = keys
 
     def _address_allowed(self, address: str) -> bool:
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import structlog
 import zmq
 import zmq.auth
 from zmq.utils import z85
@@ -216,6 +217,40 @@ def _handshake(port: int, keys: Keys, name: str, server: zmq.Socket) -> bytes | 
             return None
     finally:
         client_ctx.destroy(linger=0)
+
+
+def test_a_bad_key_file_at_start_is_refused_alone_and_serve_still_starts(keys: Keys, tmp_path: Path, capsys) -> None:
+    """Tolerated while serving, a stray bad certificate made the next restart exit 2, cutting every sensor."""
+    (keys.sensors / "new-cam.key").write_text("not a certificate\n")
+    ctx = zmq.Context()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            h = security.ZapHandler(ctx, keys.sensors)
+        assert sorted(h.keys.values()) == ["cam", "other"] and h.rejected["key_file"] == 1
+        assert [e["file"] for e in logs if e["event"] == "curve_key_file_refused"] == [
+            str(keys.sensors / "new-cam.key")
+        ]
+        assert h.answer(_zap(keys, "cam"))[2] == b"200"
+    finally:
+        ctx.term()
+    cfg_path = tmp_path / "c.toml"
+    paths = {
+        "secret_key": keys.secret("daemon"),
+        "authorized_sensors": keys.sensors,
+        "authorized_readers": keys.readers,
+    }
+    cfg_path.write_text(
+        '[ingest]\nbind = true\n[groups.g1]\nsensors = { cam_vis = "image_a" }\n[security]\ncurve = true\n'
+        + "".join(f'{key} = "{path}"\n' for key, path in paths.items())
+    )
+    config_mod.load(cfg_path)  # serve's parse: no error
+    args = build_parser().parse_args(["check-config", str(cfg_path), "--config-only"])
+    assert args.func(args) == 0
+    assert "new-cam.key: not a ZeroMQ certificate" in capsys.readouterr().err  # but said
+    (keys.sensors / "new-cam.key").unlink()
+    os.chmod(keys.sensors, 0o777)  # a directory others may write stays a start-up error
+    with pytest.raises(config_mod.ConfigError, match="authorized_sensors"):
+        config_mod.load(cfg_path)
 
 
 def test_revoking_a_key_takes_effect_even_beside_a_bad_new_key_file(keys: Keys) -> None:
