@@ -24,6 +24,7 @@ are untrained.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -82,7 +83,7 @@ def untrained_checkpoint(directory: Path) -> Path:
 # pictures into the same ``detections/``, ``heatmaps/`` and ``fusion_weights/`` sub-folders, named by
 # scene id). The daemon's picture sink names a picture ``<group>_<window start in ns>.png`` - a 19-digit
 # wall-clock time - and writes it through ``.<name>.tmp``; the JSONL sinks rotate to ``<file>.<N>``.
-_OWN_FILES = re.compile(r"(results\.jsonl|late\.jsonl)(\.\d+)?|recording\.mcap|untrained\.pt")
+_OWN_FILES = re.compile(r"(results\.jsonl|late\.jsonl)(\.\d+)?|recording\.mcap|untrained\.pt|demo\.toml")
 _OWN_PICTURES = re.compile(r"[A-Za-z0-9_.-]{1,64}_\d{19}\.png|\.[A-Za-z0-9_.-]{1,64}_\d{19}\.png\.tmp")
 PICTURE_DIRS = ("detections", "heatmaps", "fusion_weights")
 
@@ -196,7 +197,34 @@ def demo_config(
         "shutdown": {"timeout_s": 20},
         "logging": {"level": log_level},
     }
-    return config_mod.parse(raw, "<demo>")
+    return config_mod.parse(raw, "<demo>"), raw
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML for {type(v).__name__}")
+
+
+def write_demo_config(raw: dict, path: Path) -> None:
+    """The config the demo's daemon ran with, so that ``sacmf evaluate-stream --config`` replays its
+    recording with the same groups, windows and model from any folder (config.toml is only in a clone)."""
+    lines = [
+        "# The configuration `sacmf demo` served with (its endpoints were ephemeral).",
+        f"# Score its recording: sacmf evaluate-stream {path.parent / 'recording.mcap'} --config {path}",
+    ]
+    for section, values in raw.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{json.dumps(key)} = {_toml_value(v)}" for key, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
 
 
 class ConsoleView:
@@ -311,13 +339,14 @@ def _run_checked(
     try:
         served = out / "untrained.pt" if untrained else ckpt
         try:
-            cfg = demo_config(sim, pub.endpoints[0], served, out, results_ep, record, log_level)
+            cfg, raw = demo_config(sim, pub.endpoints[0], served, out, results_ep, record, log_level)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         service = Service(cfg)
         # Every option has been checked: only now are the earlier demo's outputs replaced.
         _fresh_outputs(out)
+        write_demo_config(raw, out / "demo.toml")
         if untrained:
             untrained_checkpoint(out)  # kept beside the recording, which it can then be scored with
         return _serve(service, sim, stop, duration_s, out, served, untrained, explicit, record, pub, sub)
@@ -447,7 +476,7 @@ def _serve(
         written.append(str(recording))
     if written:
         output.say(f"outputs: {', '.join(written)}")
-    if record and recording.is_file():
-        model = f" --checkpoint {ckpt}" if untrained or explicit else ""
-        output.say(f"score the recording: sacmf evaluate-stream {recording}{model}")
+    if record and recording.is_file() and service.state.results_published:
+        # the demo's own config: its group, windows and model, wherever the user runs it from
+        output.say(f"score the recording: sacmf evaluate-stream {recording} --config {out / 'demo.toml'}")
     return status

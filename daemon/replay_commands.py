@@ -151,12 +151,26 @@ def _replay(args: argparse.Namespace) -> int:
     )
     if fusion is not None:
         print(f"image fusion: {fusion.method.name} ({rep.fusion_failed} window(s) failed their fusion)")
+    _warn_unconfigured(rep.rejected, args.config)
     if rep.damage.lost:
         print(
             f"error: the recording is damaged: {rep.damage.describe()}; the results lack their windows", file=sys.stderr
         )
     print(f"results: {out / 'results.jsonl'}" + (f", {png.drawn} pictures under {out}/" if png else ""))
     return 0 if rep.failed == 0 and not rep.damage.lost else 1
+
+
+def _warn_unconfigured(rejected: dict[str, int], config: str) -> None:
+    """Inputs of groups or sensors the config lacks are rejected: name it, or an evaluation of a recording
+    made with another config reads as a recording without data ("nothing scored")."""
+    unknown = {r: rejected.get(r, 0) for r in ("unknown_group", "unknown_sensor") if rejected.get(r)}
+    if unknown:
+        counts = ", ".join(f"{n} {r}" for r, n in unknown.items())
+        print(
+            f"warning: {sum(unknown.values())} recorded input messages name groups or sensors that {config} does not "
+            f"configure ({counts}): pass the --config the recording was made with (a demo writes OUT/demo.toml)",
+            file=sys.stderr,
+        )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -180,6 +194,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     rep = ev.report
     cls, det = rep["classification"], rep["detection"]
     print(f"{rep['windows']} windows replayed, {rep['windows_with_truth']} with ground truth")
+    _warn_unconfigured(rep["replay"]["rejected"], args.config)
 
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from daemon import config as config_mod
 from ingest.publisher import SensorPublisher
 from ingest.subscriber import IngestWorker
 from sinks.jsonl import read_jsonl
@@ -101,7 +102,9 @@ def test_demo_shows_a_live_view_writes_outputs_and_stops_on_ctrl_c(tmp_path):
     recorded = list(read_recording(out / "recording.mcap"))
     assert sum(isinstance(r.body, list) for r in recorded) == int(summary.group(2))  # every input, recorded
     assert sum(isinstance(r.body, ResultRecord) for r in recorded) == len(results)
-    assert f"sacmf evaluate-stream {out}/recording.mcap" in out_text
+    assert f"sacmf evaluate-stream {out}/recording.mcap --config {out}/demo.toml" in out_text
+    served = config_mod.load(out / "demo.toml")  # the demo's own config: from any folder, with its group
+    assert list(served.ingest.groups) == ["g1"] and served.model.checkpoint.is_file()
 
 
 def test_heartbeats_at_least_once_a_second_per_sensor(ctx):

@@ -313,6 +313,16 @@ def test_replay_and_evaluate_refuse_what_is_not_a_sacmf_recording(recording: Rec
     assert run.returncode == 2 and "--speed" in run.stderr
 
 
+def test_a_config_without_the_recorded_group_is_named_not_taken_for_missing_truth(recording: Recording, tmp_path):
+    """Evaluating with a config that lacks the recorded group said only "no ground truth ... nothing scored"."""
+    other = tmp_path / "other.toml"
+    other.write_text(recording.config.read_text().replace("[groups.g1]", "[groups.g7]"))
+    for command in ("replay", "evaluate-stream"):
+        run = cli(command, str(recording.mcap), "--config", str(other), "--out", str(tmp_path / command))
+        assert "name groups or sensors that" in run.stderr and "unknown_group" in run.stderr, run.stderr
+        assert "--config the recording was made with" in run.stderr
+
+
 def _with_image_fusion(recording: Recording, tmp_path: Path, method: str, checkpoint: str = "") -> Path:
     text = recording.config.read_text() + f'\n[image_fusion]\nmethod = "{method}"\ncheckpoint = "{checkpoint}"\n'
     path = tmp_path / f"fusion_{method}.toml"
