@@ -24,6 +24,7 @@ are untrained.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -303,14 +304,29 @@ def run(
         or _prepare_out(out)
         or (None if untrained else _checkpoint_problem(ckpt))
     )
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    lock = None if problem else _lock_out(out)
+    if lock is None:
+        print(f"error: {problem or f'another sacmf demo is writing to {out}; give this one its own --out'}",
+              file=sys.stderr)  # fmt: skip
         return 2
     ctx = zmq.Context()
     try:
         return _run_checked(sim, stop, duration_s, out, ckpt, untrained, bool(checkpoint), record, log_level, ctx)
     finally:
         ctx.destroy(linger=0)
+        lock.close()  # releases the lock
+
+
+def _lock_out(out: Path):
+    """An exclusive lock on the output folder for this demo's life, or None when another demo holds it:
+    a second demo on the same --out deleted the first one's files and interleaved its results."""
+    fh = open(out / ".demo.lock", "w")  # noqa: SIM115 - held open for the demo's life (closed by run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
 
 
 def _run_checked(

@@ -7,6 +7,7 @@ none) shows up here and not among other tests' files.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -102,6 +103,20 @@ def test_bad_options_are_refused_before_anything_is_deleted(tmp_path, what):
     assert "outputs:" not in stdout and "evaluate-stream" not in stdout, stdout
     assert {p: p.read_text() if p.exists() else None for p in files} == files
     assert not demo_temp_folders(tmp_path)
+
+
+def test_a_second_demo_on_the_same_folder_is_refused_and_touches_nothing(tmp_path):
+    """Two demos on one --out (the default, from two terminals): the second deleted the first one's
+    files and both wrote one results.jsonl. The folder's lock (held here as a running demo holds it)
+    refuses the second."""
+    out = tmp_path / "demo"
+    files = earlier_outputs(out)
+    with open(out / ".demo.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = demo(tmp_path, "--duration", "2", "--out", str(out))
+        stdout, err = finish(proc, 60, "beside another")
+    assert proc.returncode == 2 and "another sacmf demo is writing to" in err, err
+    assert {p: p.read_text() if p.exists() else None for p in files} == files
 
 
 def test_a_new_demo_replaces_only_the_earlier_demos_own_files(tmp_path):
