@@ -414,11 +414,11 @@ class SACMF(nn.Module):
         both = present.all(1, keepdim=True).to(z_img.dtype)  # [B, 1]
         cross = 0.5 * (_masked_mean(upd_img, valid_img) + _masked_mean(upd_seq, valid_seq)) * both  # [B, D]
 
-        # invalid tokens are exactly 0 before the MI step: constant columns give tau = 0, never noise
+        # invalid tokens are exactly 0 (what the fusion passes on for them) and left out of the MI estimate
         z_img = z_img * valid_img.unsqueeze(-1).to(z_img.dtype)
         z_seq = z_seq * valid_seq.unsqueeze(-1).to(z_seq.dtype)
         uniform = self.config.uniform_fusion
-        mi_out = self.mi(z_img, z_seq, present, compute_loss=False if uniform else None)
+        mi_out = self.mi(z_img, z_seq, present, False if uniform else None, valid_img, valid_seq)
         if uniform:  # ablation: every token weight 1 (0 when absent), no redundancy term below
             ones_a = torch.ones(self.k_a, dtype=z_img.dtype, device=z_img.device)
             ones_b = torch.ones(self.k_b, dtype=z_seq.dtype, device=z_seq.device)

@@ -329,6 +329,49 @@ def test_absent_samples_do_not_touch_the_ema() -> None:
     assert torch.equal(masked.tau_ema, subset.tau_ema)
 
 
+def test_tokens_missing_in_the_same_samples_are_no_evidence_of_dependence() -> None:
+    """Invalid tokens are 0: two independent columns zeroed in the same third of the samples read as
+    strongly dependent (MI 0.27 nats against 0.001), every zero pair counting as concordant."""
+    g = _gen(23)
+    a, b = torch.randn(60, generator=g, dtype=F64) + 3.0, torch.randn(60, generator=g, dtype=F64) + 3.0
+    valid = torch.ones(60, dtype=torch.bool)
+    valid[::3] = False
+    a0, b0 = torch.where(valid, a, 0.0), torch.where(valid, b, 0.0)
+    assert float(estimate_mi(a0, b0)) > 0.1  # the bias, without validity
+    ok = valid[:, None]
+    hard = kendall_tau(a0[:, None], b0[:, None], ok, ok)
+    torch.testing.assert_close(hard, kendall_tau(a[valid, None], b[valid, None]))
+    soft = soft_kendall_tau(a0[:, None], b0[:, None], 0.1, ok, ok)  # its scale still sees every sample
+    torch.testing.assert_close(soft, soft_kendall_tau(a[valid, None], b[valid, None]), atol=0.01, rtol=0)
+    # only pairs valid in both columns count: b missing elsewhere leaves those samples out too
+    vb = valid.clone()
+    vb[1::3] = False
+    both = valid & vb
+    torch.testing.assert_close(kendall_tau(a0[:, None], b0[:, None], ok, vb[:, None]),
+                               kendall_tau(a[both, None], b[both, None]))  # fmt: skip
+    # the module: its EMA update and loss leave invalid tokens out
+    z_a = torch.stack([a0, a0], 1)[..., None].expand(60, 2, 4).float().contiguous()
+    z_b = torch.stack([b0, b0, b0], 1)[..., None].expand(60, 3, 4).float().contiguous()
+    masked = MutualInfoFusionWeights(dim=4, k_a=2, k_b=3).train()
+    out = masked(z_a, z_b, valid_a=valid[:, None].expand(60, 2), valid_b=valid[:, None].expand(60, 3))
+    subset = MutualInfoFusionWeights(dim=4, k_a=2, k_b=3).train()
+    ref = subset(z_a[valid], z_b[valid])
+    torch.testing.assert_close(masked.tau_ema, subset.tau_ema)
+    torch.testing.assert_close(out.mi_loss, ref.mi_loss, rtol=0.2, atol=0.02)  # soft scale sees all samples
+
+
+def test_nan_in_an_absent_modality_leaves_the_weight_gradients_finite() -> None:
+    g = _gen(24)
+    mod = MutualInfoFusionWeights(dim=8, k_a=4, k_b=3).train()
+    z_a, z_b = _tokens(16, 4, 8, g), _tokens(16, 3, 8, g)
+    present = torch.ones(16, 2, dtype=torch.bool)
+    present[::4, 1] = False
+    z_b[::4] = float("nan")  # the docstring allows anything there
+    out = mod(z_a, z_b, present)
+    (out.tokens_a.sum() + out.tokens_b.sum()).backward()
+    assert torch.isfinite(mod.logits_a.grad).all() and torch.isfinite(mod.logits_b.grad).all()
+
+
 def test_apply_presence_function_shapes() -> None:
     w_a, w_b = torch.tensor([0.5, 1.5]), torch.tensor([1.0, 1.0, 1.0])
     present = torch.tensor([[True, False], [True, True]])
