@@ -211,6 +211,7 @@ class IngestWorker:
             else None
         )
         self._ctx = context or zmq.Context.instance()
+        self._pins: dict[str, tuple] = {}  # connected CURVE: endpoint -> (our key pair, its pinned server key)
         # Security (ingest/security.py): None/empty unless configured, so the plain path stays as it was.
         self.auth: security.ZapHandler | None = None  # the ZAP handler when we bind with CURVE
         self._acl: dict[str, frozenset[bytes]] | None = None  # key name -> groups it may publish into
@@ -315,6 +316,9 @@ class IngestWorker:
                         socks[sock] = security.key_name(curve.server_key_for(ep))
                     security.make_client(sock, keys, pinned[ep])
                     sock.connect(ep)
+                # libzmq copies a socket's options at connect: a later connect of one endpoint (after a drop)
+                # must pin that endpoint's key again, not whichever was set last
+                self._pins = {ep: (keys, pinned[ep]) for ep in s.endpoints}
             except BaseException:
                 for opened in socks:
                     opened.close(linger=0)
@@ -540,6 +544,8 @@ class IngestWorker:
                 del self._retry_at[endpoint]
                 with contextlib.suppress(zmq.ZMQError):  # already gone from libzmq's side
                     sock.disconnect(endpoint)
+                if endpoint in self._pins:
+                    security.make_client(sock, *self._pins[endpoint])
                 sock.connect(endpoint)
 
     def _handshake_refused(

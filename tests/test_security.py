@@ -6,6 +6,7 @@ that intruders are kept out, but that the authorised stream flows on with exact 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -466,6 +467,53 @@ def test_connect_topology_pins_each_publisher_and_checks_its_groups(keys: Keys, 
             if auth is not None:
                 auth.stop()
             rctx.term()
+
+
+def test_a_pinned_publisher_that_restarts_on_a_shared_socket_is_reconnected_with_its_own_key(
+    keys: Keys, ctx: zmq.Context
+) -> None:
+    """Two publishers on one connecting socket (no group grants), each pinned to its own key. The socket
+    kept the last endpoint's key, so reconnecting the first after its restart pinned the second's: it was
+    cut off for good (and reported as an impostor)."""
+    import socket as pysocket
+
+    def free_endpoint() -> str:
+        with pysocket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+    eps = {"cam": free_endpoint(), "other": free_endpoint()}
+
+    def publisher(name: str) -> SensorPublisher:
+        sensor = {"cam": "rad_vis", "other": "rad_ir"}[name]
+        return SensorPublisher(eps[name], "g1", {sensor: "rad"}, socket_type="push", curve_secret=keys.secret(name),
+                               curve_clients=keys.daemon_dir, send_timeout_ms=100)  # fmt: skip
+
+    pubs = {name: publisher(name) for name in eps}
+    curve = security.CurveConfig(keys.secret("daemon"), server_keys={ep: keys.public(n) for n, ep in eps.items()})
+    groups = {"g1": GroupSettings("g1", {"rad_vis": "seq_a", "rad_ir": "seq_b"}, _spec("replay"))}
+    wt = WorkerThread(IngestSettings(tuple(eps.values()), groups, bind=False, transport="pull", curve=curve), ctx)
+    wt.start()
+    w = wt.worker
+    received = lambda: w.messages()["g1", "rad_vis", "rad"]  # noqa: E731
+    seq = iter(range(10**6))
+
+    def send() -> None:
+        with contextlib.suppress(TimeoutError):  # no connected peer yet: nothing sent
+            pubs["cam"].send_samples("rad_vis", SAMPLES, T0 + next(seq) * SEC // 10, 1_000_000)
+
+    try:
+        _probe(send, lambda: received() > 0)
+        pubs["cam"].close()  # the publisher restarts on the same port
+        time.sleep(0.3)
+        pubs["cam"] = publisher("cam")
+        before = received()
+        _probe(send, lambda: received() > before)
+        assert w.auth_rejected().get("handshake", 0) == 0
+    finally:
+        wt.finish()
+        for p in pubs.values():
+            p.close()
 
 
 # ----------------------------------------------------------------------------------------------------
