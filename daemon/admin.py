@@ -174,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
         on stderr (outside the JSON log)."""
         try:
             handle()
+        except TimeoutError:  # a client too slow for the request's deadline: the stdlib closes the connection
+            raise
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away mid-answer
         except Exception:
