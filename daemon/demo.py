@@ -207,12 +207,19 @@ def _toml_value(v: object) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return _toml_str(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_str(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"no TOML for {type(v).__name__}")
+
+
+def _toml_str(s: str) -> str:
+    """A TOML basic string: JSON's escapes of quotes, backslashes and control characters are TOML's too;
+    other characters stay as they are (JSON's surrogate-pair escapes are not valid TOML), and DEL,
+    which JSON leaves alone, is escaped."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def write_demo_config(raw: dict, path: Path) -> None:
@@ -224,8 +231,8 @@ def write_demo_config(raw: dict, path: Path) -> None:
     ]
     for section, values in raw.items():
         lines.append(f"\n[{section}]")
-        lines += [f"{json.dumps(key)} = {_toml_value(v)}" for key, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
+        lines += [f"{_toml_str(key)} = {_toml_value(v)}" for key, v in values.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 class ConsoleView:

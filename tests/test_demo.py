@@ -11,6 +11,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,20 @@ def test_a_new_demo_replaces_only_the_earlier_demos_own_files(tmp_path):
     assert all("old" not in r for r in read_jsonl(out / "results.jsonl"))
     assert (out / "recording.mcap").read_bytes() != b"old recording"
     assert f"sacmf evaluate-stream {out}/recording.mcap" in stdout
+
+
+def test_demo_toml_reads_back_as_the_config_it_was_written_from(tmp_path):
+    """Written by hand (no TOML writer dependency): JSON-escaped non-BMP characters such as an emoji in
+    the output path gave surrogate escapes, which are not TOML, and the printed command then failed."""
+    from daemon.demo import write_demo_config
+
+    out = tmp_path / 'demo-🚀 数据𠀀 "q" back\\slash'
+    out.mkdir()
+    raw = {
+        "ingest": {"mode": "live", "endpoints": ["tcp://127.0.0.1:5555"]},
+        "window": {"size_ms": 1000.0, "allowed_lateness_ms": 200},
+        "groups": {"g1": {"sensors": {"cam_vis": "image_a", "rad\x7fodd": "seq_a"}}},
+        "sinks": {"jsonl_path": str(out / "results.jsonl"), "zmq_bind": False},
+    }
+    write_demo_config(raw, out / "demo.toml")
+    assert tomllib.loads((out / "demo.toml").read_text(encoding="utf-8")) == raw
