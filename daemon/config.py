@@ -661,8 +661,9 @@ def _security(
         if unknown:
             raise ConfigError(f"security.sensor_groups.{who}: group {unknown[0]!r} is not configured")
         grants[who] = tuple(granted)
+    refused = security.refused_key_names(sec["authorized_sensors"]) if ing["bind"] else {}
     try:
-        security.resolve_groups(grants, known)
+        security.resolve_groups(grants, known, refused)
     except security.KeyFileError as exc:
         raise ConfigError(f"security.sensor_groups: {exc}") from exc
     ingest_curve = security.CurveConfig(

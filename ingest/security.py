@@ -38,7 +38,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -580,22 +580,47 @@ def user_id(frame: zmq.Frame) -> str | None:
 # ---------------------------------------------------------------- group allow-lists
 
 
-def resolve_groups(grants: Mapping[str, Iterable[str]], known: Mapping[bytes, str]) -> dict[str, frozenset[bytes]]:
+def resolve_groups(
+    grants: Mapping[str, Iterable[str]],
+    known: Mapping[bytes, str],
+    refused: Mapping[bytes, Sequence[str]] | None = None,
+) -> dict[str, frozenset[bytes]]:
     """Key name -> topic groups (bytes) it may publish into; grants name keys by name or Z85 public key.
 
     ``known`` maps the public keys this side knows to their names. A grant for a Z85 key nobody knows
     is an error (a typo must not pass silently); a grant for an unknown *name* is kept (its
-    certificate may be added to the directory later without a restart).
+    certificate may be added to the directory later without a restart). A Z85 key held only by refused
+    certificate files (``refused``, from :func:`refused_key_names`) is no typo: the grant goes to each of
+    their names, and applies once a file is fixed (until then ZAP admits none of them).
     """
     by_key = {k.decode(): n for k, n in known.items()}
+    refused_by_key = {k.decode(): names for k, names in (refused or {}).items()}
     out: dict[str, frozenset[bytes]] = {}
     for who, groups in grants.items():
-        name = who
+        names = [who]
         if len(who) == Z85_KEY_LEN and _valid_z85(who.encode()) and who not in set(known.values()):
-            if who not in by_key:
+            if who in by_key:
+                names = [by_key[who]]
+            elif who in refused_by_key:
+                names = list(refused_by_key[who])
+            else:
                 raise KeyFileError(f"public key {who} is not among the known keys")
-            name = by_key[who]
-        out[name] = out.get(name, frozenset()) | frozenset(g.encode() for g in groups)
+        for name in names:
+            out[name] = out.get(name, frozenset()) | frozenset(g.encode() for g in groups)
+    return out
+
+
+def refused_key_names(directory: str | os.PathLike[str]) -> dict[bytes, list[str]]:
+    """Public key -> names of the certificate files in ``directory`` that hold it but are refused (loose
+    mode, a second file with the same key): the key can be read, only not trusted yet."""
+    out: dict[bytes, list[str]] = {}
+    for path in scan_authorized_keys(directory)[1]:
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError):  # not a certificate at all: no key to grant
+            continue
+        if public and _valid_z85(public):
+            out.setdefault(public, []).append(key_name(path))
     return out
 
 

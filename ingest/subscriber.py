@@ -289,7 +289,8 @@ class IngestWorker:
                 socket_name="ingest",
             )
             if curve.groups:
-                self._acl = security.resolve_groups(curve.groups, self.auth.keys)
+                refused = security.refused_key_names(curve.authorized_dir)
+                self._acl = security.resolve_groups(curve.groups, self.auth.keys, refused)
             sock = self._new_socket()
             try:
                 security.make_server(sock, keys)

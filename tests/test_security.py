@@ -254,6 +254,34 @@ def test_a_bad_key_file_at_start_is_refused_alone_and_serve_still_starts(keys: K
         config_mod.load(cfg_path)
 
 
+def test_a_grant_by_z85_key_to_a_refused_file_is_no_typo_and_serve_still_starts(keys: Keys, tmp_path: Path) -> None:
+    """Granting by Z85 public key (a documented form) a key whose file is refused (loose mode, a second
+    copy) made the config error "not among the known keys" and serve exit 2, cutting every sensor."""
+    other = keys.pair("other").public.decode()
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        '[ingest]\nbind = true\n[groups.g1]\nsensors = { cam_vis = "image_a" }\n[groups.g2]\n'
+        'sensors = { cam_ir = "image_b" }\n[security]\ncurve = true\n'
+        f'secret_key = "{keys.secret("daemon")}"\nauthorized_sensors = "{keys.sensors}"\n'
+        f'authorized_readers = "{keys.readers}"\nsensor_groups = {{ cam = ["g1"], "{other}" = ["g2"] }}\n'
+    )
+    for breakage in ("loose", "copy"):
+        if breakage == "loose":
+            os.chmod(keys.sensors / "other.key", 0o666)
+        else:
+            os.chmod(keys.sensors / "other.key", 0o644)
+            (keys.sensors / "other-copy.key").write_bytes((keys.sensors / "other.key").read_bytes())
+        config_mod.load(cfg_path)  # no error: serve starts
+        known = security.load_authorized_keys(keys.sensors, strict=False)
+        acl = security.resolve_groups({"cam": ["g1"], other: ["g2"]}, known, security.refused_key_names(keys.sensors))
+        expected = {"cam": frozenset({b"g1"}), "other": frozenset({b"g2"})}
+        if breakage == "copy":
+            expected["other-copy"] = frozenset({b"g2"})  # whichever file stays keeps the grant
+        assert acl == expected, breakage
+    with pytest.raises(security.KeyFileError, match="not among the known keys"):  # a real typo still is one
+        security.resolve_groups({keys.pair("intruder").public.decode(): ["g1"]}, known, {})
+
+
 def test_revoking_a_key_takes_effect_even_beside_a_bad_new_key_file(keys: Keys) -> None:
     """Deleting a key file must refuse that key at its next handshake whatever else is in the directory.
 
