@@ -450,6 +450,7 @@ def _train_options(args: argparse.Namespace) -> fusion_train.TrainOptions:
         seed=args.seed,
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
         init=args.init,
         lr_decay=not args.no_lr_decay,
         deep_sign_weight=args.deep_sign_weight,
@@ -499,7 +500,7 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
         result = fusion_train.train(args.method, args.ir, args.vi, args.out, options, on_step=on_step, stop=stop.is_set)
     except KeyboardInterrupt:
         result = None
-    except (fusion_io.PairingError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (fusion_io.PairingError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -896,6 +897,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "activity A, so that the decoder's fixed deep-skip weights stay bounded (see docs/FUSION.md)",
     )
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT (refused without it)")
     t.add_argument("--init", default=None, help="start from these weights instead of a random init")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this long")
     t.add_argument("--max-steps", type=int, default=None, help="stop (state saved) after this many steps in total")

@@ -173,6 +173,7 @@ class TrainOptions:
     seed: int | None = None
     device: str = "cpu"
     resume: bool = False
+    overwrite: bool = False  # start afresh in an --out that holds an earlier run (its state, log and checkpoints go)
     init: str | None = None  # start from these weights (any layout the loaders read) instead of random
     # False: every stage keeps its base lr for the whole run. The authors' decay milestones are in epochs of
     # *their* data (CrossFuse: after 40,000 stage-1 and 5,000 stage-2 steps; CDDFuse, CMMDL: after 20
@@ -920,6 +921,14 @@ def train(
     state_path = out / STATE_FILE
     saved: dict[str, Any] | None = None
     recipe: Recipe | None = None
+    if opts.resume and opts.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    earlier = [p.name for p in (state_path, out / LOG_FILE) if p.exists()]
+    if earlier and not opts.resume and not opts.overwrite:  # a rerun without --resume wiped the earlier run
+        raise FileExistsError(
+            f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, replace it with "
+            "--overwrite, or choose another --out"
+        )
     if opts.resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")

@@ -154,8 +154,16 @@ def test_resume_continues_exactly_and_checkpoints_load(tmp_path: Path) -> None:
     for change, shown in ((dict(epochs=3), "epochs=3 (the run has 2)"), (dict(crops_per_image=8), "crops_per_image=8")):
         with pytest.raises(ValueError, match=re.escape(shown)):  # refused, not silently ignored
             ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True, **change))
+    state_before = part.state_file.read_bytes()
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):  # a rerun without --resume wiped the run
+        ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", opts)
+    assert part.state_file.read_bytes() == state_before and len(log_rows := (tmp_path / "part" / ft.LOG_FILE)
+                                                                 .read_text().splitlines()) == 4  # fmt: skip
+    with pytest.raises(ValueError, match="choose one"):
+        ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True, overwrite=True))
     rest = ft.train("cddfuse", ir_dir, vi_dir, tmp_path / "part", replace(opts, resume=True))
     assert (rest.epochs_done, rest.global_step, rest.stopped_early) == (2, 4, False)
+    assert log_rows[0].startswith("global_step")
 
     def log(folder: Path) -> list[list[str]]:
         with (folder / ft.LOG_FILE).open() as fh:
