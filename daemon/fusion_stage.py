@@ -395,7 +395,11 @@ class FusionStage:
         frame = dataclasses.replace(fa, image=fused, meta=meta)
         frames = dict(window.frames)
         frames["image_a"] = [frame]
-        return dataclasses.replace(window, frames=frames), self.frame_quality(fused)
+        try:
+            quality: dict[str, float] | None = self.frame_quality(fused)
+        except Exception:  # a gauge must never cost the window it describes: the fusion itself worked
+            quality = None
+        return dataclasses.replace(window, frames=frames), quality
 
     def apply(self, window: Any) -> FusionOutcome:
         """One window through the stage, never raising: the daemon fuses window by window, so a window

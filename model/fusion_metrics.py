@@ -216,11 +216,14 @@ def _sd_from_counts(counts: npt.NDArray[np.int64]) -> float:
 def sf(fused: ImageLike) -> float:
     """Spatial frequency sqrt(RF^2 + CF^2), each mean over its own count of first differences.
 
-    uint8 frames use exact integer arithmetic (faster than float64 and bit-identical results).
+    uint8 frames use exact integer arithmetic (faster than float64 and bit-identical results). NaN for an
+    image one pixel high or wide: it has no differences one way.
     """
     a = np.asarray(fused)
     if a.ndim != 2:
         raise ValueError(f"fused must be a 2-D gray image, got shape {a.shape}")
+    if min(a.shape) < 2:  # a row or a column has no neighbour: one of the two frequencies is undefined
+        return float("nan")
     if a.dtype == np.uint8:
         x = a.astype(np.int32)
         dx = np.diff(x, axis=1)
@@ -251,6 +254,8 @@ def ag(fused: ImageLike, *, denominator: Literal["hw", "h1w1"] = "hw") -> float:
     (H-1)(W-1) as the widely copied Metric file does, so its values are slightly larger.
     """
     f = _gray(fused, "fused")
+    if min(f.shape) < 2:
+        raise ImageTooSmall(f"AG needs at least 2x2 px (a gradient each way), got {f.shape}")
     gy, gx = np.gradient(f)
     total = float(np.sum(np.sqrt((gx * gx + gy * gy) / 2.0)))
     if denominator == "hw":
@@ -812,6 +817,8 @@ def fmi_maps(
     fa, fb, ff = (_fmi_feature(x, feature) for x in (a, b, f))
     rows = ff.shape[0] - window + 1
     cols = ff.shape[1] - window + 1
+    if rows < 1 or cols < 1:
+        raise ImageTooSmall(f"FMI needs images of at least {window}x{window} px (its window), got {ff.shape}")
     out_a = np.empty((rows, cols))
     out_b = np.empty((rows, cols))
     chunk = max(1, 8000 // max(1, cols))  # bounds the (n, l, l) temporaries to a few MB

@@ -394,6 +394,26 @@ def test_an_image_too_small_for_a_metric_gets_nan_there_not_an_aborted_run(tmp_p
     assert rows["strip"][0] == "nan" and rows["strip"][1] != "nan" and rows["mean"][0] == rows["big"][0]
 
 
+def test_a_one_pixel_line_gets_nan_for_the_metrics_it_cannot_have(tmp_path: Path, capsys) -> None:
+    """AG (np.gradient), FMI (its 3x3 window) and SF on a 1-px-high image raised plain errors (or divided by
+    zero) and aborted the whole folder with a message naming neither; now each is nan for that image."""
+    rng = np.random.default_rng(4)
+    for sub in ("ir", "vi", "fused"):
+        (tmp_path / sub).mkdir()
+    for name, shape in (("line", (1, 40)), ("big", (24, 24))):
+        for sub in ("ir", "vi", "fused"):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / sub / f"{name}.png")
+    args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
+    names = "AG,SF,FMI_pixel,FMI_dct,EN"
+    assert cli.main(["fusion-metrics", *args, "--metrics", names, "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "RuntimeWarning" not in err and all(f"{m} is undefined for line" in err for m in names.split(",")[:4])
+    rows = {
+        line.split(",")[0]: line.split(",")[1:] for line in (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    }
+    assert rows["line"][:4] == ["nan"] * 4 and rows["line"][4] != "nan" and rows["mean"][:4] == rows["big"][:4]
+
+
 def test_fusion_metrics_scores_a_dark_16_bit_image(tmp_path: Path) -> None:
     """A 16-bit IR whose values stay under 256 is on the 0-1 scale once read as 0-255: still valid data."""
     rng = np.random.default_rng(2)
@@ -563,6 +583,21 @@ def test_stage_replaces_image_a_of_a_window_and_keeps_image_b() -> None:
     assert seen == [("g1", quality)]  # only the window that had both cameras
     kept = FusionStage("mean", feed="none").process([window], lambda group, q: seen.append((group, q)))
     assert kept[0] is window and len(seen) == 2  # quality gauges only; the model sees the raw frames
+
+
+def test_a_one_pixel_high_camera_frame_is_fused_and_served_its_undefined_sf_nan() -> None:
+    """A 1xN frame fused fine, but SF divided by zero in the gauge and the whole window failed."""
+    from ingest.windowing import Frame, Window
+
+    rng = np.random.default_rng(5)
+    for shape in ((1, 64), (64, 1)):
+        frames = {role: [Frame(f"cam_{role}", 0, 450, 100, rng.integers(0, 255, shape, dtype=np.uint8))]
+                  for role in ("image_a", "image_b")}  # fmt: skip
+        window = Window("g1", 0, 1000, frames, {}, {"image_a": True, "image_b": True}, "complete", "watermark")
+        outcome = FusionStage("mean").apply(window)
+        assert outcome.status == "fused" and outcome.served and outcome.error is None, (shape, outcome.error)
+        assert outcome.window.frames["image_a"][0].image.shape == shape
+        assert np.isnan(outcome.quality["SF"]) and np.isfinite(outcome.quality["EN"])
 
 
 def test_image_fusion_config_and_metrics_gauge() -> None:
