@@ -47,6 +47,24 @@ def _png_header(path: Path) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
+_PNG_16_COLOUR = "16-bit colour or gray+alpha PNG is not supported (Pillow would truncate it to 8 bits)"
+_TIFF_16_COLOUR = "16-bit colour TIFF is not supported (Pillow would truncate it to 8 bits)"
+
+
+def _png_unsupported(p: Path) -> bool:
+    header = _png_header(p) if p.is_file() else None
+    return header is not None and header[0] == 16 and header[1] in (2, 4, 6)
+
+
+def _tiff_unsupported(im: Image.Image) -> bool:
+    bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None  # TIFF BitsPerSample
+    return (
+        bits is not None
+        and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+        and im.mode in ("RGB", "RGBA", "LA", "CMYK")
+    )
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image to uint8/uint16, shape (H, W) for gray or (H, W, 3) for colour.
 
@@ -56,20 +74,12 @@ def read_image(path: str | Path) -> np.ndarray:
     and would truncate such PNGs to 8 bits, so they are rejected instead of degraded silently.
     """
     p = Path(path)
-    header = _png_header(p) if p.is_file() else None
-    if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
-        raise ImageReadError(
-            f"{p}: 16-bit colour or gray+alpha PNG is not supported (Pillow would truncate it to 8 bits)"
-        )
+    if _png_unsupported(p):
+        raise ImageReadError(f"{p}: {_PNG_16_COLOUR}")
     try:
         with Image.open(p) as im:
-            bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None  # TIFF BitsPerSample
-            if (
-                bits is not None
-                and max(bits if isinstance(bits, tuple) else (bits,)) > 8
-                and im.mode in ("RGB", "RGBA", "LA", "CMYK")
-            ):
-                raise ImageReadError(f"{p}: 16-bit colour TIFF is not supported (Pillow would truncate it to 8 bits)")
+            if _tiff_unsupported(im):
+                raise ImageReadError(f"{p}: {_TIFF_16_COLOUR}")
             im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("1", "L", "LA", "La"):
@@ -357,9 +367,13 @@ def _images_by_stem(folder: Path, err: PairingError) -> dict[str, Path]:
 def _image_size(p: Path, err: PairingError) -> tuple[int, int] | None:
     """Size from the header after Pillow's integrity check; records unreadable files."""
     try:
+        if _png_unsupported(p):  # listed up front with the other unreadable files, not found mid-run
+            raise ImageReadError(_PNG_16_COLOUR)
         with Image.open(p) as im:
             im.verify()  # must come right after open; checks chunk CRCs / structure
         with Image.open(p) as im:
+            if _tiff_unsupported(im):
+                raise ImageReadError(_TIFF_16_COLOUR)
             width, height = im.size
             if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
                 width, height = height, width

@@ -184,6 +184,14 @@ def test_sixteen_bit_colour_is_rejected_not_truncated(tmp_path: Path) -> None:
         fio.read_image(tmp_path / "c48.png")
     with pytest.raises(ValueError, match=".png or .tif"):
         fio.write_image(tmp_path / "x.jpg", rgb16[..., 0])
+    # pairing lists it with the unreadable files before any work (it was found mid-run, after other pairs)
+    for side in ("ir", "vi"):
+        (tmp_path / side).mkdir()
+        fio.write_image(tmp_path / side / "a.png", np.zeros((6, 7), np.uint8))
+    _png_rgb16(tmp_path / "vi" / "b.png", rgb16)
+    fio.write_image(tmp_path / "ir" / "b.png", np.zeros((6, 7), np.uint8))
+    with pytest.raises(fio.PairingError, match=r"unreadable .*vi/b\.png.*16-bit colour"):
+        fio.pair_files(tmp_path / "ir", tmp_path / "vi")
 
 
 # ----------------------------------------------------------------------------------------------
