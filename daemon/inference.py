@@ -253,7 +253,12 @@ class InferenceRunner:
         batch = windows_to_batch(windows, loaded.config.preprocess_config(), method=self.resample_method)
         for n in range(1, self.max_batch_size + 1):
             part = {k: v[:n] for k, v in batch.items()}
-            records = self._infer(loaded, windows[:n], part)
+            try:
+                records = self._infer(loaded, windows[:n], part)
+            except Exception as exc:  # weights that load but cannot serve (non-finite outputs): refused alike
+                raise CheckpointError(
+                    f"{loaded.path}: warm-up forward at batch size {n} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             if len(records) != n:
                 raise CheckpointError(f"{loaded.path}: warm-up produced {len(records)} records for {n} windows")
 

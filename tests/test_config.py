@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from daemon import config
 
@@ -224,6 +225,21 @@ def test_check_config_cli(tmp_path: Path):
     out = run_cli("check-config", str(not_a_model))
     assert out.returncode == 2 and "error: [model] checkpoint:" in out.stderr and "Traceback" not in out.stderr
     assert "model: sacmf-" in ok.stdout and "trained on image + sequence" in ok.stdout
+    assert "model_loaded" not in ok.stderr  # the report is the output
+    # weights that load, all finite, but whose forward overflows: serve's warm-up refuses them (exit 2,
+    # model_load_failed; it was a main-loop traceback and exit 1), so check-config must not say OK either
+    ckpt = torch.load(ROOT / "model" / "weights" / "default.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v * 1e30 if v.is_floating_point() and "running_var" not in k and v.abs().max() < 1e6
+                          else v for k, v in ckpt["state_dict"].items()}  # fmt: skip
+    torch.save(ckpt, tmp_path / "overflow.pt")
+    overflow = tmp_path / "overflow.toml"
+    overflow.write_text(
+        text.replace('checkpoint = "model/weights/default.pt"', f'checkpoint = "{tmp_path}/overflow.pt"')
+    )
+    out = run_cli("check-config", str(overflow))
+    assert out.returncode == 2 and "warm-up forward at batch size 1 failed: FloatingPointError" in out.stderr, (
+        out.stderr
+    )
 
 
 def test_help_lists_subcommands():
