@@ -122,8 +122,8 @@ def _device(v: str) -> str | None:
 def _buckets(v: list) -> str | None:
     if not v:
         return "needs at least one bucket edge"
-    if any(isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in v):
-        return "must be a list of positive numbers of seconds"
+    if any(isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b < math.inf for b in v):
+        return "must be a list of positive, finite numbers of seconds"
     return None
 
 
@@ -138,7 +138,7 @@ def _listen(v: str) -> str | None:
 MODEL = {
     "checkpoint": Key(str, "model/weights/default.pt", lambda v: None if v else "must not be empty"),
     "device": Key(str, "cpu", _device),
-    "torch_threads": Key(int, 0, _non_negative),
+    "torch_threads": Key(int, 0, lambda v: None if 0 <= v <= 1024 else "must be in 0..1024 (0: automatic)"),
     "det_threshold": Key(NUM, 0.3, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
     "det_max_detections": Key(int, 50, _positive),
     "resample": Key(str, "mean", allowed=("mean", "linear")),
@@ -171,7 +171,8 @@ SINKS = {
 ADMIN = {
     "listen": Key(str, "127.0.0.1:9102", _listen),
     "token": Key(str, "", lambda v: _token(v)),
-    "health_max_age_s": Key(NUM, 10.0, _positive),
+    # the ingest process reports every 0.5 s: a shorter limit would flap on a healthy daemon
+    "health_max_age_s": Key(NUM, 10.0, lambda v: None if v >= 1.0 else "must be >= 1 (seconds)"),
     "public_endpoints": Key(list, ["/healthz"], lambda v: _public_endpoints(v)),
 }
 SHUTDOWN = {
@@ -342,6 +343,18 @@ def _window(raw: dict[str, Any], where: str, mode: str) -> WindowSpec:
     size, hop = _ms(raw["size_ms"]), _ms(raw["hop_ms"])
     if hop and size % hop:
         raise ConfigError(f"{where}.size_ms: must be a multiple of hop_ms ({raw['hop_ms']})")
+    # Windows open at once: those from the newest data back over size + lateness (live: max_wait closes
+    # them sooner). Fewer allowed and every window overflows: dropped, and the data after it late.
+    lateness, wait = _ms(raw["allowed_lateness_ms"]), _ms(raw["max_wait_ms"]) if mode == "live" else 0
+    held = min(lateness, wait) if wait else lateness
+    need = -(-(size + held) // (hop or size)) + 1
+    if size > 0 and raw["max_open_windows"] < need:
+        raise ConfigError(
+            f"{where}.max_open_windows: {raw['max_open_windows']} cannot hold the windows open at once with "
+            f"size_ms {raw['size_ms']:g}, hop_ms {raw['hop_ms']:g} and allowed_lateness_ms "
+            f"{raw['allowed_lateness_ms']:g}{' (max_wait_ms ' + format(raw['max_wait_ms'], 'g') + ')' if wait else ''}"
+            f": at least {need}, or every window would overflow"
+        )
     try:
         return WindowSpec(
             size_ns=size,
@@ -417,6 +430,13 @@ def parse(raw: dict[str, Any], source: str = "<config>") -> Config:
     if not isinstance(groups_raw, dict) or not groups_raw:
         raise ConfigError(f"{source}: at least one [groups.NAME] table is required")
     groups = {name: _group(name, g, window_raw, mode) for name, g in groups_raw.items()}
+    for name, g in groups.items():  # a window that cannot hold one message overflows on every message
+        if g.window.max_buffered_bytes < ing["max_message_bytes"]:
+            raise ConfigError(
+                f"groups.{name}: window max_buffered_bytes ({g.window.max_buffered_bytes}) is below [ingest] "
+                f"max_message_bytes ({ing['max_message_bytes']}): a message that size could never be windowed; "
+                "raise it, or lower max_message_bytes to the largest message your sensors send"
+            )
     limits = Limits(
         max_message_bytes=ing["max_message_bytes"],
         reject_non_finite=ing["non_finite"] == "reject",

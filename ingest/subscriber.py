@@ -229,7 +229,8 @@ class IngestWorker:
         self._drops: dict[zmq.Socket, zmq.Socket] = {}
         self._refused: dict[str, int] = {}  # endpoint -> handshakes refused in a row
         self._retry_at: dict[str, tuple[zmq.Socket, int]] = {}  # endpoint -> (socket, monotonic ns)
-        self.client_rejected: Counter[str] = Counter()  # connected CURVE: refused handshakes, by reason
+        # connected CURVE: refused handshakes, by reason (every reason present, as the ZAP handler's)
+        self.client_rejected: Counter[str] = Counter(dict.fromkeys(security.AUTH_REJECT_REASONS, 0))
         if not settings.bind and any(not ep.startswith("inproc://") for ep in settings.endpoints):
             events = zmq.EVENT_DISCONNECTED
             if settings.curve is not None:

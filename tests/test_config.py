@@ -82,7 +82,20 @@ def test_serve_settings_are_parsed_and_resolved():
         (lambda r: r["ingest"].update(endpoint=["x"]), "ingest.endpoint: unknown key"),
         (lambda r: r["model"].update(device="tpu"), "model.device: must be"),
         (lambda r: r["model"].update(det_threshold=1.5), "model.det_threshold: must be in [0, 1]"),
-        (lambda r: r["model"].update(torch_threads=-1), "model.torch_threads: must be >= 0"),
+        (lambda r: r["model"].update(torch_threads=-1), "model.torch_threads: must be in 0..1024"),
+        (lambda r: r["model"].update(torch_threads=3_000_000_000), "model.torch_threads: must be in 0..1024"),
+        (lambda r: r["inference"].update(latency_buckets_s=[0.1, float("nan")]), "positive, finite numbers"),
+        (lambda r: r["admin"].update(health_max_age_s=0.4), "admin.health_max_age_s: must be >= 1"),
+        # windows that cannot all be open at once overflow, every one of them (live, max_wait off: full lateness)
+        (
+            lambda r: r["window"].update(size_ms=100, allowed_lateness_ms=10000, max_wait_ms=0),
+            "window.max_open_windows: 64 cannot hold the windows open at once",
+        ),  # fmt: skip
+        (
+            lambda r: r["window"].update(size_ms=100, allowed_lateness_ms=10000, max_wait_ms=0),
+            "at least 102, or every window would overflow",
+        ),  # fmt: skip
+        (lambda r: r["window"].update(max_buffered_bytes=10000), "below [ingest] max_message_bytes"),
         (lambda r: r["model"].update(checkpoint=""), "model.checkpoint: must not be empty"),
         (lambda r: r["inference"].update(max_batch_size=0), "inference.max_batch_size: must be > 0"),
         (lambda r: r["inference"].update(queue_size=2), "inference.queue_size: must be >= max_batch_size"),
