@@ -170,7 +170,8 @@ class DaemonMetrics:
         self.detections = Counter("sacmf_detections", "Detections published, by class", ["class"], registry=r)
         self.fusion_weight = Gauge(
             "sacmf_fusion_modality_weight",
-            "Modality-level fusion weight of the latest window of a group (image vs sequence importance)",
+            "Modality-level fusion weight of the latest window of a group that had both modalities (image vs "
+            "sequence importance)",
             ["group", "modality"],
             registry=r,
         )
@@ -226,8 +227,12 @@ class DaemonMetrics:
         if record.revision:
             return
         self.window_latency.observe(max(0.0, record.latency_s))  # a flushed window can end in the future
-        self.fusion_weight.labels(record.group, "image").set(record.fusion.image)
-        self.fusion_weight.labels(record.group, "sequence").set(record.fusion.sequence)
+        p = record.presence
+        if (p.get("image_a") or p.get("image_b")) and (p.get("seq_a") or p.get("seq_b")):
+            # only a window with both modalities says how the model balances them (one without is 1/0 by
+            # construction: a group configured with one modality would look collapsed for good)
+            self.fusion_weight.labels(record.group, "image").set(record.fusion.image)
+            self.fusion_weight.labels(record.group, "sequence").set(record.fusion.sequence)
         if record.mi_nats is not None:
             self.mutual_information.set(record.mi_nats)
 

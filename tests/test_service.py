@@ -441,6 +441,25 @@ def test_a_malformed_accept_header_gets_metrics_and_a_failing_handler_a_logged_5
         server.stop()
 
 
+def test_the_modality_weight_gauge_follows_only_windows_that_had_both_modalities():
+    """A group with radiometers only has image weight 0 by construction: the gauge said 0 for good and
+    SacmfFusionCollapsed fired for a healthy group."""
+    from prometheus_client import generate_latest
+
+    from daemon.metrics import DaemonMetrics
+    from tests.test_sinks import make_result
+
+    metrics = DaemonMetrics()
+    seq_only = dataclasses.replace(make_result(0, group="g2"), presence={"seq_a": True, "seq_b": True})
+    metrics.observe_published(seq_only)
+    assert "sacmf_fusion_modality_weight{" not in generate_latest(metrics.registry).decode()
+    both = make_result(0)  # Image-A and Seq-A present
+    metrics.observe_published(both)
+    text = generate_latest(metrics.registry).decode()
+    assert f'sacmf_fusion_modality_weight{{group="g1",modality="image"}} {both.fusion.image}' in text
+    assert 'group="g2"' not in text.split("sacmf_fusion_modality_weight")[-1]
+
+
 def test_a_reload_before_the_model_is_loaded_is_refused_not_a_crash(tmp_path: Path, checkpoint: Path):
     """POST /reload is served from the admin server's start, before the first load has finished."""
     from daemon.config import parse
