@@ -500,6 +500,9 @@ def test_systemd_unit_and_dockerfile_match_the_daemon():
         )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert image_cfg.admin.host == "0.0.0.0"
+    # sensors outside the container reach its input (the default connected to the container's own loopback)
+    assert image_cfg.ingest.bind and image_cfg.ingest.endpoints == ("tcp://0.0.0.0:5555",)
+    assert "5555" in re.search(r"^EXPOSE (.+)$", docker, re.M).group(1).split()
     assert str(image_cfg.admin.port) in re.search(r"^EXPOSE (.+)$", docker, re.M).group(1).split()
     assert f"127.0.0.1:{image_cfg.admin.port}/healthz" in docker
     assert re.search(r"^STOPSIGNAL SIGTERM$", docker, re.M) and re.search(r"^USER (?!root)\w+", docker, re.M)
