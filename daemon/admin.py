@@ -189,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path in ADMIN_PATHS and not self._may_read(path):
             log.warning("admin_request_refused", client=self.client_address[0], path=path)
-            self._json(403, {"error": "forbidden: present the configured admin token (Authorization: Bearer ...)"})
+            self._json(403, {"error": self._forbidden()})
         elif path == "/metrics":
             body, ctype = h.metrics(self.headers.get("Accept", ""))
             self._send(200, body, ctype)
@@ -224,10 +224,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorised():
             log.warning("admin_reload_refused", client=self.client_address[0])
-            self._json(403, {"error": "forbidden: present the configured admin token (Authorization: Bearer ...)"})
+            self._json(403, {"error": self._forbidden()})
             return
         status, body = self.server.handlers.reload()
         self._json(status, body)
+
+    def _forbidden(self) -> str:
+        if self.server.token:
+            return "forbidden: present the configured admin token (Authorization: Bearer ...)"
+        # no token to present: a server listening beyond loopback answers only its public endpoints
+        return (
+            "forbidden: listening beyond loopback without [admin] token, only [admin] public_endpoints answer "
+            "(and no POST /reload); set a token, list the endpoint there, or listen on 127.0.0.1"
+        )
 
     def _may_read(self, path: str) -> bool:
         """Public endpoints are open; with a token every other one needs it, loopback or not (a reverse

@@ -605,7 +605,11 @@ def test_admin_reload_needs_the_token_except_on_loopback_without_one():
     server, calls = _admin("0.0.0.0")  # beyond loopback without a token: reload over HTTP is off
     try:
         assert not server.loopback
-        assert http(f"http://127.0.0.1:{server.address[1]}/reload", "POST")[0] == 403
+        status, body = http(f"http://127.0.0.1:{server.address[1]}/reload", "POST")
+        # the refusal says what would help: there is no configured token to present
+        assert status == 403 and "without [admin] token" in body and "configured admin token" not in body
+        status, body = http(f"http://127.0.0.1:{server.address[1]}/metrics")
+        assert status == 403 and "public_endpoints" in body
     finally:
         server.stop()
     assert calls == []
