@@ -224,8 +224,8 @@ class IngestWorker:
         # error) and then never reconnects it, so one oversized frame would cut a publisher off for good.
         # A monitor sees the drop; the timer loop counts it and connects again.
         # With CURVE the same monitor sees handshakes with a pinned publisher fail (an impostor, a wrong key
-        # pinned): libzmq does not retry those either, and connecting again at once would retry (and log)
-        # 20 times a second, so they are counted as refusals and retried with a backoff.
+        # pinned): libzmq retries some of those every 100 ms and others never, so they are counted as
+        # refusals, the endpoint is disconnected, and it is connected again after a growing wait.
         self._drops: dict[zmq.Socket, zmq.Socket] = {}
         self._refused: dict[str, int] = {}  # endpoint -> handshakes refused in a row
         self._retry_at: dict[str, tuple[zmq.Socket, int]] = {}  # endpoint -> (socket, monotonic ns)
