@@ -376,41 +376,36 @@ def test_fusion_metrics_says_which_metric_is_undefined_and_averages_the_rest(tmp
     assert rows["flat"][0] == "nan" and rows["mean"][0] == rows["busy"][0]  # SCD: the mean of the defined one
 
 
-def test_an_image_too_small_for_a_metric_gets_nan_there_not_an_aborted_run(tmp_path: Path, capsys) -> None:
-    """VIF needs 41 px per side: one 32x200 strip among larger pairs ended the whole run with an error
-    naming neither the image nor the metric, and nothing was written."""
-    rng = np.random.default_rng(3)
+def _metrics_of_random_triplets(tmp_path: Path, shapes: dict[str, tuple[int, int]], metrics: str, seed: int):
+    """`sacmf fusion-metrics` on random IR/visible/fused images of these shapes: (exit status, CSV rows by name)."""
+    rng = np.random.default_rng(seed)
     for sub in ("ir", "vi", "fused"):
         (tmp_path / sub).mkdir()
-    for name, shape in (("strip", (32, 200)), ("big", (64, 64))):
+    for name, shape in shapes.items():
         for sub in ("ir", "vi", "fused"):
             Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / sub / f"{name}.png")
     args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
-    assert cli.main(["fusion-metrics", *args, "--metrics", "VIF,EN", "--out", str(tmp_path / "m")]) == 0
-    assert "VIF is undefined for strip" in capsys.readouterr().err
-    rows = {
-        line.split(",")[0]: line.split(",")[1:] for line in (tmp_path / "m" / "metrics.csv").read_text().splitlines()
-    }
+    status = cli.main(["fusion-metrics", *args, "--metrics", metrics, "--out", str(tmp_path / "m")])
+    lines = (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    return status, {line.split(",")[0]: line.split(",")[1:] for line in lines}
+
+
+def test_an_image_too_small_for_a_metric_gets_nan_there_not_an_aborted_run(tmp_path: Path, capsys) -> None:
+    """VIF needs 41 px per side: one 32x200 strip among larger pairs ended the whole run with an error
+    naming neither the image nor the metric, and nothing was written."""
+    status, rows = _metrics_of_random_triplets(tmp_path, {"strip": (32, 200), "big": (64, 64)}, "VIF,EN", 3)
+    assert status == 0 and "VIF is undefined for strip" in capsys.readouterr().err
     assert rows["strip"][0] == "nan" and rows["strip"][1] != "nan" and rows["mean"][0] == rows["big"][0]
 
 
 def test_a_one_pixel_line_gets_nan_for_the_metrics_it_cannot_have(tmp_path: Path, capsys) -> None:
     """AG (np.gradient), FMI (its 3x3 window) and SF on a 1-px-high image raised plain errors (or divided by
     zero) and aborted the whole folder with a message naming neither; now each is nan for that image."""
-    rng = np.random.default_rng(4)
-    for sub in ("ir", "vi", "fused"):
-        (tmp_path / sub).mkdir()
-    for name, shape in (("line", (1, 40)), ("big", (24, 24))):
-        for sub in ("ir", "vi", "fused"):
-            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / sub / f"{name}.png")
-    args = ["--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused", str(tmp_path / "fused")]
     names = "AG,SF,FMI_pixel,FMI_dct,EN"
-    assert cli.main(["fusion-metrics", *args, "--metrics", names, "--out", str(tmp_path / "m")]) == 0
+    status, rows = _metrics_of_random_triplets(tmp_path, {"line": (1, 40), "big": (24, 24)}, names, 4)
     err = capsys.readouterr().err
-    assert "RuntimeWarning" not in err and all(f"{m} is undefined for line" in err for m in names.split(",")[:4])
-    rows = {
-        line.split(",")[0]: line.split(",")[1:] for line in (tmp_path / "m" / "metrics.csv").read_text().splitlines()
-    }
+    assert status == 0 and "RuntimeWarning" not in err
+    assert all(f"{m} is undefined for line" in err for m in names.split(",")[:4])
     assert rows["line"][:4] == ["nan"] * 4 and rows["line"][4] != "nan" and rows["mean"][:4] == rows["big"][:4]
 
 
