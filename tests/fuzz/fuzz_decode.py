@@ -234,6 +234,12 @@ def check_window(w: Window) -> None:
             assert bool(np.all(t[1:] >= t[:-1])), "samples out of time order"
 
 
+def _windows_leave_int64(m: protocol.Message, size_ns: int) -> bool:
+    """The worker refuses data within a window size of the int64 limits: its windows would leave int64."""
+    t_end = m.t_ns + (m.exp_ns if m.kind == "img" else max(len(m.data) - 1, 0) * m.dt_ns)
+    return m.t_ns < protocol.INT64_MIN + size_ns or t_end > protocol.INT64_MAX - size_ns
+
+
 def _accepted(worker: IngestWorker) -> int:
     return sum(r.data_messages + r.heartbeats for r in worker.routes.values())
 
@@ -272,6 +278,8 @@ def run_input(data: bytes) -> None:
                     expected = "unknown_group" if m.group != GROUP else "unknown_sensor"
                 elif m.kind != "hb" and m.kind != worker.routes[m.group, m.sensor].kind:
                     expected = "wrong_kind"
+                elif m.kind != "hb" and _windows_leave_int64(m, SEC):
+                    expected = "field_type"
             expected = _unrouted_reason(worker, frames) or expected  # refused by its topic, before decoding
             rejected, accepted = sum(worker.stats.rejected.values()), _accepted(worker)
             before = worker.stats.rejected[expected] if expected else None
