@@ -171,6 +171,9 @@ class Evaluation:
     replay: ReplayReport
 
 
+PLOTS = ("fusion_over_time.png", "fusion_by_class.png", "confusion.png", "latency.png")
+
+
 def evaluate(
     path: str | os.PathLike[str],
     cfg: Config,
@@ -189,7 +192,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     truth = recorded_truth(path, cfg)
     live = recorded_results(path)
-    (out / "results.jsonl").unlink(missing_ok=True)  # this run's results only
+    for name in ("results.jsonl", *PLOTS):  # this run's outputs only: an earlier run's plots must not stay
+        (out / name).unlink(missing_ok=True)
     sink = JsonlSink(out / "results.jsonl", max_bytes=2**40, backups=0, fsync="never")
     try:
         rep = replay(path, cfg, speed=speed, batch_size=batch_size, sinks=[sink], fusion=fusion)
@@ -208,9 +212,10 @@ def evaluate(
     with_boxes = [(r, t) for r, t in scored if t.has_boxes and r.presence.get("image_a", False)]
     det = detection(with_boxes, class_names, iou) if with_boxes else None
     both = [r for r in results if r.fusion.image > 0 and r.fusion.sequence > 0]
-    by_class: dict[str, list[ResultRecord]] = defaultdict(list)
+    by_class: dict[str, list[ResultRecord]] = defaultdict(list)  # as the headline: windows with both modalities
     for r, t in scored:
-        by_class[t.target].append(r)
+        if r.fusion.image > 0 and r.fusion.sequence > 0:
+            by_class[t.target].append(r)
     report = {
         "recording": str(path),
         "model_version": rep.model_version,
@@ -222,7 +227,11 @@ def evaluate(
         "detection": det,
         "latency_s": {
             "live": percentiles([r.latency_s for r in live]),
-            "replay_recording_clock": percentiles([r.latency_s for r in rep.results if r.revision == 0]),
+            # paced replay only: at --max the sender runs ahead of the model, so the "recording clock" is the
+            # end of the recording and these numbers would only say how far from it each window is
+            "replay_recording_clock": None
+            if speed is None
+            else percentiles([r.latency_s for r in rep.results if r.revision == 0]),
         },
         "fusion": {
             "image": _stats([r.fusion.image for r in both]),
@@ -243,6 +252,9 @@ def evaluate(
             "windows_flushed": rep.flushed,
             "windows_failed": rep.failed,
             "recording_damage": rep.damage.describe() if rep.damage.lost else None,
+            # an unfinished file cut inside a record: the expected tail of a crash; the cut window scores
+            # on what was recorded of it
+            "recording_truncated": rep.damage.truncated,
             "image_fusion": fusion.identity if fusion is not None else None,
             "image_fusion_failed": rep.fusion_failed,
             "wall_s": rep.wall_s,
@@ -250,7 +262,7 @@ def evaluate(
         },
     }
     files = [out / "results.jsonl"]
-    files += _plots(out, results, scenes, live, cls)
+    files += _plots(out, results, scenes, live, cls, replay_latency=speed is not None)
     report["plots"] = [f.name for f in files if f.suffix == ".png"]
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -267,6 +279,8 @@ def _plots(
     scenes: Sequence[SceneTruth | None],
     live: Sequence[ResultRecord],
     cls: dict | None,
+    *,
+    replay_latency: bool,
 ) -> list[Path]:
     import matplotlib
 
@@ -310,7 +324,11 @@ def _plots(
     if classes:
         fig = Figure(figsize=(8, 4.5), layout="constrained")
         ax = fig.subplots()
-        data = [[r.fusion.image for r, s in zip(results, scenes, strict=True) if s and s.target == c] for c in classes]
+        data = [
+            [r.fusion.image for r, s in zip(results, scenes, strict=True)
+             if s and s.target == c and r.fusion.image > 0 and r.fusion.sequence > 0]
+            for c in classes
+        ]  # fmt: skip
         ax.boxplot(data, tick_labels=classes, showmeans=True)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_ylabel("image weight (sequence = 1 - image)")
@@ -353,7 +371,8 @@ def _plots(
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
     series = [("live (recorded results)", [r.latency_s for r in live], "seagreen")]
-    series.append(("replay, recording clock", [r.latency_s for r in results], "slateblue"))
+    if replay_latency:  # paced replays only (see the report)
+        series.append(("replay, recording clock", [r.latency_s for r in results], "slateblue"))
     for label, values, c in series:
         if not values:
             continue
@@ -417,6 +436,8 @@ def markdown(report: dict) -> str:
         m = report["latency_s"][key]
         if m:
             lines.append(f"| {label} | {m['n']} | {_f(m['p50'])} | {_f(m['p90'])} | {_f(m['p99'])} | {_f(m['max'])} |")
+        elif key == "replay_recording_clock" and report["replay"]["speed"] is None:
+            lines.append(f"| {label} | | not measured at --max (the replay runs ahead of the model) | | | |")
         else:
             lines.append(f"| {label} | 0 | n/a | n/a | n/a | n/a |")
     fu = report["fusion"]
@@ -442,7 +463,14 @@ def markdown(report: dict) -> str:
         f"{_f(rp['wall_s'], 2)} s wall ({_f(rp['windows_per_s'], 1)} windows/s, batch {rp['batch_size']})."
     )
     if rp.get("recording_damage"):
-        lines.append(f"**The recording is damaged** ({rp['recording_damage']}): the scores lack those windows.")
+        lines.append(
+            f"**The recording is damaged** ({rp['recording_damage']}): the windows around the damage were scored on "
+            "incomplete input."
+        )
+    if rp.get("recording_truncated"):
+        lines.append(
+            "The recording ends cut short (a writer that crashed): its last window was scored on what it holds."
+        )
     if rp.get("image_fusion"):
         f = rp["image_fusion"]
         lines.append(

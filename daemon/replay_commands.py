@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--speed", type=number(0, above=True), default=None, help="pace the replay (default: as fast as possible)"
     )
-    e.add_argument("--iou", type=float, default=0.5, help="IoU threshold of a detection match")
+    e.add_argument("--iou", type=number(0, 1, above=True), default=0.5, help="IoU threshold of a detection match")
     _pipeline_args(e)
     e.set_defaults(func=_evaluate)
 
@@ -201,6 +201,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if cls:
         print(f"target class: accuracy {f(cls['accuracy'])}, macro-F1 {f(cls['macro_f1'])}")
+    elif rep["replay"]["messages"] == 0:
+        print(f"error: no readable input message in {args.recording}: nothing replayed or scored", file=sys.stderr)
     else:
         print("no ground truth in the recording's messages (meta.truth): nothing scored")
     if det:
@@ -213,11 +215,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     replayed = rep["replay"]
     if replayed["recording_damage"]:
         print(
-            f"error: the recording is damaged: {replayed['recording_damage']}; scores lack its windows", file=sys.stderr
+            f"error: the recording is damaged: {replayed['recording_damage']}; the windows around the damage were "
+            "scored on incomplete input",
+            file=sys.stderr,
         )
+    if replayed["recording_truncated"]:
+        print("note: the recording ends cut short (a writer that crashed); its last window was scored on what it holds")
     if replayed["windows_failed"]:
         print(f"error: {replayed['windows_failed']} window(s) failed and are not scored", file=sys.stderr)
-    return 1 if replayed["recording_damage"] or replayed["windows_failed"] else 0
+    return 1 if replayed["recording_damage"] or replayed["windows_failed"] or replayed["messages"] == 0 else 0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

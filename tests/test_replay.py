@@ -247,8 +247,12 @@ def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recor
     assert fusion["image"]["n"] == fusion["windows_with_both_modalities"] > 0
     both = [r for r in results if r.fusion.image > 0 and r.fusion.sequence > 0]
     assert fusion["image"]["mean"] == pytest.approx(np.mean([r.fusion.image for r in both]))
-    assert sum(v["image"]["n"] for v in fusion["by_true_class"].values()) == len(results)
+    # the per-class figures use the same windows as the headline (a window with one modality is 1/0 by construction)
+    assert sum(v["image"]["n"] for v in fusion["by_true_class"].values() if v["image"]) == len(both)
     assert report["replay"]["messages"] == sum(1 for _ in recorded_inputs(recording.mcap))
+    # at --max the replay runs ahead of the model: no latency on the recording clock (it measured the distance
+    # to the end of the recording)
+    assert report["latency_s"]["replay_recording_clock"] is None and not report["replay"]["recording_truncated"]
 
     assert "Accuracy" in (out / "report.md").read_text()
     for name in ("fusion_over_time.png", "fusion_by_class.png", "confusion.png", "latency.png"):
@@ -256,6 +260,25 @@ def test_evaluate_stream_scores_the_recording_against_its_truth(recording: Recor
             img.load()
             assert img.width >= 600 and img.height >= 300
         assert name in report["plots"]
+
+
+def test_evaluate_stream_checks_iou_clears_old_plots_and_says_when_nothing_was_readable(
+    recording: Recording, tmp_path: Path
+):
+    """--iou 0/1.5/nan ran with meaningless matches; a cut recording with no readable message said only
+    "no ground truth" with exit 0, and an earlier run's plots stayed in the output folder."""
+    for iou in ("0", "1.5", "nan"):
+        run = cli("evaluate-stream", str(recording.mcap), "--config", str(recording.config), "--iou", iou)
+        assert run.returncode == 2 and "--iou" in run.stderr, iou
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "latency.png").write_bytes(b"an earlier run's plot")
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(recording.mcap.read_bytes()[:2000])  # the header and a torn first chunk: no message
+    run = cli("evaluate-stream", str(cut), "--config", str(recording.config), "--out", str(out))
+    assert run.returncode == 1 and "no readable input message" in run.stderr, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["replay"]["recording_truncated"] and report["plots"] == [] and not (out / "latency.png").exists()
 
 
 def test_recorded_truth_keeps_one_scene_per_scene_whatever_the_clock_offsets(recording: Recording):
