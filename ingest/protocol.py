@@ -116,6 +116,16 @@ def _shallow(value: Any, limit: int = MAX_META_DEPTH) -> bool:
     return not any(isinstance(x, (dict, list)) for x in level)
 
 
+def _string_keys(value: Any) -> bool:
+    """Whether every map in ``value`` (already known to be shallow) has only string keys."""
+    level = [value]
+    while level:
+        if any(type(k) is not str for x in level if isinstance(x, dict) for k in x):
+            return False
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+    return True
+
+
 def _is_int(x: Any) -> bool:
     return type(x) is int  # excludes bool, which is an int subclass
 
@@ -176,6 +186,8 @@ def _check_header(h: dict, kind: str, group: str, sensor: str, limits: Limits) -
     keys = h.keys()
     required = REQUIRED[kind]
     if keys != required:
+        if any(type(k) is not str for k in keys):  # strict_map_key lets bin keys through
+            raise ProtocolError("msgpack", "header map keys must be strings")
         missing = required - keys
         if missing:
             raise ProtocolError("missing_field", f"{kind} header lacks {sorted(missing)}")
@@ -255,10 +267,13 @@ def decode(frames: list[Any], limits: Limits = Limits()) -> Message:
     _check_header(h, kind, group, sensor, limits)
     meta = h.get("meta")
     header_bytes = len(header)
-    if meta is not None and header_bytes > MAX_META_BYTES and len(msgpack.packb(meta)) > MAX_META_BYTES:
+    # re-encoding can grow meta by up to 9/5 (a float32 becomes a float64): smaller headers cannot exceed the cap
+    if meta is not None and header_bytes * 9 > MAX_META_BYTES * 5 and len(msgpack.packb(meta)) > MAX_META_BYTES:
         raise ProtocolError("meta_too_large", f"meta exceeds {MAX_META_BYTES} bytes")
     if meta and not _shallow(meta):
         raise ProtocolError("meta_too_large", f"meta nested deeper than {MAX_META_DEPTH} levels")
+    if meta and not _string_keys(meta):
+        raise ProtocolError("field_type", "meta map keys must be strings (nested maps included)")
     nbytes = len(frames[0]) + header_bytes
     if kind == "hb":
         return Message(kind, group, sensor, h["session"], h["t_ns"], None, h["last_seq"], 0, 0, None, meta, nbytes)

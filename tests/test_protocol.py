@@ -156,6 +156,27 @@ def test_meta_may_nest_32_levels_and_its_frame_reaches_the_model_process():
     assert reason_of(img_msg(IMG, meta={"x": _nested(32)})) == "meta_too_large"
 
 
+def test_meta_keys_the_cap_as_re_encoded_and_header_keys_follow_the_docs():
+    """Three places where behaviour left the documented rules: a header with bin keys was missing_field (docs:
+    msgpack), meta with bin keys was accepted (docs: string keys), and meta re-encoding to more than 4096
+    bytes passed whenever the whole header was under 4096 bytes on the wire."""
+    frames = img_msg(IMG)
+    header = msgpack.unpackb(frames[1])
+    frames[1] = msgpack.packb({k.encode(): v for k, v in header.items()})
+    assert reason_of(frames) == "msgpack"
+    assert reason_of(img_msg(IMG, meta={b"k": 1})) == "field_type"
+    assert reason_of(img_msg(IMG, meta={"a": [{b"k": 1}]})) == "field_type"  # nested maps too
+    floats = np.arange(780, dtype=np.float32).tolist()  # 5 bytes each on the wire as float32, 9 re-encoded
+    big = img_msg(IMG)
+    h = msgpack.unpackb(big[1])
+    h["meta"] = {"f": floats}
+    packer = msgpack.Packer(use_single_float=True)
+    big[1] = packer.pack(h)
+    assert len(big[1]) < 4096 < len(msgpack.packb(h["meta"]))
+    assert reason_of(big) == "meta_too_large"
+    assert decode(img_msg(IMG, meta=None), Limits()).meta is None  # nil: no meta, as documented
+
+
 def test_configured_size_limits():
     image = np.zeros((64, 64), np.uint8)
     assert reason_of(img_msg(image), Limits(max_message_bytes=1000)) == "too_large"
