@@ -29,6 +29,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ import numpy as np
 import zmq
 
 from daemon import simulate
-from daemon.cli_types import integer, number
+from daemon.cli_types import integer, number, sigterm_as_interrupt
 from daemon.serve_process import DaemonProcess, ServeError, cpu_seconds, metric, process_tree, serve_config
 from daemon.simulate import SceneSource, SimSettings
 from daemon.soak import NOMINAL, ROLES, SENSORS
@@ -570,15 +571,16 @@ def main(args: argparse.Namespace) -> int:
             prepare_in=args.prepare_in,
         )
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not Path(opts.checkpoint).is_file():
-        print(f"error: no checkpoint at {opts.checkpoint}")
+        print(f"error: no checkpoint at {opts.checkpoint}", file=sys.stderr)
         return 2
     try:
-        report = run_bench(opts)
+        with sigterm_as_interrupt():  # run_bench's finally blocks stop the daemon (its own session: no signal)
+            report = run_bench(opts)
     except ServeError as exc:  # the daemon did not start or died: its log says why
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from daemon.cli_types import sigterm_as_interrupt
 from ingest import protocol
 from ingest.settings import GroupSettings, IngestSettings
 from ingest.subscriber import IngestWorker
@@ -181,6 +182,11 @@ def _rate(sc: Scenario, n: int, seconds: float) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    with sigterm_as_interrupt():  # the runs' finally blocks kill the sender and remove the socket folder
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     print(f"sacmf bench-ingest: {args.repeats} alternating runs per scenario, ~{args.seconds:g} s each, "
           f"transport {args.transport}, late_policy {args.late_policy}, pid {os.getpid()}, "
           f"{os.cpu_count()} cores")  # fmt: skip

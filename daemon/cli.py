@@ -471,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `sacmf check-config x | head -1`: the reader has what it wanted
         logs.to_devnull(sys.stdout.fileno())  # the interpreter's last flush must not raise again
         return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM where a command maps it so) in a command without its own
+        print("interrupted", file=sys.stderr)  # handling: the finally blocks have run; no traceback
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ the stop event of the long-running commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def stop_on_signals() -> threading.Event:
@@ -21,6 +22,21 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     return stop
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a CI cancel) raises KeyboardInterrupt as Ctrl-C does, so that a command's
+    finally blocks stop the processes it started and remove its temporary files: they would outlive it."""
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def integer(minimum: int) -> Callable[[str], int]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from daemon.cli_types import integer
+from daemon.cli_types import integer, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     import torch
@@ -718,7 +718,18 @@ def bench_table(rows: Sequence[BenchRow]) -> str:
 def _cmd_bench_fusion(args: argparse.Namespace) -> int:
     height, width = args.size
     progress = Progress(0, "bench-fusion")
-    rows = run_bench(
+    with sigterm_as_interrupt():  # subprocess.run kills its worker on an interrupt, not on our SIGTERM
+        rows = _bench_rows(args, height, width, progress)
+    progress.close()
+    print(f"bench-fusion: {width}x{height}, median of {args.repeats} run(s) after a small warm-up, one process each")
+    print(bench_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+    return 1 if any(r.result is None for r in rows) else 0
+
+
+def _bench_rows(args: argparse.Namespace, height: int, width: int, progress: Progress) -> list[BenchRow]:
+    return run_bench(
         args.methods.split(","),
         height,
         width,
@@ -729,12 +740,6 @@ def _cmd_bench_fusion(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         progress=progress,
     )
-    progress.close()
-    print(f"bench-fusion: {width}x{height}, median of {args.repeats} run(s) after a small warm-up, one process each")
-    print(bench_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
-    return 1 if any(r.result is None for r in rows) else 0
 
 
 def bench_stage(

@@ -3,11 +3,17 @@ BENCHMARKS.md; here only that they work on real parts: models, a real daemon, re
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from daemon.bench_daemon import BenchOptions, run_bench
+from daemon.serve_process import process_tree
 from model.bench import backbone_latency
-from tests.service_helpers import tiny_checkpoint
+from tests.service_helpers import ROOT, tiny_checkpoint
 
 
 def test_bench_model_times_every_backbone_and_batch() -> None:
@@ -26,6 +32,7 @@ def test_bench_daemon_short_run(tmp_path: Path) -> None:
     assert opts.prepare_in == "ingest"  # the daemon's default: what the published figures measure
     lines: list[str] = []
     report = run_bench(opts, say=lines.append)
+    shutil.rmtree(report["workdir"])  # run_bench keeps it for its caller (the CLI removes it after a good run)
     assert report["live_exit"] == 0 and report["replay_exit"] == 0
     assert report["idle"]["pct_of_core"] >= 0
     lat = report["latency"][1]
@@ -92,3 +99,27 @@ def test_bench_options_are_checked_by_the_parser() -> None:
         run = subprocess.run([sys.executable, "-m", "daemon.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)  # fmt: skip
         assert run.returncode == 2 and "Traceback" not in run.stderr, (argv, run.stderr[-500:])
+
+
+def test_a_sigterm_stops_bench_ingest_and_its_sender_process_with_it() -> None:
+    """SIGTERM (kill, timeout, a CI cancel) ended bench-ingest at once: its sender process stayed blocked
+    for good, re-parented to init, with its socket folder. It now stops as Ctrl-C does (status 130)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "bench-ingest", "--seconds", "2", "--repeats", "3"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        children: list[int] = []
+        while not children and time.monotonic() < deadline:
+            children = [p for p in process_tree(proc.pid)[1:]
+                        if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+            time.sleep(0.05)
+        assert children, "no sender process was started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 130
+        time.sleep(1.0)
+        assert not [p for p in children if Path(f"/proc/{p}").exists()], "the sender outlived the command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
