@@ -606,15 +606,22 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+MIN_SAMPLES_AFTER_WARMUP = 6  # two disjoint medians of three: baseline and final
+
+
 def summarise_resources(samples: list[dict], load_s: float, warmup_s: float) -> dict:
     """Baseline (median of the first 3 samples after the warm-up), final (median of the last 3 of the
     load), max, and growth: a median of three ignores one garbage-collection spike."""
     during = [s for s in samples if s["t"] <= load_s + 1.0]
-    after = [s for s in during if s["t"] >= warmup_s] or during[-3:]
+    measured = [s for s in during if s["t"] >= warmup_s]
+    after = measured or during[-3:]
     if not after:
         return {}
     head, tail = after[:3], after[-3:]
     out: dict[str, Any] = {"samples": len(samples), "baseline_at_s": head[0]["t"], "final_at_s": tail[-1]["t"]}
+    # baseline and final are medians of 3 each: with fewer than 6 samples after the warm-up they share
+    # samples, and the growth says nothing (0 % when they are the same three)
+    out["samples_after_warmup"] = len(measured)
     for key in ("rss_kib", "fds"):
         base = _median([s[key] for s in head])
         final = _median([s[key] for s in tail])
@@ -808,12 +815,17 @@ def _checks(report: dict, opts: SoakOptions, samples: list[dict], shared: _Share
     )
     if res:
         rss, fds = res["rss_kib"], res["fds"]
-        check(
-            "rss_growth",
-            rss["growth_pct"] is not None and rss["growth_pct"] < opts.max_rss_growth_pct,
-            f"{rss['baseline'] / 1024:.1f} MiB at {res['baseline_at_s']:.0f} s -> {rss['final'] / 1024:.1f} MiB "
-            f"({rss['growth_pct']:+.2f} %, limit {opts.max_rss_growth_pct:g} %), max {rss['max'] / 1024:.1f} MiB",
-        )
+        if res["samples_after_warmup"] < MIN_SAMPLES_AFTER_WARMUP:  # a growth of 0 % measured nothing
+            n = res["samples_after_warmup"]
+            check("rss_growth", False, f"only {n} samples after the warm-up (at least {MIN_SAMPLES_AFTER_WARMUP} "
+                  "needed): run longer, or lower --sample-interval or --warmup")  # fmt: skip
+        else:
+            check(
+                "rss_growth",
+                rss["growth_pct"] is not None and rss["growth_pct"] < opts.max_rss_growth_pct,
+                f"{rss['baseline'] / 1024:.1f} MiB at {res['baseline_at_s']:.0f} s -> {rss['final'] / 1024:.1f} MiB "
+                f"({rss['growth_pct']:+.2f} %, limit {opts.max_rss_growth_pct:g} %), max {rss['max'] / 1024:.1f} MiB",
+            )
         check(
             "fds",
             fds["final"] <= fds["baseline"] + opts.fd_tolerance,
