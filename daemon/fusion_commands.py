@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from daemon.cli_types import integer, sigterm_as_interrupt
+from daemon.cli_types import integer, number, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     import torch
@@ -522,6 +522,15 @@ def _cmd_fuse_train(args: argparse.Namespace) -> int:
 # bench-fusion
 
 
+def _method_list(text: str) -> str:
+    """Comma-separated method names, checked before any model loads (a typo was a traceback after it)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; choose from {', '.join(METHODS)}")
+    return ",".join(names)
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     """'640x480' (width x height, as camera resolutions are written) -> (height, width)."""
     try:
@@ -916,16 +925,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time and peak memory per image pair for each fusion network, whole-image and tiled",
     )
     b.add_argument("--size", type=_parse_size, default=(480, 640), help="WIDTHxHEIGHT (default 640x480)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median reported)")
-    b.add_argument("--tile", type=int, default=256, help="tile side of the tiled runs (default 256; 0: none)")
-    b.add_argument("--methods", default=",".join(NETWORKS), help="comma-separated (default: the three networks)")
+    b.add_argument("--repeats", type=integer(1), default=3, help="timed runs per configuration (median reported)")
+    b.add_argument("--tile", type=integer(0), default=256, help="tile side of the tiled runs (default 256; 0: none)")
+    b.add_argument(
+        "--methods", type=_method_list, default=",".join(NETWORKS), help="comma-separated (default: the three networks)"
+    )
     b.add_argument("--threads", type=integer(1), default=None, help="torch threads per run (default: torch's)")
     b.add_argument(
         "--no-malloc-variant",
         action="store_true",
         help="skip the runs with MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ (glibc keeps freed memory)",
     )
-    b.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    b.add_argument("--timeout", type=number(0, above=True), default=1800.0, help="seconds per configuration")
     b.add_argument("--json", default=None, help="also write the raw results to this JSON file")
     b.set_defaults(func=_cmd_bench_fusion)
 
@@ -934,8 +945,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="per-window latency the daemon's [image_fusion] stage adds, next to the SA-CMF path",
     )
     st.add_argument("--size", type=_parse_size, default=(64, 64), help="frame WIDTHxHEIGHT (default 64x64)")
-    st.add_argument("--repeats", type=int, default=5)
-    st.add_argument("--methods", default="mean," + ",".join(NETWORKS))
+    st.add_argument("--repeats", type=integer(1), default=5)
+    st.add_argument("--methods", type=_method_list, default="mean," + ",".join(NETWORKS))
     st.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's)")
     st.add_argument("--checkpoint", default=str(ROOT / "model" / "weights" / "default.pt"), help="SA-CMF checkpoint")
     st.set_defaults(func=_cmd_bench_stage)

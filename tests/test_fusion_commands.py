@@ -486,6 +486,24 @@ def test_read_gray255_scales_16_bit_and_takes_luma(tmp_path: Path) -> None:
 # bench-fusion
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench-fusion", "--repeats", "0"], "--repeats: must be >= 1"),
+        (["bench-fusion", "--timeout", "-1"], "--timeout: must be a finite number > 0"),
+        (["bench-fusion", "--tile", "-5"], "--tile: must be >= 0"),
+        (["bench-fusion", "--methods", "cddfuse,cdfuse"], "unknown method(s) ['cdfuse']"),
+        (["bench-fusion-stage", "--repeats", "0"], "--repeats: must be >= 1"),
+        (["bench-fusion-stage", "--methods", "bogus"], "unknown method(s) ['bogus']"),
+    ],
+)
+def test_bench_fusion_options_are_checked_before_any_work(argv: list[str], message: str, capsys) -> None:
+    """--repeats 0 or an unknown method crashed after loading the model; a negative timeout or tile ran."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_fusion_runs_each_configuration_in_its_own_process() -> None:
     rows = run_bench(["mean"], 48, 64, repeats=2, tile=0, threads=1, malloc_variant=True, timeout_s=300)
     assert [(r.method, r.mode, r.malloc) for r in rows] == [("mean", "whole", False), ("mean", "whole", True)]
