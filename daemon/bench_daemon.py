@@ -75,6 +75,14 @@ class BenchOptions:
             raise ValueError("--groups needs positive counts")
         if self.seconds <= 0 or self.sat_seconds <= 0 or self.idle_s < 0:
             raise ValueError("--seconds and --sat-seconds must be > 0, --idle-s >= 0")
+        shortest = (WARMUP_WINDOWS + 2) * WINDOW_MS / 1000 + END_MARGIN_NS / 1e9
+        if self.seconds < shortest:  # fewer counted windows read as a daemon producing nothing (0.00 windows/s)
+            raise ValueError(
+                f"--seconds must be at least {shortest:g}: {WARMUP_WINDOWS} warm-up windows, 2 counted ones and "
+                "the end margin"
+            )
+        if self.seconds > 86400 or self.sat_seconds > 86400 or self.idle_s > 86400:
+            raise ValueError("--seconds, --sat-seconds and --idle-s must be at most 86400 (a day)")
         if self.prepare_in not in ("ingest", "main"):
             raise ValueError("--prepare-in must be ingest or main")
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from daemon.bench_daemon import BenchOptions, run_bench
 from daemon.serve_process import process_tree
 from model.bench import backbone_latency
@@ -123,3 +125,11 @@ def test_a_sigterm_stops_bench_ingest_and_its_sender_process_with_it() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_daemon_refuses_phases_too_short_or_too_long_to_measure(tmp_path: Path) -> None:
+    """--seconds 1 printed 0.00 windows/s (no window left after the warm-up) and 1e308 crashed with an
+    OverflowError after creating its work folder."""
+    for kw, message in (({"seconds": 1.0}, "at least 4.6"), ({"seconds": 1e308}, "at most 86400")):
+        with pytest.raises(ValueError, match=message):
+            BenchOptions(checkpoint=tmp_path / "x.pt", **kw)
