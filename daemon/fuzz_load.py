@@ -320,28 +320,31 @@ def _send(
     send = _lossless_sender(push, opts.stall_s, daemon, stop)
     k = opts.valid_every
     since_valid = 0
-    sent_valid = 0
-    for i in range(opts.messages):
-        if not i & 1023:
-            _check_stop(stop)
-        case = factory.make(rng)
-        families[case.family] += 1
-        reasons[case.reason] += 1
-        send(case.frames)
-        since_valid += 1
-        if since_valid == k - 1:
+    sent_valid = sent_malformed = 0
+    try:
+        for _ in range(opts.messages):
+            if not sent_malformed & 1023:
+                _check_stop(stop)
+            case = factory.make(rng)
+            send(case.frames)
+            families[case.family] += 1
+            reasons[case.reason] += 1
+            sent_malformed += 1
+            since_valid += 1
+            if since_valid == k - 1:
+                send(stream.next())
+                sent_valid += 1
+                since_valid = 0
+        flood_end_tick = stream.tick
+        while stream.tick < flood_end_tick + TAIL_TICKS or stream.pending:  # close every window of the flood
             send(stream.next())
             sent_valid += 1
-            since_valid = 0
-    flood_end_tick = stream.tick
-    while stream.tick < flood_end_tick + TAIL_TICKS or stream.pending:  # close every window of the flood
-        send(stream.next())
-        sent_valid += 1
-    report.families = dict(sorted(families.items()))
-    report.expected_reasons = dict(sorted(reasons.items()))
-    report.malformed_sent = opts.messages
-    report.valid_sent = sent_valid
-    report.sent_total = opts.messages + sent_valid
+    finally:  # an interrupted run reports what it sent (it said 0 + 0 = 0 messages)
+        report.families = dict(sorted(families.items()))
+        report.expected_reasons = dict(sorted(reasons.items()))
+        report.malformed_sent = sent_malformed
+        report.valid_sent = sent_valid
+        report.sent_total = sent_malformed + sent_valid
     return stream, flood_end_tick
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,6 +193,8 @@ def test_interrupted_fuzz_load_stops_the_daemon_and_says_where_its_files_are(
         assert "Traceback" not in err, err[-3000:]
         assert "FAILED run_completed: interrupted" in out
         assert f"daemon log and config kept in {logs[0].parent}" in out
+        sent = re.search(r"fuzz-load: ([\d,]+) malformed \+ ([\d,]+) valid", out)  # what it did send: not 0 + 0
+        assert sent and int(sent.group(1).replace(",", "")) > 0, out
         assert logs[0].is_file() and not _serving(config)
         assert not list(tmp_path.glob("sacmf-fuzz-ipc-*"))  # the socket's folder is removed
     finally:  # a failed run must not leave its daemon behind: it leads a process group of its own, and
