@@ -133,6 +133,8 @@ class SoakOptions:
             raise ValueError(f"sample_interval_s must be finite and > 0, got {self.sample_interval_s}")
         if self.warmup_s is not None and not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
             raise ValueError(f"warmup_s must be finite and >= 0, got {self.warmup_s}")
+        if self.warmup_s is not None and self.warmup_s >= self.duration_s:  # nothing would be measured after it
+            raise ValueError(f"warmup_s ({self.warmup_s:g}) must be shorter than the run ({self.duration_s:g} s)")
         if not (math.isfinite(self.max_rss_growth_pct) and self.max_rss_growth_pct > 0):
             raise ValueError(f"max_rss_growth_pct must be finite and > 0, got {self.max_rss_growth_pct}")
         if self.reconnects:

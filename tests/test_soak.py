@@ -149,6 +149,8 @@ def test_soak_refuses_reconnects_that_cannot_fit(tmp_path: Path, capsys):
     with pytest.raises(ValueError, match="do not fit"):  # a sample every 0.5 s leaves no quiet-free time
         soak.SoakOptions(minutes=1, reconnects=10, sample_interval_s=0.5)
     soak.SoakOptions(minutes=1, reconnects=0, sample_interval_s=0.5)  # no reconnect: nothing to fit
+    with pytest.raises(ValueError, match="must be shorter than the run"):  # it printed RSS 726.8 -> 0.0 MiB
+        soak.SoakOptions(minutes=0.5, reconnects=0, warmup_s=30.0)
     ckpt = tmp_path / "tiny.pt"
     tiny_checkpoint(ckpt, "soak-test")
     assert cli.main(["soak", "--minutes", "0.01", "--reconnects", "100", "--checkpoint", str(ckpt)]) == 2
