@@ -465,7 +465,7 @@ def markdown(report: dict) -> str:
     if rp.get("recording_damage"):
         lines.append(
             f"**The recording is damaged** ({rp['recording_damage']}): the windows around the damage were scored on "
-            "incomplete input."
+            "incomplete input, or not at all."
         )
     if rp.get("recording_truncated"):
         lines.append(

@@ -216,7 +216,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if replayed["recording_damage"]:
         print(
             f"error: the recording is damaged: {replayed['recording_damage']}; the windows around the damage were "
-            "scored on incomplete input",
+            "scored on incomplete input, or not at all",
             file=sys.stderr,
         )
     if replayed["recording_truncated"]:
