@@ -15,12 +15,19 @@ import threading
 from collections.abc import Callable, Iterator
 
 
-def stop_on_signals() -> threading.Event:
+def stop_on_signals(*, second_exits: bool = False) -> threading.Event:
     """An event that SIGINT and SIGTERM set: a long-running command (simulate, soak) checks it between
-    its steps and ends cleanly instead of dying inside one."""
+    its steps and ends cleanly instead of dying inside one. ``second_exits``: a second signal while it
+    stops leaves at once (SystemExit 130)."""
     stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if second_exits and stop.is_set():
+            raise SystemExit(130)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, handler)
     return stop
 
 

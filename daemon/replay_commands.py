@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
 import threading
 from pathlib import Path
 
 from daemon import config as config_mod
 from daemon import logs
-from daemon.cli_types import number
+from daemon.cli_types import number, stop_on_signals
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -226,16 +225,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 1 if replayed["recording_damage"] or replayed["windows_failed"] or replayed["messages"] == 0 else 0
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():  # second signal: leave at once
-            raise SystemExit(130)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from daemon import simulate
 
@@ -244,9 +233,7 @@ def _simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    return simulate.publish_command(args, s, stop)
+    return simulate.publish_command(args, s, stop_on_signals(second_exits=True))
 
 
 def _demo(args: argparse.Namespace) -> int:
