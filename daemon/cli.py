@@ -40,8 +40,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if not cfg.model.checkpoint.is_file():  # what serve would refuse at start must not pass here
         print(f"error: [model] checkpoint: no file at {cfg.model.checkpoint}", file=sys.stderr)
         return 2
-    from daemon.inference import CheckpointError, InferenceRunner
-    from daemon.service import checkpoint_sha256
+    from daemon.inference import CheckpointError
+    from daemon.service import checkpoint_sha256, make_runner
 
     if cfg.model.sha256 and (actual := checkpoint_sha256(cfg.model.checkpoint)) != cfg.model.sha256:
         print(
@@ -50,15 +50,7 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    m = cfg.model
-    runner = InferenceRunner(
-        m.checkpoint,
-        device=m.device,
-        max_batch_size=cfg.inference.max_batch_size,
-        det_threshold=m.det_threshold,
-        det_max_detections=m.det_max_detections,
-        resample_method=m.resample,
-    )
+    runner = make_runner(cfg)
     if getattr(args, "log_level", None) is None:  # its report is the output; the loader's info lines are noise
         logs.configure("warning", getattr(args, "log_format", None) or "auto")
     try:  # read, built and warmed up as serve loads it (loads torch)

@@ -432,7 +432,6 @@ class Service:
     """One daemon instance; ``run()`` blocks until shutdown and returns the exit status."""
 
     def __init__(self, cfg: Config) -> None:
-        from daemon.inference import InferenceRunner  # torch: main process only
         from daemon.metrics import DaemonMetrics, ImageFusionMetrics
 
         self.cfg = cfg
@@ -441,15 +440,7 @@ class Service:
         self.queue: BatchQueue[Window | PreparedWindow] = BatchQueue(
             inf.max_batch_size, inf.max_delay_s, inf.queue_size, inf.policy
         )
-        runner_cls = _pinned_runner(InferenceRunner, cfg.model.sha256) if cfg.model.sha256 else InferenceRunner
-        self.runner = runner_cls(
-            cfg.model.checkpoint,
-            device=cfg.model.device,
-            max_batch_size=inf.max_batch_size,
-            det_threshold=cfg.model.det_threshold,
-            det_max_detections=cfg.model.det_max_detections,
-            resample_method=cfg.model.resample,
-        )
+        self.runner = make_runner(cfg)
         self.metrics = DaemonMetrics(
             latency_buckets_s=inf.latency_buckets_s, max_batch_size=inf.max_batch_size, build=_build_info()
         )
@@ -1236,6 +1227,23 @@ class Service:
                 failed_total=self.state.failed_windows,
             )
         return [None]
+
+
+def make_runner(cfg: Config) -> Any:
+    """The model runner ``[model]`` and ``[inference]`` describe, pinned to ``[model] sha256`` when set: what
+    serve loads, and what check-config loads to say whether serve would."""
+    from daemon.inference import InferenceRunner  # torch: main process only
+
+    runner_cls = _pinned_runner(InferenceRunner, cfg.model.sha256) if cfg.model.sha256 else InferenceRunner
+    m = cfg.model
+    return runner_cls(
+        m.checkpoint,
+        device=m.device,
+        max_batch_size=cfg.inference.max_batch_size,
+        det_threshold=m.det_threshold,
+        det_max_detections=m.det_max_detections,
+        resample_method=m.resample,
+    )
 
 
 def _pinned_runner(base: type, sha256: str) -> type:
