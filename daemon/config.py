@@ -600,12 +600,6 @@ def _public_endpoints(v: list) -> str | None:
     return f"{bad[0]!r} cannot be public (choose among /healthz, /readyz, /metrics)" if bad else None
 
 
-def _tolerant_keys(directory: str) -> dict[bytes, str]:
-    """A bad directory is a config error; a bad file in it is not: serving refuses that one key (logged
-    and counted), as it does when the file appears while running (`check-config` warns about it)."""
-    return security.load_authorized_keys(directory, strict=False)
-
-
 def _key_file(where: str, load: Any, value: str) -> Any:
     """Load a key file or directory now, so that a bad one is a config error naming the key."""
     try:
@@ -658,7 +652,12 @@ def _security(
     if ing["bind"]:
         if not sec["authorized_sensors"]:
             raise ConfigError("security.authorized_sensors: required with curve = true and [ingest] bind = true")
-        known = _key_file("security.authorized_sensors", _tolerant_keys, sec["authorized_sensors"])
+        # a bad directory is a config error; a bad file in it is not: serving refuses that one key (logged and
+        # counted), as it does when the file appears while running (`check-config` warns about it)
+        known, problems = _key_file(
+            "security.authorized_sensors", security.scan_checked_directory, sec["authorized_sensors"]
+        )
+        refused = security.refused_key_names(problems)
     else:
         for ep, path in sec["sensor_server_keys"].items():
             if ep not in ing["endpoints"]:
@@ -669,7 +668,7 @@ def _security(
         missing = [ep for ep in networked if ep not in server_keys]
         if missing:
             raise ConfigError(f"security.sensor_server_keys: no publisher key for endpoint {missing[0]}")
-        known = {}
+        known, refused = {}, {}
         for ep, path in server_keys.items():
             public = _key_file(f"security.sensor_server_keys.{ep}", security.load_public_certificate, str(path))
             known[public] = security.key_name(path)
@@ -681,7 +680,6 @@ def _security(
         if unknown:
             raise ConfigError(f"security.sensor_groups.{who}: group {unknown[0]!r} is not configured")
         grants[who] = tuple(granted)
-    refused = security.refused_key_names(sec["authorized_sensors"]) if ing["bind"] else {}
     try:
         security.resolve_groups(grants, known, refused)
     except security.KeyFileError as exc:
@@ -697,7 +695,7 @@ def _security(
         if sinks["zmq_bind"]:
             if not sec["authorized_readers"]:
                 raise ConfigError("security.authorized_readers: required with curve = true and [sinks] zmq_bind")
-            _key_file("security.authorized_readers", _tolerant_keys, sec["authorized_readers"])
+            _key_file("security.authorized_readers", security.scan_checked_directory, sec["authorized_readers"])
             results_curve = security.CurveConfig(authorized_dir=Path(sec["authorized_readers"]), **common)
         else:
             if not sec["results_server_key"]:

@@ -197,27 +197,16 @@ def load_public_certificate(path: str | os.PathLike[str]) -> bytes:
     return public
 
 
-def load_authorized_keys(directory: str | os.PathLike[str], *, strict: bool = True) -> dict[bytes, str]:
-    """Public key (Z85) -> key name, for every ``*.key`` in ``directory``.
-
-    Refuses a directory (or certificate in it) that others may write, and two files with one key
-    (a key must have one name: the name is the identity its groups are granted to). ``strict=False``
-    refuses only a bad directory and leaves bad files out (:func:`scan_authorized_keys` says why).
-    """
-    directory = Path(directory)
+def _check_key_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise KeyFileError(f"{directory}: not a directory of public certificates")
     check_public_location(directory)
-    if not strict:
-        return scan_authorized_keys(directory)[0]
-    keys: dict[bytes, str] = {}
-    for cert in sorted(directory.glob("*.key")):
-        public = load_public_certificate(cert)
-        name = key_name(cert)
-        if public in keys:
-            raise KeyFileError(f"{cert}: same public key as {keys[public]}.key; a key must have one name")
-        keys[public] = name
-    return keys
+
+
+def scan_checked_directory(directory: str | os.PathLike[str]) -> tuple[dict[bytes, str], dict[str, str]]:
+    """:func:`scan_authorized_keys` of a directory that must itself be sound (raises KeyFileError if not)."""
+    _check_key_directory(Path(directory))
+    return scan_authorized_keys(directory)
 
 
 def scan_authorized_keys(
@@ -385,8 +374,8 @@ class ZapHandler:
         self._log = _BoundedLog(log_interval_s)
         # public key -> name. Raises on a bad directory; a bad file in it is refused on its own, as when the
         # directory is re-read while serving: a stray file must not stop a restart for every other key.
-        self.keys = load_authorized_keys(self.directory, strict=False)
-        self._report_files(scan_authorized_keys(self.directory)[1])
+        self.keys, problems = scan_checked_directory(self.directory)
+        self._report_files(problems)
         self._monitors: list[zmq.Socket] = []
         self._watched: list[zmq.Socket] = []
         self._zap: zmq.Socket | None = None
@@ -495,9 +484,7 @@ class ZapHandler:
         cannot be trusted to add keys: then no key is added, but removals and rewrites still apply."""
         previous = self.keys
         try:
-            if not self.directory.is_dir():
-                raise KeyFileError(f"{self.directory}: not a directory of public certificates")
-            check_public_location(self.directory)
+            _check_key_directory(self.directory)
             os.listdir(self.directory)  # unreadable: glob would see no file at all, silently
         except (KeyFileError, OSError) as exc:
             keys, problems = scan_authorized_keys(self.directory, previous)
@@ -610,11 +597,12 @@ def resolve_groups(
     return out
 
 
-def refused_key_names(directory: str | os.PathLike[str]) -> dict[bytes, list[str]]:
-    """Public key -> names of the certificate files in ``directory`` that hold it but are refused (loose
-    mode, a second file with the same key): the key can be read, only not trusted yet."""
+def refused_key_names(problems: Mapping[str, str]) -> dict[bytes, list[str]]:
+    """Public key -> names of the refused certificate files (``problems``, path -> why, as
+    :func:`scan_authorized_keys` reports them) that hold it (loose mode, a second file with the same
+    key): the key can be read, only not trusted yet."""
     out: dict[bytes, list[str]] = {}
-    for path in scan_authorized_keys(directory)[1]:
+    for path in problems:
         try:
             public, _ = zmq.auth.load_certificate(path)
         except (OSError, ValueError):  # not a certificate at all: no key to grant

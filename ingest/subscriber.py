@@ -290,7 +290,7 @@ class IngestWorker:
                 socket_name="ingest",
             )
             if curve.groups:
-                refused = security.refused_key_names(curve.authorized_dir)
+                refused = security.refused_key_names(self.auth.refused_files)
                 self._acl = security.resolve_groups(curve.groups, self.auth.keys, refused)
             sock = self._new_socket()
             try:

@@ -160,7 +160,7 @@ def test_loose_key_permissions_are_refused_naming_the_file_and_mode(keys: Keys) 
 
     os.chmod(keys.sensors, 0o775)  # group-writable: anyone in the group could admit themselves
     with pytest.raises(security.KeyFileError, match=rf"{keys.sensors}: directory of admitted keys has mode 0775"):
-        security.load_authorized_keys(keys.sensors)
+        security.scan_checked_directory(keys.sensors)
     os.chmod(keys.sensors, 0o755)
     public_only = keys.public("cam").rename(keys.root / "pub_as.key_secret")
     os.chmod(public_only, 0o600)
@@ -272,8 +272,8 @@ def test_a_grant_by_z85_key_to_a_refused_file_is_no_typo_and_serve_still_starts(
             os.chmod(keys.sensors / "other.key", 0o644)
             (keys.sensors / "other-copy.key").write_bytes((keys.sensors / "other.key").read_bytes())
         config_mod.load(cfg_path)  # no error: serve starts
-        known = security.load_authorized_keys(keys.sensors, strict=False)
-        acl = security.resolve_groups({"cam": ["g1"], other: ["g2"]}, known, security.refused_key_names(keys.sensors))
+        known, problems = security.scan_checked_directory(keys.sensors)
+        acl = security.resolve_groups({"cam": ["g1"], other: ["g2"]}, known, security.refused_key_names(problems))
         expected = {"cam": frozenset({b"g1"}), "other": frozenset({b"g2"})}
         if breakage == "copy":
             expected["other-copy"] = frozenset({b"g2"})  # whichever file stays keeps the grant
