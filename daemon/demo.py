@@ -318,7 +318,7 @@ def run(
         return 2
     ctx = zmq.Context()
     try:
-        return _run_checked(sim, stop, duration_s, out, ckpt, untrained, bool(checkpoint), record, log_level, ctx)
+        return _run_checked(sim, stop, duration_s, out, ckpt, untrained, record, log_level, ctx)
     finally:
         ctx.destroy(linger=0)
         lock.close()  # releases the lock
@@ -343,7 +343,6 @@ def _run_checked(
     out: Path,
     ckpt: Path | None,
     untrained: bool,
-    explicit: bool,
     record: bool,
     log_level: str,
     ctx: zmq.Context,
@@ -372,7 +371,7 @@ def _run_checked(
         write_demo_config(raw, out / "demo.toml")
         if untrained:
             untrained_checkpoint(out)  # kept beside the recording, which it can then be scored with
-        return _serve(service, sim, stop, duration_s, out, served, untrained, explicit, record, pub, sub)
+        return _serve(service, sim, stop, duration_s, out, served, untrained, record, pub, sub)
     finally:
         pub.close()
 
@@ -385,7 +384,6 @@ def _serve(
     out: Path,
     ckpt: Path,
     untrained: bool,
-    explicit: bool,
     record: bool,
     pub: SensorPublisher,
     sub: zmq.Socket,
